@@ -1,0 +1,144 @@
+"""Opening a monitoring connection, and bounding every query on the client side.
+
+libpq has no read timeout: a server that accepts the TCP connection and then hangs
+(a stopped PgBouncer, a frozen host) would block the Agent's worker for ever. Each
+query therefore runs under a deadline kept by one watchdog thread; when a deadline
+passes, the watchdog shuts the socket down, the blocked read returns at once, and the
+caller gets ``ClientTimeout``. The connection is then broken and is opened again on
+the next run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from .config import Endpoint
+
+APPLICATION_NAME = "datadog-django-db"
+
+
+class ClientTimeout(Exception):
+    """The server sent no answer within the client-side bound."""
+
+    def __init__(self, what: str, seconds: float):
+        super().__init__(f"timeout expired: no answer within {what} ({seconds:g} s)")
+
+
+class _Watchdog:
+    """One daemon thread that shuts down the sockets of queries past their deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, tuple[int, threading.Event]] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fileno: int, seconds: float) -> tuple[int, threading.Event]:
+        fired = threading.Event()
+        with self._cond:
+            token = next(self._ids)
+            self._armed[token] = (fileno, fired)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="django-db-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return token, fired
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._armed:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                due, token = self._heap[0]
+                now = time.monotonic()
+                if due > now:
+                    self._cond.wait(due - now)
+                    continue
+                heapq.heappop(self._heap)
+                fileno, fired = self._armed.pop(token)
+                fired.set()
+                _shutdown(fileno)
+
+
+def _shutdown(fileno: int) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(fileno))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextmanager
+def deadline(conn: psycopg.Connection, seconds: float, what: str = "query_timeout") -> Iterator[None]:
+    """Run the block with the connection's socket shut down after ``seconds``."""
+    token, fired = _WATCHDOG.arm(conn.fileno(), seconds)
+    try:
+        yield
+    except Exception:
+        if fired.is_set():
+            raise ClientTimeout(what, seconds) from None
+        raise
+    finally:
+        _WATCHDOG.disarm(token)
+    if fired.is_set():
+        raise ClientTimeout(what, seconds)
+
+
+def connect(endpoint: Endpoint, **kwargs: Any) -> psycopg.Connection:
+    """Open an autocommit connection; libpq counts connect_timeout in whole seconds (2 at the least)."""
+    params: dict[str, Any] = {
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "user": endpoint.username,
+        "password": endpoint.password or None,
+        "dbname": endpoint.dbname,
+        "connect_timeout": max(2, math.ceil(endpoint.connect_timeout)),
+        "application_name": APPLICATION_NAME,
+        **endpoint.ssl,
+        **kwargs,
+    }
+    return psycopg.connect(autocommit=True, **params)
+
+
+def close_quietly(conn: psycopg.Connection | None) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:  # noqa: S110 - a broken connection may fail to close; it is dropped either way
+        pass
+
+
+def scrub(text: str, endpoint: Endpoint) -> str:
+    """Remove the password from an error text, should a driver ever echo it."""
+    if endpoint.password:
+        text = text.replace(endpoint.password, "********")
+    return " ".join(text.split())

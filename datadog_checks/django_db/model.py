@@ -1,0 +1,45 @@
+"""Plain values passed from the evaluation to the check: metrics and findings."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+
+class Metric(NamedTuple):
+    kind: str  # gauge, rate, count or monotonic_count
+    name: str
+    value: float
+    tags: tuple[str, ...] = ()
+
+
+class Status(IntEnum):
+    """Service check statuses, ordered by severity (UNKNOWN is not a finding's status)."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+
+
+class Finding(NamedTuple):
+    status: Status
+    text: str
+    weight: float = 0.0  # orders findings of one status: the larger, the earlier
+
+    def line(self) -> str:
+        return f"{self.status.name}: {self.text}"
+
+
+def tag_value(value: str) -> str:
+    """A tag value Datadog keeps as written: no commas, no line breaks."""
+    return value.replace(",", "_").replace("\n", " ").strip() or "none"
+
+
+def worst(findings: list[Finding]) -> Status:
+    return max((f.status for f in findings), default=Status.OK)
+
+
+def message(findings: list[Finding]) -> str:
+    """Every finding, worst first, then by weight."""
+    ordered = sorted(findings, key=lambda f: (-f.status, -f.weight))
+    return "; ".join(f.line() for f in ordered if f.status != Status.OK)

@@ -1,0 +1,151 @@
+"""PostgreSQL snapshot to metrics: filtering, folding and the figures. No I/O."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from .config import Settings
+from .model import Metric, tag_value
+from .postgres import ActivityGroup, PgSnapshot
+
+PREFIX = "django_db.postgres."
+OTHER = "other"
+
+# pg_stat_activity's state names as tag values.
+STATE_TAGS = {
+    "active": "active",
+    "idle": "idle",
+    "idle in transaction": "idle_in_transaction",
+    "idle in transaction (aborted)": "idle_in_transaction_aborted",
+    "fastpath function call": "fastpath_function_call",
+    "disabled": "disabled",
+    None: "unknown",
+}
+
+DIMENSION_FIELDS = {"db": "db", "user": "user", "app": "app", "client_addr": "client_addr"}
+
+
+def state_tag(state: str | None) -> str:
+    return STATE_TAGS.get(state) or str(state).replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def select(groups: Iterable[ActivityGroup], settings: Settings) -> list[ActivityGroup]:
+    """The groups the user asked to see, by application and database name."""
+    return [g for g in groups if settings.applications.allows(g.app) and settings.databases.allows(g.db)]
+
+
+def fold(groups: list[ActivityGroup], dimensions: Iterable[str], limit: int) -> tuple[list[ActivityGroup], dict]:
+    """Keep the ``limit`` largest values of each dimension; the rest become ``other``.
+
+    Returns the groups with folded values and, per dimension, the values folded away.
+    """
+    folded: dict[str, list[str]] = {}
+    for dimension in dimensions:
+        attr = DIMENSION_FIELDS[dimension]
+        sizes: Counter[str] = Counter()
+        for group in groups:
+            sizes[getattr(group, attr)] += group.count
+        if len(sizes) <= limit:
+            continue
+        ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
+        kept = set(ranked[:limit])
+        folded[dimension] = sorted(ranked[limit:])
+        groups = [g if getattr(g, attr) in kept else replace(g, **{attr: OTHER}) for g in groups]  # type: ignore[arg-type]
+    return groups, folded
+
+
+def _tags(group: ActivityGroup, dimensions: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f"{d}:{tag_value(getattr(group, DIMENSION_FIELDS[d]))}" for d in dimensions)
+
+
+def client_backends(snapshot: PgSnapshot) -> int:
+    return sum(g.count for g in snapshot.groups)
+
+
+def utilization(snapshot: PgSnapshot) -> float:
+    usable = snapshot.settings.usable_slots
+    used = client_backends(snapshot)
+    return used / usable if usable else 1.0
+
+
+@dataclass
+class SessionHistory:
+    """Opened sessions over runs: the cumulative count below PostgreSQL 14, and churn."""
+
+    legacy_opened: Counter = field(default_factory=Counter)
+    previous: tuple[float, int] | None = None  # (server time, sessions opened so far)
+
+    def opened_by_db(self, snapshot: PgSnapshot) -> dict[str, int]:
+        if snapshot.databases is not None:
+            return {d.db: d.opened for d in snapshot.databases}
+        for group in snapshot.groups:
+            self.legacy_opened[group.db] += group.opened
+        return dict(self.legacy_opened)
+
+    def churn_per_minute(self, server_time: float, opened_total: int) -> float | None:
+        """New sessions a minute since the previous run; None on the first run."""
+        previous, self.previous = self.previous, (server_time, opened_total)
+        if previous is None or server_time <= previous[0] or opened_total < previous[1]:
+            return None
+        return (opened_total - previous[1]) * 60.0 / (server_time - previous[0])
+
+
+def postgres_metrics(snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int]) -> tuple[list, dict]:
+    """The PostgreSQL metrics of one snapshot, and the values folded into ``other``."""
+    assert settings.postgres is not None
+    base = (f"postgres_server:{settings.postgres.server_tag}", *settings.tags)
+    server = snapshot.settings
+    metrics: list[Metric] = []
+
+    def gauge(name: str, value: float, tags: tuple[str, ...] = ()) -> None:
+        metrics.append(Metric("gauge", PREFIX + name, value, base + tags))
+
+    used = client_backends(snapshot)
+    gauge("max_connections", server.max_connections)
+    gauge("reserved_connections", server.reserved_slots)
+    gauge("connections_available", max(0, server.usable_slots - used))
+    gauge("connection_utilization", utilization(snapshot))
+
+    groups, folded = fold(
+        select(snapshot.groups, settings), ("db", "user", "app", "client_addr"), settings.max_tag_values
+    )
+
+    sums: dict[tuple[str, ...], float] = defaultdict(float)
+    for g in groups:
+        sums[("connections", f"state:{state_tag(g.state)}", *_tags(g, settings.group_by))] += g.count
+        sums[("leaked_connections", *_tags(g, ("db", "user", "app")))] += g.leaked
+        sums[("waiting_on_lock", *_tags(g, ("db", "app")))] += g.waiting_on_lock
+        usage = "idle" if g.state == "idle" else "used"
+        sums[("usage", f"state:{usage}", *_tags(g, ("db", "app")))] += g.count
+        sums[("otel", f"state:{usage}", f"pool.name:{settings.postgres.server_tag}/{tag_value(g.db)}")] += g.count
+    for (name, *tags), value in sums.items():
+        if name == "usage":
+            metrics.append(Metric("gauge", "django_db.connections.usage", value, base + tuple(tags)))
+        elif name == "otel":
+            if settings.emit_otel_metrics:
+                metrics.append(Metric("gauge", "db.client.connections.usage", value, base + tuple(tags)))
+        else:
+            gauge(name, value, tuple(tags))
+
+    ages: dict[tuple[str, ...], float] = {}
+    for g in groups:
+        key = _tags(g, ("db", "app"))
+        for state, name in (("idle", "idle.max_age"), ("idle in transaction", "idle_in_transaction.max_age"),
+                            ("active", "active.max_duration")):  # fmt: skip
+            age = g.max_age if g.state == state else 0.0
+            ages[(name, *key)] = max(ages.get((name, *key), 0.0), age)
+    for (name, *tags), value in ages.items():
+        gauge(name, value, tuple(tags))
+
+    for db, opened in opened_by_db.items():
+        if settings.databases.allows(db):
+            db_tags = (*base, f"db:{tag_value(db)}")
+            metrics.append(Metric("monotonic_count", PREFIX + "sessions.opened", opened, db_tags))
+    for d in snapshot.databases or ():
+        if settings.databases.allows(d.db):
+            db_tags = (*base, f"db:{tag_value(d.db)}")
+            for name, value in (("abandoned", d.abandoned), ("fatal", d.fatal), ("killed", d.killed)):
+                metrics.append(Metric("monotonic_count", PREFIX + "sessions." + name, value, db_tags))
+    return metrics, folded

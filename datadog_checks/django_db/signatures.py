@@ -1,0 +1,134 @@
+"""Known connection error signatures: one table, matched by SQLSTATE first, then by text."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from .model import Status
+
+
+class Signature(NamedTuple):
+    name: str
+    status: Status
+    sqlstates: tuple[str, ...]
+    pattern: re.Pattern[str] | None
+    advice: str
+
+
+def _re(text: str) -> re.Pattern[str]:
+    return re.compile(text, re.IGNORECASE)
+
+
+# Order matters: the first row whose SQLSTATE and text both fit wins; a row with SQLSTATEs
+# also matches an error without SQLSTATE (a log line) on its text alone.
+TABLE: tuple[Signature, ...] = (
+    Signature(
+        "reserved_slots", Status.CRITICAL, ("53300",),
+        _re(r"remaining connection slots are reserved"),
+        "Only reserved slots are left on PostgreSQL: ordinary roles are refused. "
+        "Close idle or leaked connections, lower CONN_MAX_AGE, or pool through PgBouncer in transaction mode.",
+    ),
+    Signature(
+        "too_many_clients", Status.CRITICAL, ("53300",),
+        _re(r"too many clients already|too many connections"),
+        "PostgreSQL reached max_connections and refuses new clients. "
+        "Close idle or leaked connections, pool through PgBouncer, or raise max_connections.",
+    ),
+    Signature(
+        "max_client_conn", Status.CRITICAL, (),
+        _re(r"no more connections allowed \(max_client_conn\)"),
+        "PgBouncer reached max_client_conn and refuses new clients. "
+        "Find the application holding client connections (leaks, CONN_MAX_AGE=None) or raise max_client_conn.",
+    ),
+    Signature(
+        "query_wait_timeout", Status.CRITICAL, (),
+        _re(r"query_wait_timeout"),
+        "Clients waited at PgBouncer longer than query_wait_timeout for a server connection: "
+        "the pool is saturated. Shorten transactions, use transaction pool mode, or raise the pool size.",
+    ),
+    Signature(
+        "server_login_retry", Status.CRITICAL, (),
+        _re(r"server_login_retry|pgbouncer cannot connect to server"),
+        "PgBouncer cannot log in to PostgreSQL: check that PostgreSQL is up, has free slots, "
+        "and accepts PgBouncer's credentials.",
+    ),
+    Signature(
+        "auth_failed", Status.CRITICAL, ("28P01", "28000"),
+        _re(r"password authentication failed|authentication failed|no password supplied|"
+            r"no pg_hba\.conf entry|fe_sendauth"),
+        "The server refused the credentials: check username and password, pg_hba.conf, "
+        "and PgBouncer's auth_file.",
+    ),
+    Signature(
+        "database_missing", Status.CRITICAL, ("3D000",),
+        _re(r"database \"[^\"]*\" does not exist|no such database"),
+        "The database does not exist: check dbname, or PgBouncer's [databases] section.",
+    ),
+    Signature(
+        "statement_timeout", Status.WARNING, ("57014",),
+        _re(r"canceling statement due to statement timeout"),
+        "A statement ran past statement_timeout and was cancelled: look for slow queries or lock waits.",
+    ),
+    Signature(
+        "admin_shutdown", Status.WARNING, ("57P01",),
+        _re(r"terminating connection due to administrator command"),
+        "The server terminated connections (pg_terminate_backend, a restart or a failover); "
+        "clients must reconnect, with CONN_HEALTH_CHECKS on.",
+    ),
+    Signature(
+        "memory_quota", Status.CRITICAL, (),
+        _re(r"memory quota exceeded|out of memory"),
+        "The server ran out of memory for connections: each costs about 10 MB. "
+        "Lower the number of connections or give the server more memory.",
+    ),
+    Signature(
+        "server_closed", Status.CRITICAL, ("08006", "08003"),
+        _re(r"server closed the connection unexpectedly|connection to server .* lost|"
+            r"consuming input failed|the connection is closed"),
+        "The server side went away mid-session: look for restarts, crashes, or a proxy or "
+        "firewall closing idle connections (align CONN_MAX_AGE with its timeouts).",
+    ),
+    Signature(
+        "connect_timeout", Status.CRITICAL, (),
+        _re(r"timeout expired|timed out"),
+        "The server did not answer in time (connect_timeout or query_timeout): "
+        "check that it is up, not hung or overloaded, and reachable.",
+    ),
+    Signature(
+        "connection_refused", Status.CRITICAL, ("08001",),
+        _re(r"connection refused|could not connect to server|no such file or directory|"
+            r"could not translate host name|name or service not known"),
+        "Nothing accepts connections at that address: check that the server runs and listens "
+        "on that host and port.",
+    ),
+)  # fmt: skip
+
+UNKNOWN = Signature(
+    "unknown", Status.WARNING, (), None, "An error without a known signature: read its text and the server's log."
+)
+BY_NAME = {s.name: s for s in (*TABLE, UNKNOWN)}
+
+
+def classify(text: str, sqlstate: str | None = None) -> Signature:
+    """The signature of an error: SQLSTATE rows first, then any row whose text matches."""
+    if sqlstate:
+        with_state = [s for s in TABLE if sqlstate in s.sqlstates]
+        for signature in with_state:
+            if signature.pattern is not None and signature.pattern.search(text):
+                return signature
+        if with_state:
+            return with_state[-1]
+    return match_text(text) or UNKNOWN
+
+
+def match_text(text: str) -> Signature | None:
+    """The first row whose text matches, or None: used for log lines."""
+    for signature in TABLE:
+        if signature.pattern is not None and signature.pattern.search(text):
+            return signature
+    return None
+
+
+def classify_error(error: BaseException) -> Signature:
+    return classify(str(error), getattr(error, "sqlstate", None))

@@ -1,0 +1,91 @@
+"""Real PostgreSQL 15 and PgBouncer processes for the suite, started once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from datadog_checks.django_db.sandbox import Sandbox
+
+# The stubs refuse tags such as `version`; the check submits none, the dashboards rely on that.
+os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
+
+APP_PASSWORD = "app-secret"
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(max_connections=100, default_pool_size=5) as box:
+        box.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';CREATE ROLE plain LOGIN PASSWORD '{APP_PASSWORD}';")
+        box.psql("CREATE DATABASE appdb OWNER app")
+        box.psql("CREATE DATABASE otherdb OWNER app")
+        box.psql("CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'one');", "appdb")
+        box.psql("GRANT ALL ON items TO app;", "appdb")
+        box.pgbouncer.users["app"] = APP_PASSWORD
+        box.pgbouncer.reload()
+        yield box
+
+
+@pytest.fixture
+def dd_environment(sandbox: Sandbox) -> Iterator[dict]:
+    yield sandbox.instance()
+
+
+@pytest.fixture
+def pg_instance(sandbox: Sandbox) -> dict:
+    return {
+        "postgres": sandbox.postgres.instance(Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD),
+        "tags": ["env_name:test"],
+    }
+
+
+class Clients:
+    """Connections a test opens; all closed when the test ends."""
+
+    def __init__(self, sandbox: Sandbox):
+        self.sandbox = sandbox
+        self.open: list[psycopg.Connection] = []
+
+    def connect(
+        self, app: str = "web", user: str = "app", dbname: str = "appdb", port: int | None = None, **kwargs: object
+    ) -> psycopg.Connection:
+        password = APP_PASSWORD if user in ("app", "plain") else self.sandbox.pgbouncer.users.get(user, "")
+        conn = psycopg.connect(
+            host="127.0.0.1", port=port or self.sandbox.postgres.port, user=user, password=password,
+            dbname=dbname, application_name=app, autocommit=True, connect_timeout=5, **kwargs,
+        )  # fmt: skip
+        self.open.append(conn)
+        return conn
+
+    def many(self, count: int, **kwargs: object) -> list[psycopg.Connection]:
+        return [self.connect(**kwargs) for _ in range(count)]
+
+    def close(self) -> None:
+        for conn in self.open:
+            try:
+                conn.cancel_safe(timeout=2)
+            except Exception:  # noqa: S110 - closing below is what matters
+                pass
+            conn.close()
+        self.open.clear()
+
+
+@pytest.fixture
+def clients(sandbox: Sandbox) -> Iterator[Clients]:
+    pool = Clients(sandbox)
+    yield pool
+    pool.close()
+
+
+def metric_values(aggregator, name: str, *tags: str) -> list[float]:
+    """Values of a metric whose tags include all of ``tags``."""
+    return [m.value for m in aggregator.metrics(name) if set(tags) <= set(m.tags)]
+
+
+def one_value(aggregator, name: str, *tags: str) -> float:
+    values = metric_values(aggregator, name, *tags)
+    assert len(values) == 1, f"{name} {tags}: {values}"
+    return values[0]

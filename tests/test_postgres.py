@@ -1,0 +1,213 @@
+"""The PostgreSQL side against a real PostgreSQL 15, with connections in known states."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from datadog_checks.base import AgentCheck
+
+from datadog_checks.django_db import DjangoDbCheck
+
+from .conftest import APP_PASSWORD, metric_values, one_value
+
+
+def _in_background(conn: psycopg.Connection, sql: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            conn.execute(sql)
+        except psycopg.Error:
+            pass  # cancelled when the test ends
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for(conn: psycopg.Connection, sql: str, expected: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if conn.execute(sql).fetchone()[0] == expected:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{sql} never gave {expected}")
+
+
+@pytest.fixture
+def known_states(sandbox, clients):
+    """4 idle, 2 active, 2 idle in transaction, 1 aborted, 1 lock waiter (app=web), 1 leaked (app=leaky)."""
+    leaky = clients.connect(app="leaky")
+    leaky.execute("SELECT 1")
+    started = time.monotonic()
+    idle = clients.many(4, app="web")
+    for conn in clients.many(2, app="web"):
+        _in_background(conn, "SELECT pg_sleep(60)")
+    for conn in clients.many(2, app="web"):
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+    aborted = clients.connect(app="web")
+    aborted.execute("BEGIN")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        aborted.execute("SELECT 1/0")
+    holder = clients.connect(app="locker")
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE items")
+    waiter = clients.connect(app="web")
+    _in_background(waiter, "SELECT * FROM items")
+    watcher = psycopg.connect(sandbox.postgres.dsn(), autocommit=True)
+    try:
+        _wait_for(
+            watcher, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'web' AND state = 'active'", 3
+        )
+        _wait_for(watcher, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", 1)
+    finally:
+        watcher.close()
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+    for conn in idle:
+        conn.execute("SELECT 1")  # fresh: idle for well under the leak threshold
+    return {"leak_idle_seconds": 2}
+
+
+def test_counts_each_state_exactly(aggregator, dd_run_check, pg_instance, known_states):
+    check = DjangoDbCheck("django_db", {}, [{**pg_instance, **known_states}])
+    dd_run_check(check)
+    web = ("db:appdb", "user:app", "app:web")
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle", *web) == 4
+    assert one_value(aggregator, "django_db.postgres.connections", "state:active", *web) == 3
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle_in_transaction", *web) == 2
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle_in_transaction_aborted", *web) == 1
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle_in_transaction", "app:locker") == 1
+    assert one_value(aggregator, "django_db.postgres.waiting_on_lock", "db:appdb", "app:web") == 1
+    assert one_value(aggregator, "django_db.postgres.leaked_connections", *web) == 0
+    assert one_value(aggregator, "django_db.postgres.leaked_connections", "app:leaky") == 1
+    assert one_value(aggregator, "django_db.postgres.idle.max_age", "app:leaky") >= 2
+    assert one_value(aggregator, "django_db.postgres.idle.max_age", "db:appdb", "app:web") < 2
+    assert one_value(aggregator, "django_db.postgres.idle_in_transaction.max_age", "app:web") > 0
+    assert one_value(aggregator, "django_db.postgres.active.max_duration", "app:web") > 0
+    assert one_value(aggregator, "django_db.connections.usage", "state:idle", "db:appdb", "app:web") == 4
+    assert one_value(aggregator, "django_db.connections.usage", "state:used", "db:appdb", "app:web") == 6
+    pool = f"pool.name:127.0.0.1:{pg_instance['postgres']['port']}/appdb"
+    assert one_value(aggregator, "db.client.connections.usage", "state:used", pool) >= 7
+    # The check's own connection (application_name datadog-django-db) is never counted.
+    assert metric_values(aggregator, "django_db.postgres.connections", "app:datadog-django-db") == []
+    aggregator.assert_service_check(
+        "django_db.postgres.can_connect",
+        AgentCheck.OK,
+        tags=[f"postgres_server:127.0.0.1:{pg_instance['postgres']['port']}", "env_name:test"],
+    )
+
+
+def test_utilisation_counts_client_backends_against_usable_slots(
+    aggregator, dd_run_check, sandbox, pg_instance, clients
+):
+    watcher = clients.connect(app="watcher", user="postgres", dbname="postgres")
+    clients.many(5, app="web")
+    check = DjangoDbCheck("django_db", {}, [pg_instance])
+    dd_run_check(check)
+    backends = watcher.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE backend_type = 'client backend' AND application_name <> 'datadog-django-db'"
+    ).fetchone()[0]
+    usable = 100 - 3  # max_connections - superuser_reserved_connections on PostgreSQL 15
+    assert one_value(aggregator, "django_db.postgres.max_connections") == 100
+    assert one_value(aggregator, "django_db.postgres.reserved_connections") == 3
+    assert one_value(aggregator, "django_db.postgres.connection_utilization") == pytest.approx(backends / usable)
+    assert one_value(aggregator, "django_db.postgres.connections_available") == usable - backends
+
+
+def test_role_without_pg_monitor_sees_unknown_state(aggregator, dd_run_check, sandbox, clients):
+    clients.many(3, app="web")
+    instance = {"postgres": sandbox.postgres.instance("plain", APP_PASSWORD)}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    dd_run_check(check)
+    # Another role's backends: the state is hidden, the row is still counted.
+    assert one_value(aggregator, "django_db.postgres.connections", "state:unknown", "user:app", "app:web") == 3
+    assert metric_values(aggregator, "django_db.postgres.connections", "state:idle", "app:web") == []
+
+
+def test_filters_group_by_and_folding(aggregator, dd_run_check, pg_instance, clients, caplog):
+    for index in range(4):
+        clients.many(index + 1, app=f"worker-{index}")
+    clients.many(2, app="web", dbname="otherdb")
+    instance = {
+        **pg_instance,
+        "applications": {"include": ["^worker-", "^web$"], "exclude": ["-0$"]},
+        "databases": {"exclude": ["^otherdb$"]},
+        "group_by": ["app"],
+        "max_tag_values": 2,
+    }
+    caplog.set_level("DEBUG")
+    check = DjangoDbCheck("django_db", {}, [instance])
+    dd_run_check(check)
+    # worker-3 (4 conns) and worker-2 (3) kept; worker-1 folds into other; worker-0 and otherdb filtered out.
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle", "app:worker-3") == 4
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle", "app:worker-2") == 3
+    assert one_value(aggregator, "django_db.postgres.connections", "state:idle", "app:other") == 2
+    assert metric_values(aggregator, "django_db.postgres.connections", "app:worker-0") == []
+    assert metric_values(aggregator, "django_db.postgres.connections", "app:web") == []
+    for metric in aggregator.metrics("django_db.postgres.connections"):
+        assert not any(t.startswith(("db:", "user:")) for t in metric.tags)
+    assert "folded into `other`: worker-1" in caplog.text
+
+
+def test_client_addr_is_opt_in(aggregator, dd_run_check, pg_instance, clients):
+    clients.many(2, app="web")
+    check = DjangoDbCheck("django_db", {}, [{**pg_instance, "group_by": ["app", "client_addr"]}])
+    dd_run_check(check)
+    assert one_value(aggregator, "django_db.postgres.connections", "app:web", "client_addr:127.0.0.1") == 2
+
+
+def test_sessions_opened_between_runs(aggregator, dd_run_check, pg_instance, clients):
+    check = DjangoDbCheck("django_db", {}, [pg_instance])
+    dd_run_check(check)
+    first = one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb")
+    aggregator.reset()
+    clients.many(3, app="web")
+    dd_run_check(check)
+    assert one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb") == first + 3
+    assert one_value(aggregator, "django_db.postgres.sessions.killed", "db:appdb") >= 0
+
+
+def test_backends_opened_since_previous_snapshot(sandbox, pg_instance, clients):
+    """The count that feeds sessions.opened below PostgreSQL 14, read on this server."""
+    import logging
+
+    from datadog_checks.django_db import config
+    from datadog_checks.django_db.postgres import PostgresSource
+
+    settings = config.parse(pg_instance)
+    source = PostgresSource(settings.postgres, settings.group_by, 600, logging.getLogger("test"))
+    try:
+        first = source.snapshot(None)
+        assert sum(g.opened for g in first.groups) == 0
+        clients.many(2, app="newcomer")
+        second = source.snapshot(first.server_time)
+        assert sum(g.opened for g in second.groups if g.app == "newcomer") == 2
+        assert not second.new_connection
+    finally:
+        source.close()
+
+
+def test_settings_are_read_once_per_connection(sandbox, pg_instance):
+    import logging
+
+    from datadog_checks.django_db import config
+    from datadog_checks.django_db.postgres import PostgresSource
+
+    settings = config.parse(pg_instance)
+    source = PostgresSource(settings.postgres, settings.group_by, 600, logging.getLogger("test"))
+    try:
+        first = source.snapshot(None)
+        second = source.snapshot(first.server_time)
+        assert first.new_connection and not second.new_connection
+        assert second.settings is first.settings
+        source.close()
+        third = source.snapshot(None)
+        assert third.new_connection and third.settings is not first.settings
+        # The monitoring session bounds its own statements on the server.
+        assert source.conn.execute("SHOW statement_timeout").fetchone()[0] == "5s"
+        assert source.conn.info.parameter_status("application_name") == "datadog-django-db"
+    finally:
+        source.close()
