@@ -1,0 +1,134 @@
+"""Rules on how Django, PgBouncer and PostgreSQL settings fit together. No I/O."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .config import Settings
+from .pg_metrics import select
+from .pgb_metrics import app_pools, number
+from .pgbouncer import ADMIN_DB, PgbSnapshot
+from .postgres import PgSnapshot, ServerSettings
+
+
+def _age(conn_max_age: float | None) -> str:
+    return "conn_max_age=None (persistent)" if conn_max_age is None else f"conn_max_age={conn_max_age:g} s"
+
+
+def session_mode(settings: Settings, pgb: PgbSnapshot) -> list[str]:
+    if settings.conn_max_age is not None and settings.conn_max_age <= 0:
+        return []
+    modes = {str(row.get("database")): row.get("pool_mode") for row in app_pools(pgb)}
+    for row in pgb.databases:
+        if str(row.get("name")) != ADMIN_DB:
+            modes.setdefault(str(row.get("name")), row.get("pool_mode"))
+    default = pgb.config.get("pool_mode")
+    pinned = sorted(db for db, mode in modes.items() if (mode or default) == "session")
+    if not pinned and not modes and default == "session":
+        pinned = ["(default pool_mode)"]
+    if not pinned:
+        return []
+    return [
+        f"{_age(settings.conn_max_age)} while PgBouncer pools {', '.join(pinned)} in session mode: "
+        "every Django thread pins a server connection; use pool_mode=transaction"
+    ]
+
+
+def idle_timeouts(settings: Settings, pgb: PgbSnapshot) -> list[str]:
+    failures = []
+    for key, closes in (("server_idle_timeout", "idle server connections"), ("client_idle_timeout", "idle clients")):
+        timeout = number(pgb.config.get(key))
+        if not timeout or timeout <= 0:
+            continue  # 0 turns the timeout off
+        if settings.conn_max_age is None or settings.conn_max_age > timeout:
+            failures.append(
+                f"{_age(settings.conn_max_age)} is longer than PgBouncer's {key}={timeout:g} s, "
+                f"after which it closes {closes}: keep CONN_MAX_AGE at or below it"
+            )
+    return failures
+
+
+def possible_server_connections(pgb: PgbSnapshot) -> int:
+    """Pool sizes plus reserve pools, over databases and users, capped by max_db_connections."""
+    default_size = number(pgb.config.get("default_pool_size")) or 0
+    default_reserve = number(pgb.config.get("reserve_pool_size")) or 0
+    default_cap = number(pgb.config.get("max_db_connections")) or 0
+    users = Counter(str(row.get("database")) for row in app_pools(pgb))
+    total = 0.0
+    for row in pgb.databases:
+        db = str(row.get("name"))
+        if db == ADMIN_DB:
+            continue
+        size = number(row.get("pool_size"))
+        size = default_size if size is None or size < 0 else size
+        reserve = number(row.get("reserve_pool_size", row.get("reserve_pool")))
+        reserve = default_reserve if reserve is None or reserve < 0 else reserve
+        possible = max(1, users[db]) * (size + reserve)
+        cap = number(row.get("max_connections")) or default_cap
+        total += min(possible, cap) if cap > 0 else possible
+    return int(total)
+
+
+def slots(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
+    possible, usable = possible_server_connections(pgb), pg.settings.usable_slots
+    if possible <= usable:
+        return []
+    return [
+        f"PgBouncer may open {possible} server connections (pool sizes plus reserve pools) "
+        f"but PostgreSQL has {usable} usable slots: lower the pool sizes or set max_db_connections"
+    ]
+
+
+def effective(server: ServerSettings, db: str, role: str, name: str, server_value: int) -> int:
+    """A setting as a session of ``role`` on ``db`` gets it: role and database, role, database, server."""
+    found: dict[tuple[bool, bool], str] = {}
+    for set_db, set_role, config in server.role_settings:
+        if name in config and set_db in ("", db) and set_role in ("", role):
+            found[(set_role != "", set_db != "")] = config[name]
+    for key in ((True, True), (True, False), (False, True)):
+        if key in found:
+            return _milliseconds(found[key])
+    return server_value
+
+
+def _milliseconds(value: str) -> int:
+    units = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+    text = value.strip()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * units[unit])
+    try:
+        return int(float(text))
+    except ValueError:
+        return 0
+
+
+def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[str]:
+    pairs = {(g.db, g.user) for g in select(pg.groups, settings) if g.db and g.user}
+    if not pairs and pgb is not None:
+        pairs = {(str(row.get("database")), str(row.get("user"))) for row in app_pools(pgb)}
+    server = pg.settings
+    unset = []
+    for db, role in sorted(pairs):
+        statement = effective(server, db, role, "statement_timeout", server.statement_timeout_ms)
+        idle_tx = effective(
+            server, db, role, "idle_in_transaction_session_timeout", server.idle_in_transaction_timeout_ms
+        )
+        if statement <= 0 and idle_tx <= 0:
+            unset.append(f"{role}@{db}")
+    if not unset:
+        return []
+    return [
+        f"statement_timeout and idle_in_transaction_session_timeout are both unset for {', '.join(unset[:5])}"
+        + (f" and {len(unset) - 5} more" if len(unset) > 5 else "")
+        + ": a stuck request holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
+    ]
+
+
+def alignment_failures(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
+    return [
+        *session_mode(settings, pgb),
+        *idle_timeouts(settings, pgb),
+        *slots(settings, pg, pgb),
+        *timeouts(settings, pg, pgb),
+    ]

@@ -1,0 +1,184 @@
+"""Findings of one run: what is wrong, how badly, and which application causes it. No I/O."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+
+from .config import Level, Settings
+from .model import Finding, Status
+from .pg_metrics import client_backends, select, utilization
+from .pgb_metrics import app_pools, client_utilization, pool_maxwait
+from .pgbouncer import PgbSnapshot
+from .postgres import LeakSuspect, PgSnapshot
+from .signatures import BY_NAME
+
+IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
+QUERY_CUT = 200
+
+
+def level(value: float, threshold: Level) -> Status:
+    if threshold.critical is not None and value >= threshold.critical:
+        return Status.CRITICAL
+    if threshold.warning is not None and value >= threshold.warning:
+        return Status.WARNING
+    return Status.OK
+
+
+def _apps(counts: Counter[str], limit: int = 3) -> str:
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"app={app or 'none'} {n}" for app, n in ranked[:limit])
+
+
+def _of_apps(counts: Counter[str]) -> str:
+    """`of app=web` when one application causes it all, else `(app=web 4, app=worker 2)`."""
+    if len(counts) == 1:
+        return f"of app={next(iter(counts)) or 'none'} "
+    return ""
+
+
+def signature_findings(seen: Iterable[tuple[str, str]]) -> list[Finding]:
+    """One finding per signature seen this run, from any source (postgres, pgbouncer, log)."""
+    by_name: dict[str, Counter[str]] = defaultdict(Counter)
+    for name, source in seen:
+        by_name[name][source] += 1
+    findings = []
+    for name, sources in by_name.items():
+        signature = BY_NAME[name]
+        where = ", ".join(f"{n} from {source}" for source, n in sorted(sources.items()))
+        total = sum(sources.values())
+        findings.append(Finding(signature.status, f"{name} seen ({where}): {signature.advice}", total))
+    return findings
+
+
+def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | None) -> list[Finding]:
+    t = settings.thresholds
+    findings = []
+    used, usable = client_backends(snapshot), snapshot.settings.usable_slots
+    ratio = utilization(snapshot)
+    by_app: Counter[str] = Counter()
+    for g in snapshot.groups:
+        by_app[g.app] += g.count
+    findings.append(
+        Finding(
+            level(ratio, t["utilization"]),
+            f"{used} of {usable} usable slots in use ({ratio:.0%}; most: {_apps(by_app, 1)})",
+            ratio,
+        )
+    )
+
+    groups = select(snapshot.groups, settings)
+    leaked: Counter[str] = Counter()
+    in_tx: Counter[str] = Counter()
+    oldest_tx, oldest_app = 0.0, ""
+    hidden = 0
+    for g in groups:
+        if g.leaked:
+            leaked[g.app] += g.leaked
+        if g.state in IDLE_IN_TRANSACTION:
+            in_tx[g.app] += g.count
+            if g.max_age > oldest_tx:
+                oldest_tx, oldest_app = g.max_age, g.app
+        if g.state is None:
+            hidden += g.count
+
+    total_leaked = sum(leaked.values())
+    if total_leaked:
+        text = f"{total_leaked} connections {_of_apps(leaked)}idle for over {settings.leak_idle_seconds:g} s (leaked)"
+        if len(leaked) > 1:
+            text += f": {_apps(leaked)}"
+        if settings.report_leak_queries and snapshot.leak_suspects:
+            text += "; suspects: " + " | ".join(describe_suspect(s) for s in _suspects(snapshot, settings))
+        findings.append(Finding(level(total_leaked, t["leaked_connections"]), text, total_leaked))
+
+    total_tx = sum(in_tx.values())
+    if total_tx:
+        findings.append(
+            Finding(
+                level(total_tx, t["idle_in_transaction_count"]),
+                f"{total_tx} connections idle in transaction ({_apps(in_tx)})",
+                total_tx,
+            )
+        )
+        findings.append(
+            Finding(
+                level(oldest_tx, t["idle_in_transaction_seconds"]),
+                f"a connection of app={oldest_app or 'none'} idle in transaction for {oldest_tx:.0f} s",
+                oldest_tx,
+            )
+        )
+    if churn is not None:
+        findings.append(
+            Finding(level(churn, t["churn_per_minute"]), f"{churn:.0f} new connections a minute (churn)", churn)
+        )
+    if hidden:
+        findings.append(
+            Finding(
+                Status.WARNING,
+                f"{hidden} backends are hidden from the monitoring role: GRANT pg_monitor TO "
+                f"{settings.postgres.username if settings.postgres else 'the monitoring role'}",
+                hidden,
+            )
+        )
+    return findings
+
+
+def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Finding]:
+    t = settings.thresholds
+    findings = []
+    ratio = client_utilization(snapshot)
+    if ratio is not None:
+        findings.append(
+            Finding(
+                level(ratio, t["pgbouncer_client_utilization"]),
+                f"{snapshot.lists.get('used_clients')} of {snapshot.config.get('max_client_conn')} "
+                f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)",
+                ratio,
+            )
+        )
+    worst_wait, worst_pool, waiting = 0.0, None, 0
+    for row in app_pools(snapshot):
+        wait = pool_maxwait(row) or 0.0
+        if wait > worst_wait:
+            worst_wait, worst_pool, waiting = wait, row, int(row.get("cl_waiting") or 0)
+    if worst_pool is not None:
+        findings.append(
+            Finding(
+                level(worst_wait, t["pgbouncer_maxwait_seconds"]),
+                f"{waiting} clients waiting at PgBouncer pool {worst_pool.get('database')}/{worst_pool.get('user')}, "
+                f"the oldest for {worst_wait:.1f} s",
+                worst_wait,
+            )
+        )
+    return findings
+
+
+def _suspects(snapshot: PgSnapshot, settings: Settings, limit: int = 3) -> list[LeakSuspect]:
+    kept = [
+        s for s in snapshot.leak_suspects if settings.applications.allows(s.app) and settings.databases.allows(s.db)
+    ]
+    return kept[:limit]
+
+
+def describe_suspect(suspect: LeakSuspect) -> str:
+    return (
+        f"app={suspect.app or 'none'} from {suspect.client_addr} idle {suspect.idle_seconds:.0f} s, "
+        f"last query: {normalize_query(suspect.query)}"
+    )
+
+
+_LITERALS = re.compile(
+    r"""
+    \$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$      # dollar-quoted strings
+    | [EeBbXxNn]?'(?:[^']|'')*'                 # quoted strings, with '' escapes
+    | (?<![\w$."])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w"])  # numbers not part of a name
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def normalize_query(query: str | None) -> str:
+    """Every literal replaced by ``?``, white space folded, cut to 200 characters."""
+    text = " ".join(_LITERALS.sub("?", query or "").split())
+    return text if len(text) <= QUERY_CUT else text[: QUERY_CUT - 1] + "…"
