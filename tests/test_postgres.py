@@ -107,8 +107,7 @@ def test_utilisation_counts_client_backends_against_usable_slots(
     check = DjangoDbCheck("django_db", {}, [pg_instance])
     dd_run_check(check)
     backends = watcher.execute(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE backend_type = 'client backend' AND application_name <> 'datadog-django-db'"
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
     ).fetchone()[0]
     usable = 100 - 3  # max_connections - superuser_reserved_connections on PostgreSQL 15
     assert one_value(aggregator, "django_db.postgres.max_connections") == 100

@@ -61,7 +61,8 @@ def _tags(group: ActivityGroup, dimensions: Iterable[str]) -> tuple[str, ...]:
 
 
 def client_backends(snapshot: PgSnapshot) -> int:
-    return sum(g.count for g in snapshot.groups)
+    """Every client backend; the groups leave out the check's own, which takes a slot all the same."""
+    return sum(g.count for g in snapshot.groups) + 1
 
 
 def utilization(snapshot: PgSnapshot) -> float:

@@ -1,0 +1,212 @@
+"""The PgBouncer side against a real PgBouncer 1.18 in front of the suite's PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from datadog_checks.base import AgentCheck
+from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.sandbox import Sandbox
+
+from .conftest import metric_values, one_value
+
+
+@pytest.fixture(scope="module")
+def pools(sandbox):
+    """Two extra pools: `tiny` (transaction mode, one server connection) and `sess` (session mode)."""
+    port = sandbox.postgres.port
+    sandbox.pgbouncer.databases["tiny"] = f"host=127.0.0.1 port={port} dbname=appdb pool_size=1"
+    sandbox.pgbouncer.databases["sess"] = f"host=127.0.0.1 port={port} dbname=appdb pool_size=3 pool_mode=session"
+    sandbox.pgbouncer.reload()
+    yield sandbox
+    del sandbox.pgbouncer.databases["tiny"], sandbox.pgbouncer.databases["sess"]
+    sandbox.pgbouncer.reload()
+
+
+def _through_pgbouncer(clients, sandbox, dbname: str, count: int) -> list[psycopg.Connection]:
+    return clients.many(count, app="web", dbname=dbname, port=sandbox.pgbouncer.port, prepare_threshold=None)
+
+
+def _pool(aggregator, column: str, db: str) -> float:
+    return one_value(aggregator, f"django_db.pgbouncer.pools.{column}", f"pgbouncer_db:{db}")
+
+
+def test_waiting_clients_and_saturated_pool(aggregator, dd_run_check, pools, clients):
+    holder, waiter = _through_pgbouncer(clients, pools, "tiny", 2)
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")  # holds the only server connection of the pool
+    thread = threading.Thread(target=lambda: waiter.execute("SELECT 1"), daemon=True)
+    thread.start()
+    time.sleep(1.2)  # maxwait counts whole seconds plus microseconds
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": pools.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    assert _pool(aggregator, "cl_active", "tiny") == 1
+    assert _pool(aggregator, "cl_waiting", "tiny") == 1
+    assert _pool(aggregator, "sv_active", "tiny") == 1
+    assert _pool(aggregator, "sv_idle", "tiny") == 0
+    assert _pool(aggregator, "maxwait", "tiny") >= 1.0
+    assert _pool(aggregator, "server_utilization", "tiny") == 1.0
+    assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:tiny") == 1
+    assert (
+        one_value(aggregator, "django_db.pgbouncer.pools.cl_waiting", "pgbouncer_db:tiny", "pool_mode:transaction") == 1
+    )
+    holder.execute("COMMIT")
+    thread.join(5)
+    assert not thread.is_alive()
+    aggregator.reset()
+    dd_run_check(check)
+    assert _pool(aggregator, "cl_waiting", "tiny") == 0
+    assert _pool(aggregator, "maxwait", "tiny") == 0
+
+
+def test_session_mode_pins_server_connections(aggregator, dd_run_check, pools, clients):
+    first, second = _through_pgbouncer(clients, pools, "sess", 2)
+    first.execute("SELECT 1")
+    second.execute("SELECT 1")
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": pools.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    tags = ("pgbouncer_db:sess", "pool_mode:session")
+    assert one_value(aggregator, "django_db.pgbouncer.pools.cl_active", *tags) == 2
+    assert one_value(aggregator, "django_db.pgbouncer.pools.sv_active", *tags) == 2
+    assert one_value(aggregator, "django_db.pgbouncer.pools.server_utilization", *tags) == pytest.approx(2 / 3)
+    second.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        aggregator.reset()
+        dd_run_check(check)
+        if one_value(aggregator, "django_db.pgbouncer.pools.sv_idle", *tags) == 1:
+            break
+        time.sleep(0.1)
+    assert one_value(aggregator, "django_db.pgbouncer.pools.sv_active", *tags) == 1
+    assert one_value(aggregator, "django_db.pgbouncer.pools.sv_idle", *tags) == 1
+
+
+def test_clients_against_max_client_conn(aggregator, dd_run_check, sandbox, clients):
+    _through_pgbouncer(clients, sandbox, "appdb", 4)
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    # Four application clients and the check's own console connection.
+    assert one_value(aggregator, "django_db.pgbouncer.clients") == 5
+    assert one_value(aggregator, "django_db.pgbouncer.lists.used_clients") == 5
+    assert one_value(aggregator, "django_db.pgbouncer.max_client_conn") == 100
+    assert one_value(aggregator, "django_db.pgbouncer.client_utilization") == pytest.approx(0.05)
+    assert metric_values(aggregator, "django_db.pgbouncer.pools.cl_active", "pgbouncer_db:pgbouncer") == []
+    assert metric_values(aggregator, "django_db.pgbouncer.stats.queries", "pgbouncer_db:pgbouncer") == []
+
+
+def test_stats_after_traffic(aggregator, dd_run_check, sandbox, clients):
+    (conn,) = _through_pgbouncer(clients, sandbox, "otherdb", 1)
+    conn.execute("SELECT 1")
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    first = {
+        name: one_value(aggregator, f"django_db.pgbouncer.stats.{name}", "pgbouncer_db:otherdb")
+        for name in ("transactions", "queries", "xact_time", "bytes_sent")
+    }
+    for _ in range(5):
+        conn.execute("SELECT pg_sleep(0.05)")
+    aggregator.reset()
+    dd_run_check(check)
+    second = {
+        name: one_value(aggregator, f"django_db.pgbouncer.stats.{name}", "pgbouncer_db:otherdb")
+        for name in ("transactions", "queries", "xact_time", "bytes_sent")
+    }
+    assert second["transactions"] - first["transactions"] == 5
+    assert second["queries"] - first["queries"] == 5
+    assert 0.25 <= second["xact_time"] - first["xact_time"] < 5  # seconds, not microseconds
+    assert second["bytes_sent"] > first["bytes_sent"]
+    for metric in aggregator.metrics("django_db.pgbouncer.stats.transactions"):
+        assert metric.type == aggregator.RATE
+
+
+def test_version_metadata(dd_run_check, datadog_agent, sandbox):
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    check.check_id = "test:pgbouncer"
+    dd_run_check(check)
+    datadog_agent.assert_metadata(
+        "test:pgbouncer", {"version.raw": "1.18.0", "version.major": "1", "version.minor": "18"}
+    )
+
+
+@pytest.fixture
+def own_sandbox():
+    with Sandbox(max_connections=30) as box:
+        yield box
+
+
+def test_each_side_reports_while_the_other_is_down(aggregator, dd_run_check, own_sandbox):
+    check = DjangoDbCheck("django_db", {}, [own_sandbox.instance()])
+    own_sandbox.pgbouncer.stop()
+    dd_run_check(check)
+    aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.CRITICAL)
+    aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.OK)
+    assert metric_values(aggregator, "django_db.postgres.max_connections") == [30]
+    message = aggregator.service_checks("django_db.pgbouncer.can_connect")[0].message
+    assert "connection_refused" in message and Sandbox.MONITOR_PASSWORD not in message
+
+    own_sandbox.pgbouncer.start()
+    own_sandbox.postgres.stop()
+    aggregator.reset()
+    dd_run_check(check)
+    aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.CRITICAL)
+    aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
+    assert metric_values(aggregator, "django_db.pgbouncer.max_client_conn") == [100]
+    check.cancel()
+
+
+def test_hung_pgbouncer_gives_critical_within_the_timeouts(aggregator, dd_run_check, own_sandbox):
+    instance = {"pgbouncer": {**own_sandbox.pgbouncer.instance("datadog"), "query_timeout": 1, "connect_timeout": 2}}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    dd_run_check(check)  # the console connection is open
+    aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
+    own_sandbox.pgbouncer.pause()
+    try:
+        for bound in (1, 2):  # a query on the open connection, then a new connection
+            aggregator.reset()
+            started = time.monotonic()
+            dd_run_check(check)
+            elapsed = time.monotonic() - started
+            aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.CRITICAL)
+            message = aggregator.service_checks("django_db.pgbouncer.can_connect")[0].message
+            assert "connect_timeout" in message, message
+            assert elapsed < bound + 1.5, elapsed
+    finally:
+        own_sandbox.pgbouncer.resume()
+    aggregator.reset()
+    dd_run_check(check)
+    aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
+    check.cancel()
+
+
+def test_no_connection_leaks_across_runs_and_failures(dd_run_check, own_sandbox):
+    check = DjangoDbCheck("django_db", {}, [own_sandbox.instance()])
+    for _ in range(3):
+        dd_run_check(check)
+    own_sandbox.pgbouncer.stop()
+    dd_run_check(check)
+    own_sandbox.pgbouncer.start()
+    for _ in range(3):
+        dd_run_check(check)
+    watcher = psycopg.connect(own_sandbox.postgres.dsn(), autocommit=True)
+    try:
+        own = watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'datadog-django-db'"
+        ).fetchone()[0]
+        assert own == 1
+    finally:
+        watcher.close()
+    admin = psycopg.connect(
+        host="127.0.0.1", port=own_sandbox.pgbouncer.port, user="postgres", password=own_sandbox.pgbouncer.users["postgres"],
+        dbname="pgbouncer", autocommit=True, cursor_factory=psycopg.ClientCursor,
+    )  # fmt: skip
+    try:
+        rows = admin.execute("SHOW CLIENTS").fetchall()
+        assert len([r for r in rows if "datadog" in r]) == 1
+    finally:
+        admin.close()
+    check.cancel()
+    assert check.postgres.conn is None and check.pgbouncer.conn is None
