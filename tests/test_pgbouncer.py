@@ -7,8 +7,8 @@ import time
 
 import psycopg
 import pytest
-
 from datadog_checks.base import AgentCheck
+
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.sandbox import Sandbox
 
@@ -200,9 +200,14 @@ def test_no_connection_leaks_across_runs_and_failures(dd_run_check, own_sandbox)
     finally:
         watcher.close()
     admin = psycopg.connect(
-        host="127.0.0.1", port=own_sandbox.pgbouncer.port, user="postgres", password=own_sandbox.pgbouncer.users["postgres"],
-        dbname="pgbouncer", autocommit=True, cursor_factory=psycopg.ClientCursor,
-    )  # fmt: skip
+        host="127.0.0.1",
+        port=own_sandbox.pgbouncer.port,
+        user="postgres",
+        password=own_sandbox.pgbouncer.users["postgres"],
+        dbname="pgbouncer",
+        autocommit=True,
+        cursor_factory=psycopg.ClientCursor,
+    )
     try:
         rows = admin.execute("SHOW CLIENTS").fetchall()
         assert len([r for r in rows if "datadog" in r]) == 1

@@ -13,6 +13,9 @@ from datadog_checks.django_db import DjangoDbCheck
 
 from .conftest import APP_PASSWORD, metric_values, one_value
 
+# Connections opened straight to PostgreSQL; PgBouncer's server connections use other names.
+APP = "direct"
+
 
 def _in_background(conn: psycopg.Connection, sql: str) -> threading.Thread:
     def run() -> None:
@@ -37,29 +40,29 @@ def _wait_for(conn: psycopg.Connection, sql: str, expected: object, timeout: flo
 
 @pytest.fixture
 def known_states(sandbox, clients):
-    """4 idle, 2 active, 2 idle in transaction, 1 aborted, 1 lock waiter (app=web), 1 leaked (app=leaky)."""
+    """4 idle, 2 active, 2 idle in transaction, 1 aborted, 1 lock waiter (app=direct), 1 leaked (app=leaky)."""
     leaky = clients.connect(app="leaky")
     leaky.execute("SELECT 1")
     started = time.monotonic()
-    idle = clients.many(4, app="web")
-    for conn in clients.many(2, app="web"):
+    idle = clients.many(4, app=APP)
+    for conn in clients.many(2, app=APP):
         _in_background(conn, "SELECT pg_sleep(60)")
-    for conn in clients.many(2, app="web"):
+    for conn in clients.many(2, app=APP):
         conn.execute("BEGIN")
         conn.execute("SELECT 1")
-    aborted = clients.connect(app="web")
+    aborted = clients.connect(app=APP)
     aborted.execute("BEGIN")
     with pytest.raises(psycopg.errors.DivisionByZero):
         aborted.execute("SELECT 1/0")
     holder = clients.connect(app="locker")
     holder.execute("BEGIN")
     holder.execute("LOCK TABLE items")
-    waiter = clients.connect(app="web")
+    waiter = clients.connect(app=APP)
     _in_background(waiter, "SELECT * FROM items")
     watcher = psycopg.connect(sandbox.postgres.dsn(), autocommit=True)
     try:
         _wait_for(
-            watcher, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'web' AND state = 'active'", 3
+            watcher, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'direct' AND state = 'active'", 3
         )
         _wait_for(watcher, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'", 1)
     finally:
@@ -73,21 +76,21 @@ def known_states(sandbox, clients):
 def test_counts_each_state_exactly(aggregator, dd_run_check, pg_instance, known_states):
     check = DjangoDbCheck("django_db", {}, [{**pg_instance, **known_states}])
     dd_run_check(check)
-    web = ("db:appdb", "user:app", "app:web")
+    web = ("db:appdb", "user:app", f"app:{APP}")
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle", *web) == 4
     assert one_value(aggregator, "django_db.postgres.connections", "state:active", *web) == 3
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle_in_transaction", *web) == 2
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle_in_transaction_aborted", *web) == 1
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle_in_transaction", "app:locker") == 1
-    assert one_value(aggregator, "django_db.postgres.waiting_on_lock", "db:appdb", "app:web") == 1
+    assert one_value(aggregator, "django_db.postgres.waiting_on_lock", "db:appdb", f"app:{APP}") == 1
     assert one_value(aggregator, "django_db.postgres.leaked_connections", *web) == 0
     assert one_value(aggregator, "django_db.postgres.leaked_connections", "app:leaky") == 1
     assert one_value(aggregator, "django_db.postgres.idle.max_age", "app:leaky") >= 2
-    assert one_value(aggregator, "django_db.postgres.idle.max_age", "db:appdb", "app:web") < 2
-    assert one_value(aggregator, "django_db.postgres.idle_in_transaction.max_age", "app:web") > 0
-    assert one_value(aggregator, "django_db.postgres.active.max_duration", "app:web") > 0
-    assert one_value(aggregator, "django_db.connections.usage", "state:idle", "db:appdb", "app:web") == 4
-    assert one_value(aggregator, "django_db.connections.usage", "state:used", "db:appdb", "app:web") == 6
+    assert one_value(aggregator, "django_db.postgres.idle.max_age", "db:appdb", f"app:{APP}") < 2
+    assert one_value(aggregator, "django_db.postgres.idle_in_transaction.max_age", f"app:{APP}") > 0
+    assert one_value(aggregator, "django_db.postgres.active.max_duration", f"app:{APP}") > 0
+    assert one_value(aggregator, "django_db.connections.usage", "state:idle", "db:appdb", f"app:{APP}") == 4
+    assert one_value(aggregator, "django_db.connections.usage", "state:used", "db:appdb", f"app:{APP}") == 6
     pool = f"pool.name:127.0.0.1:{pg_instance['postgres']['port']}/appdb"
     assert one_value(aggregator, "db.client.connections.usage", "state:used", pool) >= 7
     # The check's own connection (application_name datadog-django-db) is never counted.
@@ -103,7 +106,7 @@ def test_utilisation_counts_client_backends_against_usable_slots(
     aggregator, dd_run_check, sandbox, pg_instance, clients
 ):
     watcher = clients.connect(app="watcher", user="postgres", dbname="postgres")
-    clients.many(5, app="web")
+    clients.many(5, app=APP)
     check = DjangoDbCheck("django_db", {}, [pg_instance])
     dd_run_check(check)
     backends = watcher.execute(
@@ -117,22 +120,22 @@ def test_utilisation_counts_client_backends_against_usable_slots(
 
 
 def test_role_without_pg_monitor_sees_unknown_state(aggregator, dd_run_check, sandbox, clients):
-    clients.many(3, app="web")
+    clients.many(3, app=APP)
     instance = {"postgres": sandbox.postgres.instance("plain", APP_PASSWORD)}
     check = DjangoDbCheck("django_db", {}, [instance])
     dd_run_check(check)
     # Another role's backends: the state is hidden, the row is still counted.
-    assert one_value(aggregator, "django_db.postgres.connections", "state:unknown", "user:app", "app:web") == 3
-    assert metric_values(aggregator, "django_db.postgres.connections", "state:idle", "app:web") == []
+    assert one_value(aggregator, "django_db.postgres.connections", "state:unknown", "user:app", f"app:{APP}") == 3
+    assert metric_values(aggregator, "django_db.postgres.connections", "state:idle", f"app:{APP}") == []
 
 
 def test_filters_group_by_and_folding(aggregator, dd_run_check, pg_instance, clients, caplog):
     for index in range(4):
         clients.many(index + 1, app=f"worker-{index}")
-    clients.many(2, app="web", dbname="otherdb")
+    clients.many(2, app=APP, dbname="otherdb")
     instance = {
         **pg_instance,
-        "applications": {"include": ["^worker-", "^web$"], "exclude": ["-0$"]},
+        "applications": {"include": ["^worker-", "^direct$"], "exclude": ["-0$"]},
         "databases": {"exclude": ["^otherdb$"]},
         "group_by": ["app"],
         "max_tag_values": 2,
@@ -145,17 +148,17 @@ def test_filters_group_by_and_folding(aggregator, dd_run_check, pg_instance, cli
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle", "app:worker-2") == 3
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle", "app:other") == 2
     assert metric_values(aggregator, "django_db.postgres.connections", "app:worker-0") == []
-    assert metric_values(aggregator, "django_db.postgres.connections", "app:web") == []
+    assert metric_values(aggregator, "django_db.postgres.connections", f"app:{APP}") == []
     for metric in aggregator.metrics("django_db.postgres.connections"):
         assert not any(t.startswith(("db:", "user:")) for t in metric.tags)
     assert "folded into `other`: worker-1" in caplog.text
 
 
 def test_client_addr_is_opt_in(aggregator, dd_run_check, pg_instance, clients):
-    clients.many(2, app="web")
+    clients.many(2, app=APP)
     check = DjangoDbCheck("django_db", {}, [{**pg_instance, "group_by": ["app", "client_addr"]}])
     dd_run_check(check)
-    assert one_value(aggregator, "django_db.postgres.connections", "app:web", "client_addr:127.0.0.1") == 2
+    assert one_value(aggregator, "django_db.postgres.connections", f"app:{APP}", "client_addr:127.0.0.1") == 2
 
 
 def test_sessions_opened_between_runs(aggregator, dd_run_check, pg_instance, clients):
@@ -163,7 +166,7 @@ def test_sessions_opened_between_runs(aggregator, dd_run_check, pg_instance, cli
     dd_run_check(check)
     first = one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb")
     aggregator.reset()
-    clients.many(3, app="web")
+    clients.many(3, app=APP)
     dd_run_check(check)
     assert one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb") == first + 3
     assert one_value(aggregator, "django_db.postgres.sessions.killed", "db:appdb") >= 0
