@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, SyntaxError) as e:
         print(f"build_checksd: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {checks_d / (CHECK_NAME + '.py')}, {checks_d / COPY_NAME}/ and {args.out / 'conf.d' / (CHECK_NAME + '.d')}/")
+    conf_d = checks_d.parent / "conf.d" / f"{CHECK_NAME}.d"
+    print(f"wrote {checks_d / CHECK_NAME}.py, {checks_d / COPY_NAME}/ and {conf_d}/")
     return 0
 
 
