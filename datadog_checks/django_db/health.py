@@ -47,8 +47,7 @@ def signature_findings(seen: Iterable[tuple[str, str]]) -> list[Finding]:
     for name, sources in by_name.items():
         signature = BY_NAME[name]
         where = ", ".join(f"{n} from {source}" for source, n in sorted(sources.items()))
-        total = sum(sources.values())
-        findings.append(Finding(signature.status, f"{name} seen ({where}): {signature.advice}", total))
+        findings.append(Finding(signature.status, f"{name} seen ({where}): {signature.advice}"))
     return findings
 
 
@@ -64,7 +63,6 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
         Finding(
             level(ratio, t["utilization"]),
             f"{used} of {usable} usable slots in use ({ratio:.0%}; most: {_apps(by_app, 1)})",
-            ratio,
         )
     )
 
@@ -90,7 +88,7 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
             text += f": {_apps(leaked)}"
         if settings.report_leak_queries and snapshot.leak_suspects:
             text += "; suspects: " + " | ".join(describe_suspect(s) for s in _suspects(snapshot, settings))
-        findings.append(Finding(level(total_leaked, t["leaked_connections"]), text, total_leaked))
+        findings.append(Finding(level(total_leaked, t["leaked_connections"]), text))
 
     total_tx = sum(in_tx.values())
     if total_tx:
@@ -98,27 +96,22 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
             Finding(
                 level(total_tx, t["idle_in_transaction_count"]),
                 f"{total_tx} connections idle in transaction ({_apps(in_tx)})",
-                total_tx,
             )
         )
         findings.append(
             Finding(
                 level(oldest_tx, t["idle_in_transaction_seconds"]),
                 f"a connection of app={oldest_app or 'none'} idle in transaction for {oldest_tx:.0f} s",
-                oldest_tx,
             )
         )
     if churn is not None:
-        findings.append(
-            Finding(level(churn, t["churn_per_minute"]), f"{churn:.0f} new connections a minute (churn)", churn)
-        )
+        findings.append(Finding(level(churn, t["churn_per_minute"]), f"{churn:.0f} new connections a minute (churn)"))
     if hidden:
         findings.append(
             Finding(
                 Status.WARNING,
                 f"{hidden} backends are hidden from the monitoring role: GRANT pg_monitor TO "
                 f"{settings.postgres.username if settings.postgres else 'the monitoring role'}",
-                hidden,
             )
         )
     return findings
@@ -134,7 +127,6 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
                 level(ratio, t["pgbouncer_client_utilization"]),
                 f"{snapshot.lists.get('used_clients')} of {snapshot.config.get('max_client_conn')} "
                 f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)",
-                ratio,
             )
         )
     worst_wait, worst_pool, waiting = 0.0, None, 0
@@ -148,7 +140,6 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
                 level(worst_wait, t["pgbouncer_maxwait_seconds"]),
                 f"{waiting} clients waiting at PgBouncer pool {worst_pool.get('database')}/{worst_pool.get('user')}, "
                 f"the oldest for {worst_wait:.1f} s",
-                worst_wait,
             )
         )
     return findings

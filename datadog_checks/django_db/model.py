@@ -24,7 +24,6 @@ class Status(IntEnum):
 class Finding(NamedTuple):
     status: Status
     text: str
-    weight: float = 0.0  # orders findings of one status: the larger, the earlier
 
     def line(self) -> str:
         return f"{self.status.name}: {self.text}"
@@ -40,6 +39,6 @@ def worst(findings: list[Finding]) -> Status:
 
 
 def message(findings: list[Finding]) -> str:
-    """Every finding, worst first, then by weight."""
-    ordered = sorted(findings, key=lambda f: (-f.status, -f.weight))
+    """Every finding, worst first; findings of one status keep the order they were found in."""
+    ordered = sorted(findings, key=lambda f: -f.status)
     return "; ".join(f.line() for f in ordered if f.status != Status.OK)

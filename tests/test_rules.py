@@ -1,0 +1,142 @@
+"""Health findings, message order, query normalisation and alignment rules. No database."""
+
+from __future__ import annotations
+
+from datadog_checks.django_db.alignment import alignment_failures, effective, possible_server_connections
+from datadog_checks.django_db.config import parse
+from datadog_checks.django_db.health import normalize_query, pgbouncer_findings, postgres_findings, signature_findings
+from datadog_checks.django_db.model import Finding, Status, message, worst
+from datadog_checks.django_db.pgbouncer import PgbSnapshot
+from datadog_checks.django_db.postgres import ActivityGroup, LeakSuspect, PgSnapshot, ServerSettings
+
+PG = {"host": "db", "port": 5432}
+BOTH = {"postgres": PG, "pgbouncer": {"host": "db", "port": 6432}}
+
+
+def server(max_connections=40, role_settings=(), statement=0, idle_tx=0):
+    return ServerSettings(150000, "15.0", max_connections, 0, 0, statement, idle_tx, role_settings)
+
+
+def pg(groups, settings=None, suspects=()):
+    return PgSnapshot(settings or server(), tuple(groups), None, 0.0, False, tuple(suspects))
+
+
+def pgb(pools=(), databases=(), config=None, lists=None):
+    base = {"max_client_conn": "100", "default_pool_size": "20", "pool_mode": "transaction",
+            "server_idle_timeout": "600", "client_idle_timeout": "0", "reserve_pool_size": "0"}  # fmt: skip
+    return PgbSnapshot(list(pools), [], list(databases), lists or {}, {**base, **(config or {})}, "1.18.0")
+
+
+def test_message_lists_findings_worst_first():
+    findings = [
+        Finding(Status.WARNING, "6 connections of app=web idle for over 600 s (leaked)"),
+        Finding(Status.OK, "fine"),
+        Finding(Status.CRITICAL, "38 of 40 usable slots in use (95%)"),
+    ]
+    assert worst(findings) == Status.CRITICAL
+    assert message(findings) == (
+        "CRITICAL: 38 of 40 usable slots in use (95%); WARNING: 6 connections of app=web idle for over 600 s (leaked)"
+    )
+
+
+def test_postgres_findings_name_the_application():
+    settings = parse({"postgres": PG, "leak_idle_seconds": 600})
+    groups = [
+        ActivityGroup("idle", "app", "u", "web", "", 30, leaked=6),
+        ActivityGroup("idle in transaction", "app", "u", "worker", "", 2, max_age=320),
+        ActivityGroup(None, "app", "other", "cron", "", 5),
+    ]
+    text = message(postgres_findings(pg(groups), settings, churn=150.0))
+    assert text.startswith("CRITICAL: 38 of 40 usable slots in use (95%; most: app=web 30)")
+    assert "CRITICAL: a connection of app=worker idle in transaction for 320 s" in text
+    assert "WARNING: 6 connections of app=web idle for over 600 s (leaked)" in text
+    assert "WARNING: 150 new connections a minute (churn)" in text
+    assert "WARNING: 5 backends are hidden from the monitoring role: GRANT pg_monitor TO datadog" in text
+    assert "2 connections idle in transaction (app=worker 2)" not in text.split("CRITICAL")[0]
+
+
+def test_leak_suspects_only_when_asked_and_without_literals():
+    groups = [ActivityGroup("idle", "app", "u", "web", "", 1, leaked=1)]
+    suspect = LeakSuspect("web", "10.1.2.3", "app", "u", 700.0,
+                          "SELECT * FROM page WHERE page_id = 12 AND owner = 'alice@example.com'")  # fmt: skip
+    quiet = message(postgres_findings(pg(groups, suspects=[suspect]), parse({"postgres": PG}), None))
+    assert "SELECT" not in quiet and "alice" not in quiet
+    loud = message(
+        postgres_findings(pg(groups, suspects=[suspect]), parse({"postgres": PG, "report_leak_queries": True}), None)
+    )
+    assert (
+        "suspects: app=web from 10.1.2.3 idle 700 s, last query: SELECT * FROM page WHERE page_id = ? AND owner = ?"
+        in loud
+    )
+    assert "alice" not in loud and "12" not in loud.split("last query")[1]
+
+
+def test_normalize_query():
+    assert normalize_query("SELECT 1") == "SELECT ?"
+    assert normalize_query("select * from t1 where a = -3.5e2 and b = E'x''y' and c = $$z$$ and d = $f$q$f$") == (
+        "select * from t1 where a = ? and b = ? and c = ? and d = ?"
+    )
+    assert normalize_query('SELECT "col2", t.x3 FROM "t 9" WHERE id IN (1, 2,\n 3)') == (
+        'SELECT "col2", t.x3 FROM "t 9" WHERE id IN (?, ?, ?)'
+    )
+    long = normalize_query("SELECT " + ", ".join(f"c{i}" for i in range(100)))
+    assert len(long) == 200 and long.endswith("…")
+    assert normalize_query(None) == ""
+
+
+def test_pgbouncer_findings():
+    settings = parse(BOTH)
+    pools = [
+        {"database": "app", "user": "u", "cl_waiting": 4, "maxwait": 6, "maxwait_us": 500000},
+        {"database": "pgbouncer", "user": "pgbouncer", "cl_waiting": 0, "maxwait": 90, "maxwait_us": 0},
+    ]
+    text = message(pgbouncer_findings(pgb(pools, lists={"used_clients": 95}), settings))
+    assert "CRITICAL: 4 clients waiting at PgBouncer pool app/u, the oldest for 6.5 s" in text
+    assert "CRITICAL: 95 of 100 PgBouncer client connections in use (95% of max_client_conn)" in text
+
+
+def test_signature_findings_count_sources():
+    findings = signature_findings([("too_many_clients", "log"), ("too_many_clients", "log"), ("unknown", "postgres")])
+    text = message(findings)
+    assert text.startswith("CRITICAL: too_many_clients seen (2 from log): PostgreSQL reached max_connections")
+    assert "WARNING: unknown seen (1 from postgres)" in text
+
+
+def test_alignment_session_mode_and_idle_timeouts():
+    settings = parse({**BOTH, "conn_max_age": 900})
+    snap = pgb(pools=[{"database": "app", "user": "u", "pool_mode": "session"}],
+               config={"client_idle_timeout": "300"})  # fmt: skip
+    failures = alignment_failures(settings, pg([]), snap)
+    assert failures[0].startswith("conn_max_age=900 s while PgBouncer pools app in session mode")
+    assert any("longer than PgBouncer's server_idle_timeout=600 s" in f for f in failures)
+    assert any("longer than PgBouncer's client_idle_timeout=300 s" in f for f in failures)
+    assert alignment_failures(parse({**BOTH, "conn_max_age": 0}), pg([], server(statement=30000)), pgb()) == []
+
+
+def test_possible_server_connections_against_usable_slots():
+    databases = [
+        {"name": "app", "pool_size": 30, "reserve_pool": 5, "max_connections": 0},
+        {"name": "reports", "pool_size": -1, "reserve_pool_size": 0, "max_connections": 10},
+        {"name": "pgbouncer", "pool_size": 2, "reserve_pool": 0, "max_connections": 0},
+    ]
+    pools = [{"database": "app", "user": "a"}, {"database": "app", "user": "b"}, {"database": "reports", "user": "a"}]
+    snap = pgb(pools, databases)
+    assert possible_server_connections(snap) == 2 * 35 + 10
+    failures = alignment_failures(parse(BOTH), pg([], server(statement=1000)), snap)
+    assert failures == [
+        "PgBouncer may open 80 server connections (pool sizes plus reserve pools) but PostgreSQL has 40 usable "
+        "slots: lower the pool sizes or set max_db_connections"
+    ]
+
+
+def test_timeouts_by_role_and_database():
+    roles = (("", "app", {"statement_timeout": "30s"}), ("appdb", "", {"idle_in_transaction_session_timeout": "1min"}))
+    settings = server(role_settings=roles)
+    assert effective(settings, "appdb", "app", "statement_timeout", 0) == 30000
+    assert effective(settings, "appdb", "web", "idle_in_transaction_session_timeout", 0) == 60000
+    groups = [ActivityGroup("idle", "otherdb", "web", "x", "", 1), ActivityGroup("idle", "appdb", "app", "x", "", 1)]
+    failures = alignment_failures(parse(BOTH), pg(groups, settings), pgb())
+    assert failures == [
+        "statement_timeout and idle_in_transaction_session_timeout are both unset for web@otherdb: a stuck request "
+        "holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
+    ]

@@ -1,0 +1,87 @@
+"""Every row of the signature table, by SQLSTATE and by text, as clients and logs show them."""
+
+from __future__ import annotations
+
+import pytest
+
+from datadog_checks.django_db.connection import ClientTimeout
+from datadog_checks.django_db.model import Status
+from datadog_checks.django_db.signatures import TABLE, UNKNOWN, classify, classify_error, match_text
+
+CASES = [
+    # (text, sqlstate, signature)
+    ("connection failed: FATAL:  sorry, too many clients already", "53300", "too_many_clients"),
+    ("2026-11-21 05:00:00 UTC [123] FATAL:  sorry, too many clients already", None, "too_many_clients"),
+    (
+        "FATAL:  remaining connection slots are reserved for non-replication superuser connections",
+        "53300",
+        "reserved_slots",
+    ),
+    # PostgreSQL 16's wordings
+    (
+        "FATAL:  remaining connection slots are reserved for roles with the SUPERUSER attribute",
+        "53300",
+        "reserved_slots",
+    ),
+    (
+        "FATAL:  remaining connection slots are reserved for roles with privileges of the "
+        '"pg_use_reserved_connections" role',
+        "53300",
+        "reserved_slots",
+    ),
+    ("a 53300 without known words", "53300", "too_many_clients"),
+    (
+        'connection to server at "10.0.0.5", port 6432 failed: ERROR:  no more connections allowed (max_client_conn)',
+        "08P01",
+        "max_client_conn",
+    ),
+    (
+        "2026-11-21 05:00:00.000 UTC [9] WARNING C-0x55: appdb/app@127.0.0.1:4000 pooler error: no more connections "
+        "allowed (max_client_conn)",
+        None,
+        "max_client_conn",
+    ),
+    ("ERROR:  query_wait_timeout", "08P01", "query_wait_timeout"),
+    ("pooler error: query_wait_timeout", None, "query_wait_timeout"),
+    ("ERROR:  pgbouncer cannot connect to server", "08P01", "server_login_retry"),
+    ('ERROR:  password authentication failed for user "app" (server_login_retry)', None, "server_login_retry"),
+    (
+        "server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally",
+        None,
+        "server_closed",
+    ),
+    ("consuming input failed: server closed the connection unexpectedly", "08006", "server_closed"),
+    ('connection to server at "127.0.0.1", port 5999 failed: Connection refused', None, "connection_refused"),
+    ("could not connect to server: No such file or directory", "08001", "connection_refused"),
+    ('connection to server at "127.0.0.1", port 5432 failed: timeout expired', None, "connect_timeout"),
+    ('FATAL:  password authentication failed for user "datadog"', "28P01", "auth_failed"),
+    ('FATAL:  database "nope" does not exist', "3D000", "database_missing"),
+    ("ERROR:  no such database: nope", "08P01", "database_missing"),
+    ("ERROR:  canceling statement due to statement timeout", "57014", "statement_timeout"),
+    ("FATAL:  terminating connection due to administrator command", "57P01", "admin_shutdown"),
+    ("FATAL:  memory quota exceeded", None, "memory_quota"),
+    ('ERROR:  relation "x" does not exist', "42P01", "unknown"),
+]
+
+
+@pytest.mark.parametrize("text, sqlstate, name", CASES)
+def test_classify(text, sqlstate, name):
+    assert classify(text, sqlstate).name == name
+
+
+def test_every_row_has_a_case_advice_and_status():
+    covered = {name for _, _, name in CASES}
+    for signature in (*TABLE, UNKNOWN):
+        assert signature.name in covered, signature.name
+        assert signature.advice.endswith(".") and len(signature.advice) > 40
+        assert signature.status in (Status.WARNING, Status.CRITICAL)
+
+
+def test_log_lines_without_a_signature_are_not_errors():
+    assert match_text("LOG:  checkpoint complete: wrote 3 buffers") is None
+    assert match_text("LOG stats: 0 xacts/s, 0 queries/s, in 0 B/s") is None
+
+
+def test_client_side_timeout_is_a_timeout():
+    assert classify_error(ClientTimeout("query_timeout", 5)).name == "connect_timeout"
+    assert "query_timeout (5 s)" in str(ClientTimeout("query_timeout", 5))
