@@ -136,18 +136,18 @@ def test_wheel_runs_in_the_agents_environment(wheel_venv: Path, postgres_instanc
     assert report["runner"]["TotalErrors"] == 0
 
 
-# Loads the check the way the Agent's Python loader does: by check name, the package first and the
-# checks.d module second, then the first AgentCheck subclass in dir(module) that has no subclasses.
+# Loads the check the way the Agent's Python loader does: by check name, the package (argv[3]) first and
+# the checks.d module second, then the first AgentCheck subclass in dir(module) that has no subclasses.
 LOADER = textwrap.dedent(
     """
     import importlib, json, os, sys
-    checks_d, name, instance = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    checks_d, name, package, instance = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     sys.path.insert(0, checks_d)
     from datadog_checks.base import AgentCheck
     from datadog_checks.base.stubs import aggregator
 
     try:
-        importlib.import_module("datadog_checks." + name)
+        importlib.import_module(package)
         package_importable = True
     except ImportError:
         package_importable = False
@@ -178,7 +178,15 @@ def test_checksd_dropin_runs_without_the_package(
     assert (checks_d / "django_db.py").is_file()
     # -I: neither the working directory, PYTHONPATH nor user site-packages; the venv has no copy of the check.
     result = run(
-        venv_python(agent_venv), "-I", "-c", LOADER, checks_d, "django_db", json.dumps(postgres_instance), cwd=tmp_path
+        venv_python(agent_venv),
+        "-I",
+        "-c",
+        LOADER,
+        checks_d,
+        "django_db",
+        "datadog_checks.django_db",
+        json.dumps(postgres_instance),
+        cwd=tmp_path,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["package_importable"] is False
