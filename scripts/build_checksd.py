@@ -28,8 +28,8 @@ PACKAGE = "datadog_checks.django_db"
 SOURCE = ROOT / "datadog_checks" / "django_db"
 CHECK_NAME = "django_db"
 COPY_NAME = "django_db_check"
-# Developer tooling that the Agent never runs.
-SKIPPED = {"__main__.py", "cli.py", "sandbox.py"}
+# Developer tooling that the Agent never runs (top-level modules and folders of the package).
+SKIPPED = {"__main__.py", "cli.py", "sandbox.py", "demo"}
 
 ENTRY = '''"""Entry module of the django_db check for the Agent's checks.d folder.
 
@@ -101,7 +101,7 @@ def build(out: Path) -> Path:
 
     for source in sorted(SOURCE.rglob("*.py")):
         relative = source.relative_to(SOURCE)
-        if "__pycache__" in relative.parts or (len(relative.parts) == 1 and relative.name in SKIPPED):
+        if "__pycache__" in relative.parts or relative.parts[0] in SKIPPED:
             continue
         target = package / relative
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -238,3 +238,10 @@ def test_build_makes_the_packages_own_imports_relative(build_script) -> None:
 def test_build_refuses_imports_it_cannot_make_relative(build_script) -> None:
     with pytest.raises(build_script.BuildError):
         build_script.rewrite_imports("import datadog_checks.django_db\n", 0, "x.py")
+
+
+def test_checksd_copy_leaves_out_the_developer_tooling(checksd: Path) -> None:
+    copy = checksd / "checks.d" / "django_db_check"
+    assert (copy / "check.py").is_file() and (copy / "config_models" / "instance.py").is_file()
+    for tooling in ("__main__.py", "cli.py", "sandbox.py", "demo"):
+        assert not (copy / tooling).exists(), tooling
