@@ -329,7 +329,6 @@ def test_version_from_show_version(version):
     assert PgbSnapshot.from_results(results).version == FULL_VERSION[version]
 
 
-@pytest.mark.xfail(strict=True, reason="parse_version wants digits right after `PgBouncer`; the NOTICE says `version`")
 def test_version_from_the_1_8_notice():
     results = as_results(load("1.8"))
     results["VERSION"] = [{"version": "PgBouncer version 1.8.1"}]

@@ -47,7 +47,7 @@ def signature_findings(seen: Iterable[tuple[str, str]]) -> list[Finding]:
     for name, sources in by_name.items():
         signature = BY_NAME[name]
         where = ", ".join(f"{n} from {source}" for source, n in sorted(sources.items()))
-        findings.append(Finding(signature.status, f"{name} seen ({where}): {signature.advice}"))
+        findings.append(Finding(signature.status, f"{name} seen ({where}): {signature.advice.rstrip('.')}"))
     return findings
 
 
@@ -62,7 +62,10 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
     findings.append(
         Finding(
             level(ratio, t["utilization"]),
-            f"{used} of {usable} usable slots in use ({ratio:.0%}; most: {_apps(by_app, 1)})",
+            f"{used} of {usable} usable slots in use ({ratio:.0%}; most: {_apps(by_app, 1)})"
+            if used <= usable
+            else f"{used} connections for {usable} usable slots: {used - usable} of the reserved slots taken "
+            f"({ratio:.0%}; most: {_apps(by_app, 1)})",
         )
     )
 

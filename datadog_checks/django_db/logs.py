@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -10,6 +11,10 @@ from typing import BinaryIO
 from .signatures import match_text
 
 MAX_LINE = 64 * 1024  # a longer line is cut: its head is matched, the rest skipped
+
+# PgBouncer logs each refused client twice: "C-0x..: db/user@addr closing because: <reason>"
+# and "C-0x..: db/user@addr pooler error: <reason>". Only the second one is counted.
+PGBOUNCER_TWIN = re.compile(rb"\bC-0x[0-9a-f]+: \S+ closing because: ")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class LogFollower:
         for path in self.paths:
             try:
                 for line in self._new_lines(path):
+                    if PGBOUNCER_TWIN.search(line):
+                        continue
                     signature = match_text(line.decode("utf-8", "replace"))
                     if signature is not None:
                         found[signature.name] += 1

@@ -55,7 +55,7 @@ def parse_version(rows: Rows | list[str]) -> str | None:
     """``1.18.0`` from SHOW VERSION's row, or from the NOTICE older versions send instead."""
     for row in rows:
         text = " ".join(str(v) for v in row.values()) if isinstance(row, dict) else str(row)
-        match = re.search(r"PgBouncer\s+(\d+\.\d+(?:\.\d+)?)", text)
+        match = re.search(r"PgBouncer\s+(?:version\s+)?(\d+\.\d+(?:\.\d+)?)", text)
         if match:
             return match.group(1)
     return None
