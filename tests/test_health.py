@@ -8,8 +8,8 @@ import time
 
 import psycopg
 import pytest
-
 from datadog_checks.base import AgentCheck
+
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
