@@ -400,9 +400,9 @@ def command_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def command_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from . import demo
+    from .demo import main as demo_main
 
-    return demo.main(duration=args.duration, phase_seconds=args.phase_seconds, interval=args.interval, out=out, err=err)
+    return demo_main(duration=args.duration, phase_seconds=args.phase_seconds, interval=args.interval, out=out, err=err)
 
 
 def build_parser() -> argparse.ArgumentParser:

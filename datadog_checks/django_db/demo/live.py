@@ -1,0 +1,107 @@
+"""The demo's live view: a few plain lines from what one check run submitted. No I/O."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+STATUS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+HEALTH = "django_db.connection_health"
+MESSAGE_LINES = 6
+LINE = 150
+FINDING_SEPARATOR = re.compile(r";\s+(?=(?:OK|WARNING|CRITICAL|UNKNOWN):)|\n")
+
+
+def _tag(tags: Iterable[str], key: str) -> str | None:
+    prefix = key + ":"
+    for tag in tags:
+        if tag.startswith(prefix):
+            return tag[len(prefix) :]
+    return None
+
+
+class Run:
+    """The metrics and service checks of one run (stubs from datadog_checks.base.stubs.aggregator)."""
+
+    def __init__(self, metrics: Sequence[Any], service_checks: Sequence[Any], error: str = ""):
+        self.metrics: dict[str, list[Any]] = defaultdict(list)
+        for stub in metrics:
+            self.metrics[stub.name].append(stub)
+        self.service_checks = {stub.name: stub for stub in service_checks}
+        self.error = error
+
+    def total(self, name: str) -> float | None:
+        stubs = self.metrics.get(name)
+        return sum(stub.value for stub in stubs) if stubs else None
+
+    def highest(self, name: str) -> float | None:
+        stubs = self.metrics.get(name)
+        return max(stub.value for stub in stubs) if stubs else None
+
+    def by(self, name: str, key: str) -> dict[str, float]:
+        sums: dict[str, float] = defaultdict(float)
+        for stub in self.metrics.get(name, ()):
+            sums[_tag(stub.tags, key) or "none"] += stub.value
+        return dict(sums)
+
+    def status(self, name: str) -> str:
+        stub = self.service_checks.get(name)
+        return "n/a" if stub is None else STATUS.get(stub.status, str(stub.status))
+
+
+def _n(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    text = str(int(value)) if value == int(value) else f"{value:.1f}"
+    return text + unit
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _ranked(counts: dict[str, float]) -> str:
+    items = sorted(((k, v) for k, v in counts.items() if v), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{key} {_n(value)}" for key, value in items) or "none"
+
+
+def render(run: Run, traffic: str) -> list[str]:
+    used = run.total("django_db.postgres.connections")
+    available = run.total("django_db.postgres.connections_available")
+    states = run.by("django_db.postgres.connections", "state")
+    apps = run.by("django_db.postgres.connections", "app")
+    lines = [
+        f"  postgres   connections {_n(used)}"
+        f" (utilisation {_pct(run.total('django_db.postgres.connection_utilization'))},"
+        f" {_n(available)} slots left)  by state: {_ranked(states)}  by app: {_ranked(apps)}",
+        f"             leaked {_n(run.total('django_db.postgres.leaked_connections'))}"
+        f"  waiting on a lock {_n(run.total('django_db.postgres.waiting_on_lock'))}"
+        f"  oldest idle in transaction {_n(run.highest('django_db.postgres.idle_in_transaction.max_age'), 's')}",
+        f"  pgbouncer  cl_active {_n(run.total('django_db.pgbouncer.pools.cl_active'))}"
+        f"  cl_waiting {_n(run.total('django_db.pgbouncer.pools.cl_waiting'))}"
+        f"  maxwait {_n(run.highest('django_db.pgbouncer.pools.maxwait'), 's')}"
+        f"  sv_active {_n(run.total('django_db.pgbouncer.pools.sv_active'))}"
+        f"  clients {_n(run.total('django_db.pgbouncer.clients'))}"
+        f"/{_n(run.total('django_db.pgbouncer.max_client_conn'))}"
+        f" ({_pct(run.total('django_db.pgbouncer.client_utilization'))})",
+        f"  requests   {traffic}",
+    ]
+    errors = run.by("django_db.errors", "signature")
+    lines.append(
+        f"  can_connect postgres {run.status('django_db.postgres.can_connect')},"
+        f" pgbouncer {run.status('django_db.pgbouncer.can_connect')}"
+        f"  errors this run: {_ranked(errors)}"
+    )
+    health = run.service_checks.get(HEALTH)
+    lines.append(f"  health     {run.status(HEALTH)}")
+    if health is not None and health.message:
+        message = [part.strip() for part in FINDING_SEPARATOR.split(health.message) if part.strip()]
+        for part in message[:MESSAGE_LINES]:
+            lines.append(f"             {part[:LINE]}")
+        if len(message) > MESSAGE_LINES:
+            lines.append(f"             ... and {len(message) - MESSAGE_LINES} more")
+    if run.error:
+        lines.append(f"  check error: {run.error[:LINE]}")
+    return lines
