@@ -213,3 +213,20 @@ def test_settings_are_read_once_per_connection(sandbox, pg_instance):
         assert source.conn.info.parameter_status("application_name") == "datadog-django-db"
     finally:
         source.close()
+
+
+def test_names_of_roles_and_databases_created_after_connecting(aggregator, dd_run_check, sandbox, pg_instance):
+    check = DjangoDbCheck("django_db", {}, [pg_instance])
+    dd_run_check(check)
+    sandbox.psql("CREATE ROLE latecomer LOGIN PASSWORD 'late'")
+    sandbox.psql("CREATE DATABASE latedb OWNER latecomer")
+    conn = psycopg.connect(sandbox.postgres.dsn("latecomer", "late", "latedb"), application_name="late-app")
+    try:
+        aggregator.reset()
+        dd_run_check(check)
+        assert (
+            one_value(aggregator, "django_db.postgres.connections", "db:latedb", "user:latecomer", "app:late-app") == 1
+        )
+    finally:
+        conn.close()
+        check.cancel()
