@@ -1,0 +1,37 @@
+"""Every metric the check submits has a metadata.csv row of the right type."""
+
+from __future__ import annotations
+
+import pytest
+from datadog_checks.dev.utils import get_metadata_metrics
+
+from datadog_checks.django_db import DjangoDbCheck
+
+# The OpenTelemetry semantic-convention name lies outside the django_db. prefix, which
+# metadata.csv may not hold; its meaning is fixed by the convention and the README.
+OTEL = ["db.client.connections.usage"]
+
+
+@pytest.fixture
+def traffic(sandbox, clients):
+    for conn in clients.many(3, app="meta-app", dbname="appdb", port=sandbox.pgbouncer.port, prepare_threshold=None):
+        conn.execute("SELECT 1")
+    conn = clients.connect(app="meta-app")
+    conn.execute("BEGIN")
+    conn.execute("SELECT 1")
+
+
+def test_metrics_use_metadata(aggregator, dd_run_check, sandbox, traffic):
+    check = DjangoDbCheck("django_db", {}, [{**sandbox.instance(), "leak_idle_seconds": 1}])
+    dd_run_check(check)
+    dd_run_check(check)
+    check.cancel()
+    refused = DjangoDbCheck(
+        "django_db", {}, [{"pgbouncer": {**sandbox.pgbouncer.instance("datadog"), "password": "no"}}]
+    )
+    dd_run_check(refused)  # django_db.errors
+    aggregator.assert_metrics_using_metadata(get_metadata_metrics(), exclude=OTEL)
+    submitted = {name for name in aggregator.metric_names}
+    assert {"db.client.connections.usage", "django_db.pgbouncer.stats.transactions"} <= submitted
+    # Every row of metadata.csv is a metric the check can submit on PostgreSQL 15 and PgBouncer 1.18.
+    assert set(get_metadata_metrics()) - submitted == set()
