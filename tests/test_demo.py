@@ -1,0 +1,210 @@
+"""`python -m datadog_checks.django_db demo` end to end: real servers, a real Django app, real signals."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+PHASES = ("healthy", "leak", "stuck", "saturation")
+
+
+def _proc_table() -> dict[int, tuple[int, str, str]]:
+    """pid: (parent pid, state, command line) for every live process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), fields[0], cmdline)
+    return table
+
+
+def server_pids(root: str) -> set[int]:
+    """The sandbox's servers (their command line names its folder) and their children."""
+    table = _proc_table()
+    owners = {pid for pid, (_, _, cmdline) in table.items() if root in cmdline}
+    return owners | {pid for pid, (parent, _, _) in table.items() if parent in owners}
+
+
+def alive(pids: set[int]) -> set[int]:
+    table = _proc_table()
+    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
+
+
+class DemoProcess:
+    def __init__(self, *args: str, env: dict | None = None):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "datadog_checks.django_db", "demo", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.lines: list[str] = []
+        self.root: str | None = None
+        self.pids: set[int] = set()
+        self.err = ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self.err_reader.start()
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("sandbox: "):
+                self.root = line.split(": ", 1)[1].strip()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        self.err = self.proc.stderr.read()
+
+    def _watch(self) -> None:
+        while self.proc.poll() is None:
+            if self.root:
+                self.pids |= server_pids(self.root)
+            time.sleep(0.2)
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(re.search(pattern, line) for line in list(self.lines)):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.proc.kill()
+        raise AssertionError(f"{pattern!r} never printed:\n" + "\n".join(self.lines[-40:]))
+
+    def finish(self, timeout: float) -> tuple[int, str, str, float]:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        elapsed = time.monotonic() - self.started
+        for thread in (self.reader, self.err_reader, self.watcher):
+            thread.join(5)
+        return self.proc.returncode, "\n".join(self.lines), self.err, elapsed
+
+    def assert_cleaned_up(self) -> None:
+        assert self.root and self.root.startswith("/tmp/django-db-sandbox-")
+        assert not os.path.exists(self.root), f"{self.root} left behind"
+        assert len(self.pids) >= 2, "the servers were never seen running"  # postmaster and pgbouncer at least
+        assert alive(self.pids) == set(), "server processes left behind"
+        assert server_pids(self.root) == set()
+        assert "threads still running" not in "\n".join(self.lines)
+
+
+def _numbers(lines: list[str], pattern: str) -> list[float]:
+    return [float(m.group(1)) for line in lines for m in [re.search(pattern, line)] if m]
+
+
+def _phase_block(output: str, name: str) -> list[str]:
+    """The live-view lines printed during one phase."""
+    start = output.index(f": {name} ===")
+    end = output.find("=== phase", start + 1)
+    return output[start : end if end != -1 else len(output)].splitlines()
+
+
+def test_demo_runs_every_phase_and_cleans_up():
+    demo = DemoProcess("--phase-seconds", "6", "--interval", "1")
+    status, output, err, elapsed = demo.finish(timeout=90)
+    assert status == 0, output[-3000:] + err
+    assert elapsed < 60
+    for number, name in enumerate(PHASES, 1):
+        assert f"=== phase {number}/4: {name} ===" in output
+        assert f"] {name} ({number}/4)" in output  # at least one live view in each phase
+    assert "all phases done" in output and "cleaned up: servers stopped, /tmp/django-db-sandbox-" in output
+    demo.assert_cleaned_up()
+
+    healthy = _phase_block(output, "healthy")
+    assert max(_numbers(healthy, r"postgres   connections (\d+)")) >= 1
+    assert all(status == "OK" for status in re.findall(r"can_connect postgres (\w+)", "\n".join(healthy)))
+    assert max(_numbers(healthy, r"browse ok (\d+)")) > 0
+
+    leak = _phase_block(output, "leak")
+    assert max(_numbers(leak, r"by app: .*shop-reports (\d+)")) == 10  # one connection per report thread
+    assert max(_numbers(leak, r"leaked (\d+)")) >= 10
+    assert max(_numbers(leak, r"sv_active (\d+)")) >= 10  # pinned server connections in session pooling
+
+    stuck = _phase_block(output, "stuck")
+    assert max(_numbers(stuck, r"idle_in_transaction (\d+)")) >= 1
+    assert max(_numbers(stuck, r"waiting on a lock (\d+)")) >= 1
+    assert max(_numbers(stuck, r"oldest idle in transaction (\d+(?:\.\d+)?)s")) >= 2
+
+    saturation = _phase_block(output, "saturation")
+    assert max(_numbers(saturation, r"cl_waiting (\d+)")) >= 10
+    assert max(_numbers(saturation, r"maxwait (\d+(?:\.\d+)?)s")) > 0
+    assert max(_numbers(saturation, r"clients (\d+)/30")) >= 25
+    assert any("health     " in line for line in saturation)
+
+
+@pytest.mark.parametrize(
+    ("signum", "args", "when"),
+    [
+        (signal.SIGINT, ("--phase-seconds", "30", "--interval", "1"), r"\] leak \(2/4\)"),
+        (signal.SIGTERM, ("--phase-seconds", "3", "--interval", "1"), r"\] saturation \(4/4\)"),
+    ],
+    ids=["sigint-during-leak", "sigterm-during-saturation"],
+)
+def test_a_signal_mid_run_cleans_everything_up(signum, args, when):
+    demo = DemoProcess(*args)
+    demo.wait_for(when, timeout=60)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    demo.proc.send_signal(signum)
+    status, output, err, _ = demo.finish(timeout=40)
+    assert time.monotonic() - sent < 30
+    assert status == 130, output[-2000:] + err
+    assert "interrupted" in output and "cleaned up: servers stopped" in output
+    assert "Traceback" not in err
+    demo.assert_cleaned_up()
+
+
+def test_without_django_it_says_what_to_install():
+    code = (
+        "import sys; sys.modules['django'] = None\n"
+        "from datadog_checks.django_db.cli import main\n"
+        "sys.exit(main(['demo', '--fast']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "pip install 'datadog-django-db[demo]'" in result.stderr
+    assert "sandbox:" not in result.stdout
+
+
+def test_missing_server_binaries_print_the_install_hint():
+    code = (
+        "import sys\n"
+        "from datadog_checks.django_db import sandbox\n"
+        "def missing():\n"
+        "    raise sandbox.SandboxError('initdb not found. ' + sandbox.INSTALL_HINT)\n"
+        "sandbox.pg_bindir = missing\n"
+        "from datadog_checks.django_db.cli import main\n"
+        "sys.exit(main(['demo', '--fast']))\n"
+    )
+    before = set(glob.glob("/tmp/django-db-sandbox-*"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "initdb not found" in result.stderr and "apt-get install -y postgresql pgbouncer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert set(glob.glob("/tmp/django-db-sandbox-*")) <= before  # no folder made for nothing
