@@ -230,3 +230,32 @@ def test_names_of_roles_and_databases_created_after_connecting(aggregator, dd_ru
     finally:
         conn.close()
         check.cancel()
+
+
+def test_hung_backend_gives_critical_within_the_timeouts(aggregator, dd_run_check, sandbox, pg_instance):
+    """A backend that stops answering (SIGSTOP) must not hang the run: CRITICAL, then a new connection."""
+    import os
+    import signal
+
+    instance = {"postgres": {**pg_instance["postgres"], "query_timeout": 1, "connect_timeout": 2}}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    dd_run_check(check)
+    pid = check.postgres.conn.info.backend_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        aggregator.reset()
+        started = time.monotonic()
+        dd_run_check(check)
+        elapsed = time.monotonic() - started
+        aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.CRITICAL)
+        message = aggregator.service_checks("django_db.postgres.can_connect")[0].message
+        assert "connect_timeout: timeout expired: no answer within query_timeout (2 s)" in message, message
+        assert elapsed < 2 + 1.5, elapsed  # query_timeout plus the second left for the server's own timeout
+        assert check.postgres.conn is None
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    aggregator.reset()
+    dd_run_check(check)
+    aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.OK)
+    assert check.postgres.conn.info.backend_pid != pid
+    check.cancel()
