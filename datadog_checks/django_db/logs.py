@@ -28,9 +28,10 @@ class LogFollower:
     """Counts known signatures in lines added to each file since the previous run.
 
     The first run starts at the end of each file: what was written before the check
-    started is history, not news. A rotated file (new inode at the path) is read to its
-    end through the open handle, then the new file from its start; a file that shrank
-    was truncated and is read again from its start.
+    started is history, not news. A file that appears later is read from its start.
+    A rotated file (new inode at the path) is read to its end through the open handle,
+    then the new file from its start; a file that shrank was truncated and is read
+    again from its start.
     """
 
     def __init__(self, paths: tuple[str, ...], max_bytes: int):
@@ -38,6 +39,7 @@ class LogFollower:
         self.max_bytes = max_bytes
         self.positions: dict[str, _Position] = {}
         self.problems: dict[str, str] = {}  # path: why it could not be read this run
+        self.polled = False
 
     def close(self) -> None:
         for position in self.positions.values():
@@ -58,6 +60,7 @@ class LogFollower:
                         found[signature.name] += 1
             except OSError as e:
                 self.problems[path] = e.strerror or str(e)
+        self.polled = True
         return found
 
     def _new_lines(self, path: str) -> list[bytes]:
@@ -72,10 +75,11 @@ class LogFollower:
         inode = (stat.st_dev, stat.st_ino) if stat else None
         if position is None:
             assert stat is not None
-            handle = open(path, "rb")
-            handle.seek(stat.st_size)
-            self.positions[path] = _Position(handle, (stat.st_dev, stat.st_ino))
-            return []
+            position = _Position(open(path, "rb"), (stat.st_dev, stat.st_ino))
+            self.positions[path] = position
+            if not self.polled:
+                position.handle.seek(stat.st_size)
+                return []
         lines: list[bytes] = []
         if inode is not None and inode != position.inode:
             # Rotated: the rest of the old file, then the new one from its start.
