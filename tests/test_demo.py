@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 PHASES = ("healthy", "leak", "stuck", "saturation")
+SANDBOX_PREFIX = os.path.join(tempfile.gettempdir(), "django-db-sandbox-")
 
 
 def _proc_table() -> dict[int, tuple[int, str, str]]:
@@ -106,7 +108,7 @@ class DemoProcess:
         return self.proc.returncode, "\n".join(self.lines), self.err, elapsed
 
     def assert_cleaned_up(self) -> None:
-        assert self.root and self.root.startswith("/tmp/django-db-sandbox-")
+        assert self.root and self.root.startswith(SANDBOX_PREFIX)
         assert not os.path.exists(self.root), f"{self.root} left behind"
         assert len(self.pids) >= 2, "the servers were never seen running"  # postmaster and pgbouncer at least
         assert alive(self.pids) == set(), "server processes left behind"
@@ -133,7 +135,7 @@ def test_demo_runs_every_phase_and_cleans_up():
     for number, name in enumerate(PHASES, 1):
         assert f"=== phase {number}/4: {name} ===" in output
         assert f"] {name} ({number}/4)" in output  # at least one live view in each phase
-    assert "all phases done" in output and "cleaned up: servers stopped, /tmp/django-db-sandbox-" in output
+    assert "all phases done" in output and f"cleaned up: servers stopped, {SANDBOX_PREFIX}" in output
     demo.assert_cleaned_up()
 
     healthy = _phase_block(output, "healthy")
@@ -202,9 +204,9 @@ def test_missing_server_binaries_print_the_install_hint():
         "from datadog_checks.django_db.cli import main\n"
         "sys.exit(main(['demo', '--fast']))\n"
     )
-    before = set(glob.glob("/tmp/django-db-sandbox-*"))
+    before = set(glob.glob(SANDBOX_PREFIX + "*"))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "initdb not found" in result.stderr and "apt-get install -y postgresql pgbouncer" in result.stderr
     assert "Traceback" not in result.stderr
-    assert set(glob.glob("/tmp/django-db-sandbox-*")) <= before  # no folder made for nothing
+    assert set(glob.glob(SANDBOX_PREFIX + "*")) <= before  # no folder made for nothing
