@@ -250,6 +250,7 @@ class Sandbox:
     MONITOR_PASSWORD = "datadog-secret"  # noqa: S105 - a throwaway local server
 
     def __init__(self, max_connections: int = 100, pg_settings: dict[str, str] | None = None, **pgbouncer: object):
+        pg_bindir()  # fails before anything is created when PostgreSQL is missing
         self.root = Path(tempfile.mkdtemp(prefix="django-db-sandbox-"))
         os.chmod(self.root, 0o755)  # noqa: S103 - the servers run as another user
         self.postgres = Postgres(self.root / "pg", max_connections, pg_settings)
