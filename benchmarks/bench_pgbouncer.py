@@ -15,30 +15,17 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
 
 import psycopg
 
 os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
 
 from datadog_checks.base.stubs import aggregator
+from timing import p90, timings
 
 from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.pgb_metrics import pgbouncer_metrics
 from datadog_checks.django_db.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
-
-
-def timings(action: Callable[[], object], runs: int) -> list[float]:
-    action()  # warm-up
-    result = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        action()
-        result.append(time.perf_counter() - start)
-    return result
-
-
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10)[-1]
 
 
 def make_pools(box: Sandbox, count: int) -> list[str]:
@@ -73,6 +60,10 @@ def measure(box: Sandbox, count: int, runs: int) -> None:
         check_times = timings(run_check, runs)
         seen = {t for m in aggregator.metrics("django_db.pgbouncer.pools.sv_idle") for t in m.tags}
         assert all(f"pgbouncer_db:{name}" in seen for name in names), "a pool is missing from the check's metrics"
+        snapshot_times = timings(check.pgbouncer.snapshot, runs)
+        snapshot = check.pgbouncer.snapshot()
+        series = len(pgbouncer_metrics(snapshot, check.settings))
+        evaluation_times = timings(lambda: pgbouncer_metrics(snapshot, check.settings), runs)
         pools_times = timings(lambda: admin.execute("SHOW POOLS").fetchall(), runs)
         stats_times = timings(lambda: admin.execute("SHOW STATS").fetchall(), runs)
     finally:
@@ -87,6 +78,13 @@ def measure(box: Sandbox, count: int, runs: int) -> None:
     print(f"  SHOW POOLS         median {pools_ms:8.3f} ms")
     print(f"  SHOW STATS         median {stats_ms:8.3f} ms")
     print(f"  check / (POOLS + STATS)   {check_ms / (pools_ms + stats_ms):6.1f}x")
+    snapshot_ms = statistics.median(snapshot_times) * 1000
+    evaluation_ms = statistics.median(evaluation_times) * 1000
+    print("  where a run's time goes:")
+    print(f"    snapshot (SHOW POOLS, STATS, DATABASES, LISTS)  median {snapshot_ms:8.2f} ms")
+    print(f"    evaluation ({series} series)                 median {evaluation_ms:8.2f} ms")
+    print(f"    submission and health (the rest)              about {check_ms - snapshot_ms - evaluation_ms:7.2f} ms")
+    print(f"  snapshot / (POOLS + STATS)  {snapshot_ms / (pools_ms + stats_ms):6.1f}x")
 
 
 def main() -> None:

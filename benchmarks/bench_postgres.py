@@ -15,13 +15,13 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Callable
 
 import psycopg
 
 os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
 
 from datadog_checks.base.stubs import aggregator
+from timing import p90, timings
 
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.sandbox import Sandbox
@@ -35,20 +35,6 @@ def raise_open_files(needed: int) -> None:
     if soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def timings(action: Callable[[], object], runs: int) -> list[float]:
-    action()  # warm-up
-    result = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        action()
-        result.append(time.perf_counter() - start)
-    return result
-
-
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10)[-1]
 
 
 def measure(box: Sandbox, runs: int) -> None:

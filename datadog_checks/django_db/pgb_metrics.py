@@ -64,14 +64,14 @@ def _db(row: dict[str, Any]) -> str:
     return str(row.get("database") if "database" in row else row.get("name", ""))
 
 
-def pool_size(snapshot: PgbSnapshot, db: str) -> float | None:
-    """The pool size of a database: its own, else default_pool_size."""
+def pool_sizes(snapshot: PgbSnapshot) -> dict[str, float]:
+    """Each database's own pool size, where SHOW DATABASES gives one (-1 means the default)."""
+    sizes = {}
     for row in snapshot.databases:
-        if str(row.get("name")) == db:
-            size = number(row.get("pool_size"))
-            if size is not None and size >= 0:
-                return size
-    return number(snapshot.config.get("default_pool_size"))
+        size = number(row.get("pool_size"))
+        if size is not None and size >= 0:
+            sizes[str(row.get("name"))] = size
+    return sizes
 
 
 def pool_maxwait(row: dict[str, Any]) -> float | None:
@@ -98,6 +98,8 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]
     base = (f"pgbouncer_server:{settings.pgbouncer.server_tag}", *settings.tags)
     metrics: list[Metric] = []
     modes = {str(row.get("name")): row.get("pool_mode") for row in snapshot.databases}
+    sizes = pool_sizes(snapshot)
+    default_size = number(snapshot.config.get("default_pool_size"))
     default_mode = snapshot.config.get("pool_mode")
 
     for row in app_pools(snapshot):
@@ -110,7 +112,7 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]
                 metrics.append(Metric("gauge", f"{PREFIX}pools.{column}", value, tags))
         if (maxwait := pool_maxwait(row)) is not None:
             metrics.append(Metric("gauge", PREFIX + "pools.maxwait", maxwait, tags))
-        size = pool_size(snapshot, db)
+        size = sizes.get(db, default_size)
         active = number(row.get("sv_active"))
         if size and active is not None:
             metrics.append(Metric("gauge", PREFIX + "pools.server_utilization", active / size, tags))
