@@ -5,7 +5,7 @@
 
 
 def instance_conn_max_age():
-    return 60
+    return 0
 
 
 def instance_disable_generic_tags():
@@ -22,10 +22,6 @@ def instance_empty_default_hostname():
 
 def instance_enable_legacy_tags_normalization():
     return True
-
-
-def instance_leak_idle_seconds():
-    return 600
 
 
 def instance_log_max_bytes_per_run():
