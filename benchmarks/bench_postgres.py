@@ -47,8 +47,8 @@ def measure(box: Sandbox, runs: int) -> None:
     bare = psycopg.connect(box.postgres.dsn(), autocommit=True, application_name="bench-bare")
     clients: list[psycopg.Connection] = []
     print(f"PostgreSQL side, max_connections {MAX_CONNECTIONS}, {runs} runs after one warm-up")
-    header = ("idle clients", "counted", "check median", "check p90", "bare median", "ratio")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (12, 8, 13, 10, 12, 7), strict=True)))
+    header = ("idle clients", "counted", "check median", "check p90", "bare median", "ratio", "snapshot", "ratio")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (12, 8, 13, 10, 12, 7, 10, 7), strict=True)))
     try:
         for level in LEVELS:
             while len(clients) < level:
@@ -59,13 +59,16 @@ def measure(box: Sandbox, runs: int) -> None:
                 )
             check_times = timings(run_check, runs)
             bare_times = timings(lambda: bare.execute("SELECT count(*) FROM pg_stat_activity").fetchone(), runs)
+            # The I/O part alone: the check's queries on its open connection.
+            snapshot_times = timings(lambda: check.postgres.snapshot(check._last_server_time), runs)
             seen = sum(m.value for m in aggregator.metrics("django_db.postgres.connections"))
             assert seen >= level, f"the check counted {seen} connections, {level} are open"
             check_ms = statistics.median(check_times) * 1000
             bare_ms = statistics.median(bare_times) * 1000
+            snapshot_ms = statistics.median(snapshot_times) * 1000
             print(
                 f"{level:>12} {seen:>8.0f} {check_ms:>10.2f} ms {p90(check_times) * 1000:>7.2f} ms"
-                f" {bare_ms:>9.3f} ms {check_ms / bare_ms:>6.1f}x"
+                f" {bare_ms:>9.3f} ms {check_ms / bare_ms:>6.1f}x {snapshot_ms:>7.2f} ms {snapshot_ms / bare_ms:>6.1f}x"
             )
     finally:
         check.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, LiteralString
 
@@ -24,14 +25,17 @@ GROUP_COLUMNS = {"client_addr": "host(client_addr)"}
 # Grouped on datid and usesysid, not on names: reading only the function's own columns lets
 # the planner drop the view's joins to pg_database and pg_authid, which would cost as much
 # again as the scan itself. Names come from a cache (see PostgresSource.names).
+# Per row only comparisons: the leak cutoff and the previous run's time are computed once
+# (sub-selects), ages once per group (the oldest timestamp, subtracted from now()).
 ACTIVITY_SQL = """
 SELECT state, datid, usesysid, application_name, {extra} AS client_addr,
        count(*) AS n,
        count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting_on_lock,
-       count(*) FILTER (WHERE state = 'idle' AND state_change < now() - make_interval(secs => %(leak)s)) AS leaked,
-       max(extract(epoch FROM now() - CASE WHEN state = 'active' THEN query_start ELSE state_change END))::float8
+       count(*) FILTER (WHERE state = 'idle'
+                        AND state_change < (SELECT now() - make_interval(secs => %(leak)s))) AS leaked,
+       extract(epoch FROM now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END))::float8
          AS max_age,
-       count(*) FILTER (WHERE backend_start > to_timestamp(%(since)s)) AS opened,
+       count(*) FILTER (WHERE backend_start > (SELECT to_timestamp(%(since)s))) AS opened,
        extract(epoch FROM now())::float8 AS now
 FROM pg_stat_activity
 WHERE {client_backends}
@@ -153,6 +157,7 @@ class PostgresSource:
         self.conn: psycopg.Connection | None = None
         self.settings: ServerSettings | None = None
         self.names: dict[tuple[str, int], str] = {}  # ("db" or "user", oid): name
+        self.pipeline = psycopg.Pipeline.is_supported()
 
     def close(self) -> None:
         close_quietly(self.conn)
@@ -176,13 +181,16 @@ class PostgresSource:
         timeout = self.endpoint.query_timeout + 1  # the server's statement_timeout normally answers first
         # An infinite "since" counts no backend as opened on the first run.
         params = {"leak": self.leak_idle_seconds, "since": float("inf") if since is None else since}
+        with_sessions = self.settings.version_num >= 140000
         with deadline(conn, timeout):
-            rows = conn.execute(self.activity_sql, params).fetchall()
+            # Both statements in one round trip where libpq can pipeline (libpq 14 and later).
+            with conn.pipeline() if self.pipeline else nullcontext():
+                activity = conn.execute(self.activity_sql, params)
+                sessions = conn.execute(DATABASE_SQL) if with_sessions else None
+            rows = activity.fetchall()
+            databases = tuple(DatabaseSessions(*row) for row in sessions.fetchall()) if sessions else None
             if new or any(key not in self.names for r in rows for key in (("db", r[1]), ("user", r[2])) if key[1]):
                 self.names = {(kind, oid): name for kind, oid, name in conn.execute(NAMES_SQL).fetchall()}
-            databases = None
-            if self.settings.version_num >= 140000:
-                databases = tuple(DatabaseSessions(*row) for row in conn.execute(DATABASE_SQL).fetchall())
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(row[7] for row in rows):
                 suspects = tuple(LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
