@@ -19,8 +19,8 @@ CLIENT_BACKENDS = (
     "pid <> pg_backend_pid() AND (backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL))"
 )
 
-# The optional grouping column; db, user and app are always grouped on, folded later.
-GROUP_COLUMNS = {"client_addr": "host(client_addr)"}
+# db, user and app are always grouped on (and folded later); the client address only on request.
+CLIENT_ADDR = "host(client_addr)"
 
 # Grouped on datid and usesysid, not on names: reading only the function's own columns lets
 # the planner drop the view's joins to pg_database and pg_authid, which would cost as much
@@ -151,7 +151,7 @@ class PostgresSource:
         self.endpoint = endpoint
         self.leak_idle_seconds = leak_idle_seconds
         self.log = log
-        extra = " || ".join(GROUP_COLUMNS[d] for d in group_by if d in GROUP_COLUMNS) or "''"
+        extra = CLIENT_ADDR if "client_addr" in group_by else "''"
         self.activity_sql = ACTIVITY_SQL.format(extra=extra, client_backends=CLIENT_BACKENDS)
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
         self.conn: psycopg.Connection | None = None
