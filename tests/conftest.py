@@ -89,3 +89,17 @@ def one_value(aggregator, name: str, *tags: str) -> float:
     values = metric_values(aggregator, name, *tags)
     assert len(values) == 1, f"{name} {tags}: {values}"
     return values[0]
+
+
+def timed_critical_run(aggregator, dd_run_check, check, service_check: str) -> tuple[float, str]:
+    """Run the check once; assert the service check went CRITICAL; return the seconds taken and its message."""
+    import time
+
+    from datadog_checks.base import AgentCheck
+
+    aggregator.reset()
+    started = time.monotonic()
+    dd_run_check(check)
+    elapsed = time.monotonic() - started
+    aggregator.assert_service_check(service_check, AgentCheck.CRITICAL)
+    return elapsed, aggregator.service_checks(service_check)[0].message

@@ -12,7 +12,7 @@ from datadog_checks.base import AgentCheck
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.sandbox import Sandbox
 
-from .conftest import metric_values, one_value
+from .conftest import metric_values, one_value, timed_critical_run
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +166,7 @@ def test_hung_pgbouncer_gives_critical_within_the_timeouts(aggregator, dd_run_ch
     own_sandbox.pgbouncer.pause()
     try:
         for bound in (1, 2):  # a query on the open connection, then a new connection
-            aggregator.reset()
-            started = time.monotonic()
-            dd_run_check(check)
-            elapsed = time.monotonic() - started
-            aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.CRITICAL)
-            message = aggregator.service_checks("django_db.pgbouncer.can_connect")[0].message
+            elapsed, message = timed_critical_run(aggregator, dd_run_check, check, "django_db.pgbouncer.can_connect")
             assert "connect_timeout" in message, message
             assert elapsed < bound + 1.5, elapsed
     finally:
