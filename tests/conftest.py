@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db.sandbox import Sandbox
 
@@ -93,10 +95,6 @@ def one_value(aggregator, name: str, *tags: str) -> float:
 
 def timed_critical_run(aggregator, dd_run_check, check, service_check: str) -> tuple[float, str]:
     """Run the check once; assert the service check went CRITICAL; return the seconds taken and its message."""
-    import time
-
-    from datadog_checks.base import AgentCheck
-
     aggregator.reset()
     started = time.monotonic()
     dd_run_check(check)

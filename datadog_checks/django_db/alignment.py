@@ -6,7 +6,7 @@ from collections import Counter
 
 from .config import Settings
 from .pg_metrics import select
-from .pgb_metrics import app_pools, number
+from .pgb_metrics import app_pools, number, pool_db
 from .pgbouncer import ADMIN_DB, PgbSnapshot
 from .postgres import PgSnapshot, ServerSettings
 
@@ -18,7 +18,7 @@ def _age(conn_max_age: float | None) -> str:
 def session_mode(settings: Settings, pgb: PgbSnapshot) -> list[str]:
     if settings.conn_max_age is not None and settings.conn_max_age <= 0:
         return []
-    modes = {str(row.get("database")): row.get("pool_mode") for row in app_pools(pgb)}
+    modes = {pool_db(row): row.get("pool_mode") for row in app_pools(pgb)}
     for row in pgb.databases:
         if str(row.get("name")) != ADMIN_DB:
             modes.setdefault(str(row.get("name")), row.get("pool_mode"))
@@ -53,7 +53,7 @@ def possible_server_connections(pgb: PgbSnapshot) -> int:
     default_size = number(pgb.config.get("default_pool_size")) or 0
     default_reserve = number(pgb.config.get("reserve_pool_size")) or 0
     default_cap = number(pgb.config.get("max_db_connections")) or 0
-    users = Counter(str(row.get("database")) for row in app_pools(pgb))
+    users = Counter(pool_db(row) for row in app_pools(pgb))
     total = 0.0
     for row in pgb.databases:
         db = str(row.get("name"))
@@ -106,7 +106,7 @@ def _milliseconds(value: str) -> int:
 def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[str]:
     pairs = {(g.db, g.user) for g in select(pg.groups, settings) if g.db and g.user}
     if not pairs and pgb is not None:
-        pairs = {(str(row.get("database")), str(row.get("user"))) for row in app_pools(pgb)}
+        pairs = {(pool_db(row), str(row.get("user"))) for row in app_pools(pgb)}
     server = pg.settings
     unset = []
     for db, role in sorted(pairs):

@@ -45,12 +45,8 @@ class DjangoDbCheck(AgentCheck):
 
     @property
     def health_tags(self) -> list[str]:
-        tags = []
-        if self.settings.postgres:
-            tags.append(f"postgres_server:{self.settings.postgres.server_tag}")
-        if self.settings.pgbouncer:
-            tags.append(f"pgbouncer_server:{self.settings.pgbouncer.server_tag}")
-        return [*tags, *self.settings.tags]
+        endpoints = (self.settings.postgres, self.settings.pgbouncer)
+        return [*(e.tag for e in endpoints if e), *self.settings.tags]
 
     # -- the run ---------------------------------------------------------------------------
     def check(self, _: Any) -> None:
@@ -72,7 +68,7 @@ class DjangoDbCheck(AgentCheck):
             )
 
     def collect_postgres(self, source: PostgresSource, seen: list, findings: list) -> PgSnapshot | None:
-        tags = [f"postgres_server:{source.endpoint.server_tag}", *self.settings.tags]
+        tags = [source.endpoint.tag, *self.settings.tags]
         try:
             snapshot = source.snapshot(self._last_server_time, self.settings.report_leak_queries)
         except Exception as e:
@@ -92,7 +88,7 @@ class DjangoDbCheck(AgentCheck):
         return snapshot
 
     def collect_pgbouncer(self, source: PgBouncerSource, seen: list, findings: list) -> PgbSnapshot | None:
-        tags = [f"pgbouncer_server:{source.endpoint.server_tag}", *self.settings.tags]
+        tags = [source.endpoint.tag, *self.settings.tags]
         try:
             snapshot = source.snapshot()
         except Exception as e:

@@ -40,6 +40,7 @@ SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
 
 @dataclass(frozen=True)
 class Endpoint:
+    kind: str  # postgres or pgbouncer
     host: str
     port: int
     username: str
@@ -52,6 +53,11 @@ class Endpoint:
     @property
     def server_tag(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def tag(self) -> str:
+        """``postgres_server:<host>:<port>`` or ``pgbouncer_server:<host>:<port>``."""
+        return f"{self.kind}_server:{self.server_tag}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,7 @@ def _endpoint(key: str, raw: Any, default_port: int, known: set[str], dbname: st
     if "sslmode" in ssl and ssl["sslmode"] not in SSLMODES:
         raise _fail(f"{key}.sslmode", ssl["sslmode"], f"must be one of {', '.join(sorted(SSLMODES))}")
     return Endpoint(
+        kind=key,
         host=_string(f"{key}.host", section.get("host", "localhost")),
         port=_integer(f"{key}.port", section.get("port", default_port), 1, 65535),
         username=_string(f"{key}.username", section.get("username", "datadog")),

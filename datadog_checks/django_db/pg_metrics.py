@@ -24,8 +24,6 @@ STATE_TAGS = {
     None: "unknown",
 }
 
-DIMENSION_FIELDS = {"db": "db", "user": "user", "app": "app", "client_addr": "client_addr"}
-
 
 def state_tag(state: str | None) -> str:
     return STATE_TAGS.get(state) or str(state).replace(" ", "_").replace("(", "").replace(")", "")
@@ -43,21 +41,23 @@ def fold(groups: list[ActivityGroup], dimensions: Iterable[str], limit: int) -> 
     """
     folded: dict[str, list[str]] = {}
     for dimension in dimensions:
-        attr = DIMENSION_FIELDS[dimension]
         sizes: Counter[str] = Counter()
         for group in groups:
-            sizes[getattr(group, attr)] += group.count
+            sizes[getattr(group, dimension)] += group.count
         if len(sizes) <= limit:
             continue
         ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
         kept = set(ranked[:limit])
         folded[dimension] = sorted(ranked[limit:])
-        groups = [g if getattr(g, attr) in kept else replace(g, **{attr: OTHER}) for g in groups]  # type: ignore[arg-type]
+        groups = [
+            g if getattr(g, dimension) in kept else replace(g, **{dimension: OTHER})  # type: ignore[arg-type]
+            for g in groups
+        ]
     return groups, folded
 
 
 def _tags(group: ActivityGroup, dimensions: Iterable[str]) -> tuple[str, ...]:
-    return tuple(f"{d}:{tag_value(getattr(group, DIMENSION_FIELDS[d]))}" for d in dimensions)
+    return tuple(f"{d}:{tag_value(getattr(group, d))}" for d in dimensions)
 
 
 def client_backends(snapshot: PgSnapshot) -> int:
@@ -96,7 +96,7 @@ class SessionHistory:
 def postgres_metrics(snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int]) -> tuple[list, dict]:
     """The PostgreSQL metrics of one snapshot, and the values folded into ``other``."""
     assert settings.postgres is not None
-    base = (f"postgres_server:{settings.postgres.server_tag}", *settings.tags)
+    base = (settings.postgres.tag, *settings.tags)
     server = snapshot.settings
     metrics: list[Metric] = []
 

@@ -60,7 +60,7 @@ def first_number(row: dict[str, Any], columns: tuple[str, ...]) -> float | None:
     return None
 
 
-def _db(row: dict[str, Any]) -> str:
+def pool_db(row: dict[str, Any]) -> str:
     return str(row.get("database") if "database" in row else row.get("name", ""))
 
 
@@ -90,12 +90,12 @@ def client_utilization(snapshot: PgbSnapshot) -> float | None:
 
 
 def app_pools(snapshot: PgbSnapshot) -> list[dict[str, Any]]:
-    return [row for row in snapshot.pools if _db(row) != ADMIN_DB]
+    return [row for row in snapshot.pools if pool_db(row) != ADMIN_DB]
 
 
 def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]:
     assert settings.pgbouncer is not None
-    base = (f"pgbouncer_server:{settings.pgbouncer.server_tag}", *settings.tags)
+    base = (settings.pgbouncer.tag, *settings.tags)
     metrics: list[Metric] = []
     modes = {str(row.get("name")): row.get("pool_mode") for row in snapshot.databases}
     sizes = pool_sizes(snapshot)
@@ -103,7 +103,7 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]
     default_mode = snapshot.config.get("pool_mode")
 
     for row in app_pools(snapshot):
-        db = _db(row)
+        db = pool_db(row)
         mode = row.get("pool_mode") or modes.get(db) or default_mode or "unknown"
         tags = (*base, f"pgbouncer_db:{tag_value(db)}", f"user:{tag_value(str(row.get('user', '')))}",
                 f"pool_mode:{tag_value(str(mode))}")  # fmt: skip
@@ -127,7 +127,7 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]
                 metrics.append(Metric("gauge", f"{PREFIX}databases.{metric}", value, tags))
 
     for row in snapshot.stats:
-        db = _db(row)
+        db = pool_db(row)
         if db == ADMIN_DB:
             continue
         tags = (*base, f"pgbouncer_db:{tag_value(db)}")
