@@ -31,3 +31,28 @@ def test_close_removes_everything(sandbox):
     assert not root.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_free_ports_are_never_handed_out_twice(monkeypatch):
+    # The kernel may offer a port again while the first taker has not bound it yet.
+    offered = iter([5001, 5001, 5002])
+
+    class FakeSocket:
+        def __init__(self, *args):
+            self.port = next(offered)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(sandbox_module.socket, "socket", FakeSocket)
+    monkeypatch.setattr(sandbox_module, "_HANDED_OUT", set())
+    assert [sandbox_module.free_port(), sandbox_module.free_port()] == [5001, 5002]
