@@ -28,8 +28,8 @@ PACKAGE = "datadog_checks.django_db"
 SOURCE = ROOT / "datadog_checks" / "django_db"
 CHECK_NAME = "django_db"
 COPY_NAME = "django_db_check"
-# Developer tooling that the Agent never runs (top-level modules and folders of the package).
-SKIPPED = {"__main__.py", "cli.py", "sandbox.py", "demo"}
+# The development runner's entry point; the wheel leaves it out too (pyproject.toml).
+SKIPPED = {"__main__.py"}
 
 ENTRY = '''"""Entry module of the django_db check for the Agent's checks.d folder.
 

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from datadog_checks.base import AgentCheck
 
-from datadog_checks.django_db.sandbox import Sandbox
+from django_db_tools.sandbox import Sandbox
 
 # The stubs refuse tags such as `version`; the check submits none, the dashboards rely on that.
 os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")

@@ -1,4 +1,4 @@
-"""`python -m datadog_checks.django_db check` against the suite's real PostgreSQL and PgBouncer."""
+"""`python -m django_db_tools check` against the suite's real PostgreSQL and PgBouncer."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 import yaml
 from datadog_checks.base.stubs.common import MetricStub
 
-from datadog_checks.django_db import cli
 from datadog_checks.django_db.check import DjangoDbCheck
-from datadog_checks.django_db.sandbox import Sandbox, free_port
+from django_db_tools import cli
+from django_db_tools.sandbox import Sandbox, free_port
 
 from .conftest import APP_PASSWORD
 
@@ -34,7 +34,7 @@ def write_conf(folder: Path, *instances: dict, name: str = "conf.yaml") -> Path:
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     environ = {**os.environ, "DDEV_SKIP_GENERIC_TAGS_CHECK": "true", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "datadog_checks.django_db", *args],
+        [sys.executable, "-m", "django_db_tools", *args],
         cwd=cwd,
         env=environ,
         capture_output=True,
@@ -279,5 +279,5 @@ def test_a_failing_run_is_counted_not_raised(tmp_path, pg_only, monkeypatch):
 def test_no_subcommand_prints_usage(tmp_path):
     result = run_cli(cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stdout.startswith("usage: python -m datadog_checks.django_db")
+    assert result.stdout.startswith("usage: python -m django_db_tools")
     assert "check" in result.stdout and "demo" in result.stdout

@@ -52,16 +52,16 @@ def test_defaults():
     assert settings.max_tag_values == 50
     assert settings.conn_max_age == 0  # Django's own default
     assert settings.leak_idle_seconds == 300
-    assert settings.thresholds["utilization"].warning == 0.8
-    assert settings.thresholds["idle_in_transaction_count"].critical == 50
+    assert settings.thresholds.utilization.warning == 0.8
+    assert settings.thresholds.idle_in_transaction_count.critical == 50
     assert settings.pgbouncer is None
     assert "s3cret" not in repr(settings)
 
 
 def test_partial_threshold_keeps_the_other_level():
     settings = parse({"postgres": PG, "thresholds": {"utilization": {"warning": 0.7}}})
-    assert settings.thresholds["utilization"].warning == 0.7
-    assert settings.thresholds["utilization"].critical == 0.9
+    assert settings.thresholds.utilization.warning == 0.7
+    assert settings.thresholds.utilization.critical == 0.9
 
 
 def test_pgbouncer_always_uses_the_console_database():

@@ -1,4 +1,4 @@
-"""`python -m datadog_checks.django_db demo` end to end: real servers, a real Django app, real signals."""
+"""`python -m django_db_tools demo` end to end: real servers, a real Django app, real signals."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class DemoProcess:
     def __init__(self, *args: str, env: dict | None = None):
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "datadog_checks.django_db", "demo", *args],
+            [sys.executable, "-m", "django_db_tools", "demo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -185,7 +185,7 @@ def test_a_signal_mid_run_cleans_everything_up(signum, args, when):
 def test_without_django_it_says_what_to_install():
     code = (
         "import sys; sys.modules['django'] = None\n"
-        "from datadog_checks.django_db.cli import main\n"
+        "from django_db_tools.cli import main\n"
         "sys.exit(main(['demo', '--fast']))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -197,11 +197,11 @@ def test_without_django_it_says_what_to_install():
 def test_missing_server_binaries_print_the_install_hint():
     code = (
         "import sys\n"
-        "from datadog_checks.django_db import sandbox\n"
+        "from django_db_tools import sandbox\n"
         "def missing():\n"
         "    raise sandbox.SandboxError('initdb not found. ' + sandbox.INSTALL_HINT)\n"
         "sandbox.pg_bindir = missing\n"
-        "from datadog_checks.django_db.cli import main\n"
+        "from django_db_tools.cli import main\n"
         "sys.exit(main(['demo', '--fast']))\n"
     )
     before = set(glob.glob(SANDBOX_PREFIX + "*"))

@@ -120,28 +120,13 @@ def test_wheel_depends_on_datadog_checks_base_only(wheel: Path) -> None:
     assert len(required) == 1 and required[0].startswith("datadog-checks-base"), required
 
 
-def test_wheel_runs_in_the_agents_environment(wheel_venv: Path, postgres_instance: dict, tmp_path: Path) -> None:
-    python = venv_python(wheel_venv)
-    located = run(python, "-c", "import datadog_checks.django_db as m; print(m.__file__)", cwd=tmp_path)
-    assert Path(located.stdout.strip()).is_relative_to(wheel_venv), located.stdout
-
-    conf = tmp_path / "conf.yaml"
-    conf.write_text(json.dumps({"init_config": {}, "instances": [postgres_instance]}))  # JSON is YAML
-    result = run(python, "-m", "datadog_checks.django_db", "check", "-c", conf, "--json", cwd=tmp_path)
-    (report,) = json.loads(result.stdout)
-    metrics = {m["metric"] for m in report["aggregator"]["metrics"]}
-    assert "django_db.postgres.connections" in metrics, sorted(metrics)
-    checks = [c for c in report["aggregator"]["service_checks"] if c["check"] == "django_db.postgres.can_connect"]
-    assert [c["status"] for c in checks] == [0], checks
-    assert report["runner"]["TotalErrors"] == 0
-
-
 # Loads the check the way the Agent's Python loader does: by check name, the package (argv[3]) first and
 # the checks.d module second, then the first AgentCheck subclass in dir(module) that has no subclasses.
 LOADER = textwrap.dedent(
     """
     import importlib, json, os, sys
     checks_d, name, package, instance = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    check_name = sys.argv[5] if len(sys.argv) > 5 else name
     sys.path.insert(0, checks_d)
     from datadog_checks.base import AgentCheck
     from datadog_checks.base.stubs import aggregator
@@ -157,7 +142,7 @@ LOADER = textwrap.dedent(
         if isinstance(getattr(module, attr), type) and issubclass(getattr(module, attr), AgentCheck)
         and not getattr(module, attr).__subclasses__()
     ]
-    check = candidates[0](name, {}, [instance])
+    check = candidates[0](check_name, {}, [instance])
     error = check.run()
     print(json.dumps({
         "package_importable": package_importable,
@@ -165,10 +150,41 @@ LOADER = textwrap.dedent(
         "class": candidates[0].__module__ + "." + candidates[0].__qualname__,
         "error": error,
         "metrics": sorted(aggregator.metric_names),
-        "can_connect": [sc.status for sc in aggregator.service_checks(name + ".postgres.can_connect")],
+        "can_connect": [sc.status for sc in aggregator.service_checks(check_name + ".postgres.can_connect")],
     }))
     """
 )
+
+
+def test_wheel_runs_in_the_agents_environment(wheel_venv: Path, postgres_instance: dict, tmp_path: Path) -> None:
+    python = venv_python(wheel_venv)
+    empty_checks_d = tmp_path / "checks.d"
+    empty_checks_d.mkdir()
+    result = run(
+        python, "-I", "-c", LOADER, empty_checks_d, "datadog_checks.django_db", "datadog_checks.django_db",
+        json.dumps(postgres_instance), "django_db", cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(report["module_file"]).is_relative_to(wheel_venv), report["module_file"]
+    assert report["class"] == "datadog_checks.django_db.check.DjangoDbCheck"
+    assert report["error"] == "", report["error"]
+    assert "django_db.postgres.connections" in report["metrics"], report["metrics"]
+    assert report["can_connect"] == [0]
+
+
+def test_wheel_and_checksd_copy_carry_the_same_modules(wheel: Path, checksd: Path) -> None:
+    prefix = "datadog_checks/django_db/"
+    in_wheel = {m[len(prefix) :] for m in wheel_members(wheel) if m.startswith(prefix) and m.endswith(".py")}
+    copy = checksd / "checks.d" / "django_db_check"
+    in_copy = {str(p.relative_to(copy)) for p in copy.rglob("*.py") if "__pycache__" not in p.parts}
+    assert in_wheel == in_copy
+    assert "check.py" in in_wheel and "records.py" in in_wheel
+
+
+def test_wheel_carries_no_development_tools(wheel: Path) -> None:
+    members = wheel_members(wheel)
+    assert not [m for m in members if "django_db_tools" in m or m.endswith(("__main__.py", "cli.py", "sandbox.py"))]
+    assert not [m for m in members if "/demo/" in m]
 
 
 def test_checksd_dropin_runs_without_the_package(
@@ -221,18 +237,18 @@ def test_build_makes_the_packages_own_imports_relative(build_script) -> None:
             Settings,
             parse as parse_config,
         )
-        from datadog_checks.django_db import model
-        import datadog_checks.django_db.signatures as sigs
+        from datadog_checks.django_db import records
+        import datadog_checks.django_db.check as wiring
         """
     )
     top = build_script.rewrite_imports(source, 0, "x.py")
     assert "from datadog_checks.base import AgentCheck" in top
     assert "from .config import Settings, parse as parse_config" in top
-    assert "from . import model" in top
-    assert "from . import signatures as sigs" in top
+    assert "from . import records" in top
+    assert "from . import check as wiring" in top
     assert "datadog_checks.django_db" not in top
-    nested = build_script.rewrite_imports("from datadog_checks.django_db.model import Status\n", 1, "sub/x.py")
-    assert nested == "from ..model import Status\n"
+    nested = build_script.rewrite_imports("from datadog_checks.django_db.evaluate.model import Status\n", 1, "sub/x.py")
+    assert nested == "from ..evaluate.model import Status\n"
 
 
 def test_build_refuses_imports_it_cannot_make_relative(build_script) -> None:
@@ -240,8 +256,7 @@ def test_build_refuses_imports_it_cannot_make_relative(build_script) -> None:
         build_script.rewrite_imports("import datadog_checks.django_db\n", 0, "x.py")
 
 
-def test_checksd_copy_leaves_out_the_developer_tooling(checksd: Path) -> None:
+def test_checksd_copy_leaves_out_the_development_runner(checksd: Path) -> None:
     copy = checksd / "checks.d" / "django_db_check"
     assert (copy / "check.py").is_file() and (copy / "config_models" / "instance.py").is_file()
-    for tooling in ("__main__.py", "cli.py", "sandbox.py", "demo"):
-        assert not (copy / tooling).exists(), tooling
+    assert not (copy / "__main__.py").exists()

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from datadog_checks.django_db.config import parse
-from datadog_checks.django_db.pg_metrics import SessionHistory, fold, postgres_metrics, select, state_tag, utilization
-from datadog_checks.django_db.postgres import ActivityGroup, DatabaseSessions, PgSnapshot, ServerSettings
+from datadog_checks.django_db.evaluate.postgres import (
+    SessionHistory,
+    fold,
+    postgres_metrics,
+    select,
+    state_tag,
+    utilization,
+)
+from datadog_checks.django_db.records import ActivityGroup, DatabaseSessions, PgSnapshot, ServerSettings
 
 PG = {"host": "db", "port": 5432}
 

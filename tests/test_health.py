@@ -11,7 +11,7 @@ import pytest
 from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
-from datadog_checks.django_db.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
 from .conftest import APP_PASSWORD, metric_values
 

@@ -10,7 +10,7 @@ import pytest
 from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
-from datadog_checks.django_db.sandbox import Sandbox
+from django_db_tools.sandbox import Sandbox
 
 from .conftest import metric_values, one_value, timed_critical_run
 

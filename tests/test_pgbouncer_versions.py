@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from datadog_checks.django_db import config
-from datadog_checks.django_db.model import Metric
-from datadog_checks.django_db.pgb_metrics import pgbouncer_metrics
-from datadog_checks.django_db.pgbouncer import PgbSnapshot, parse_version
+from datadog_checks.django_db.evaluate.model import Metric
+from datadog_checks.django_db.evaluate.pgbouncer import pgbouncer_metrics
+from datadog_checks.django_db.records import PgbSnapshot
+from datadog_checks.django_db.sources.pgbouncer import Result, parse_version, snapshot_from_results, version_texts
 
 RECORDED = Path(__file__).parent / "recorded"
 METADATA = Path(__file__).parent.parent / "metadata.csv"
@@ -68,9 +69,14 @@ def settings() -> config.Settings:
     return config.parse({"pgbouncer": {"host": "127.0.0.1", "port": 6432}})
 
 
+def snapshot(results: dict[str, list[dict[str, Any]]]) -> PgbSnapshot:
+    """The source's records from SHOW results given as rows keyed by column name."""
+    return snapshot_from_results({name: Result.from_dicts(rows) for name, rows in results.items()})
+
+
 def run(raw: dict[str, dict[str, list]] | dict[str, list[dict[str, Any]]], zipped: bool = False) -> list[Metric]:
     results = raw if zipped else as_results(raw)  # type: ignore[arg-type]
-    return pgbouncer_metrics(PgbSnapshot.from_results(results), settings())  # type: ignore[arg-type]
+    return pgbouncer_metrics(snapshot(results), settings())  # type: ignore[arg-type]
 
 
 def names(metrics: list[Metric]) -> set[str]:
@@ -325,14 +331,14 @@ def test_client_utilization_is_used_clients_over_max_client_conn(version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_version_from_show_version(version):
     results = as_results(load(version))
-    assert parse_version(results["VERSION"]) == FULL_VERSION[version]
-    assert PgbSnapshot.from_results(results).version == FULL_VERSION[version]
+    assert parse_version(version_texts(Result.from_dicts(results["VERSION"]))) == FULL_VERSION[version]
+    assert snapshot(results).version == FULL_VERSION[version]
 
 
 def test_version_from_the_1_8_notice():
     results = as_results(load("1.8"))
     results["VERSION"] = [{"version": "PgBouncer version 1.8.1"}]
-    assert PgbSnapshot.from_results(results).version == "1.8.1"
+    assert snapshot(results).version == "1.8.1"
 
 
 # -- tolerance of unknown and missing columns ------------------------------------------------------

@@ -177,7 +177,7 @@ def test_backends_opened_since_previous_snapshot(sandbox, pg_instance, clients):
     import logging
 
     from datadog_checks.django_db import config
-    from datadog_checks.django_db.postgres import PostgresSource
+    from datadog_checks.django_db.sources.postgres import PostgresSource
 
     settings = config.parse(pg_instance)
     source = PostgresSource(settings.postgres, settings.group_by, 600, logging.getLogger("test"))
@@ -196,7 +196,7 @@ def test_settings_are_read_once_per_connection(sandbox, pg_instance):
     import logging
 
     from datadog_checks.django_db import config
-    from datadog_checks.django_db.postgres import PostgresSource
+    from datadog_checks.django_db.sources.postgres import PostgresSource
 
     settings = config.parse(pg_instance)
     source = PostgresSource(settings.postgres, settings.group_by, 600, logging.getLogger("test"))

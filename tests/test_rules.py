@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from datadog_checks.django_db.alignment import alignment_failures, effective, possible_server_connections
 from datadog_checks.django_db.config import parse
-from datadog_checks.django_db.health import normalize_query, pgbouncer_findings, postgres_findings, signature_findings
-from datadog_checks.django_db.model import Finding, Status, message, worst
-from datadog_checks.django_db.pgbouncer import PgbSnapshot
-from datadog_checks.django_db.postgres import ActivityGroup, LeakSuspect, PgSnapshot, ServerSettings
+from datadog_checks.django_db.evaluate.alignment import alignment_failures, effective, possible_server_connections
+from datadog_checks.django_db.evaluate.health import (
+    normalize_query,
+    pgbouncer_findings,
+    postgres_findings,
+    signature_findings,
+)
+from datadog_checks.django_db.evaluate.model import Finding, Status, message, worst
+from datadog_checks.django_db.records import ActivityGroup, LeakSuspect, PgbSnapshot, PgSnapshot, ServerSettings
+from datadog_checks.django_db.sources.pgbouncer import Result, snapshot_from_results
 
 PG = {"host": "db", "port": 5432}
 BOTH = {"postgres": PG, "pgbouncer": {"host": "db", "port": 6432}}
@@ -21,10 +26,17 @@ def pg(groups, settings=None, suspects=()):
     return PgSnapshot(settings or server(), tuple(groups), None, 0.0, False, tuple(suspects))
 
 
-def pgb(pools=(), databases=(), config=None, lists=None):
+def pgb(pools=(), databases=(), config=None, lists=None) -> PgbSnapshot:
     base = {"max_client_conn": "100", "default_pool_size": "20", "pool_mode": "transaction",
             "server_idle_timeout": "600", "client_idle_timeout": "0", "reserve_pool_size": "0"}  # fmt: skip
-    return PgbSnapshot(list(pools), [], list(databases), lists or {}, {**base, **(config or {})}, "1.18.0")
+    return snapshot_from_results(
+        {
+            "POOLS": Result.from_dicts(list(pools)),
+            "DATABASES": Result.from_dicts(list(databases)),
+            "LISTS": Result(["list", "items"], list((lists or {}).items())),
+            "CONFIG": Result(["key", "value"], list({**base, **(config or {})}.items())),
+        }
+    )
 
 
 def test_message_lists_findings_worst_first():

@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-from datadog_checks.django_db import sandbox as sandbox_module
-from datadog_checks.django_db.sandbox import Sandbox, SandboxError
+from django_db_tools import sandbox as sandbox_module
+from django_db_tools.sandbox import Sandbox, SandboxError
 
 
 def test_nothing_is_left_behind_without_postgres(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from datadog_checks.django_db.connection import ClientTimeout
-from datadog_checks.django_db.model import Status
-from datadog_checks.django_db.signatures import TABLE, UNKNOWN, classify, classify_error, match_text
+from datadog_checks.django_db.evaluate.model import Status
+from datadog_checks.django_db.evaluate.signatures import TABLE, UNKNOWN, classify, classify_error, match_text
 
 CASES = [
     # (text, sqlstate, signature)

@@ -18,7 +18,7 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_LOG_MAX_BYTES = 1024 * 1024
 DJANGO_DEFAULT_CONN_MAX_AGE = 0.0
 
-# name: (warning, critical)
+# name: (warning, critical); the fields of Thresholds
 DEFAULT_THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "utilization": (0.8, 0.9),
     "pgbouncer_client_utilization": (0.8, 0.9),
@@ -67,6 +67,17 @@ class Level:
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    utilization: Level
+    pgbouncer_client_utilization: Level
+    idle_in_transaction_seconds: Level
+    idle_in_transaction_count: Level
+    leaked_connections: Level
+    pgbouncer_maxwait_seconds: Level
+    churn_per_minute: Level
+
+
+@dataclass(frozen=True)
 class NameFilter:
     include: tuple[re.Pattern[str], ...] = ()
     exclude: tuple[re.Pattern[str], ...] = ()
@@ -87,7 +98,7 @@ class Settings:
     databases: NameFilter
     group_by: tuple[str, ...]
     max_tag_values: int
-    thresholds: Mapping[str, Level]
+    thresholds: Thresholds
     log_files: tuple[str, ...]
     log_max_bytes_per_run: int
     report_leak_queries: bool
@@ -196,7 +207,7 @@ def _name_filter(key: str, raw: Any) -> NameFilter:
     return NameFilter(compiled["include"], compiled["exclude"])
 
 
-def _thresholds(raw: Any) -> dict[str, Level]:
+def _thresholds(raw: Any) -> Thresholds:
     section = _mapping("thresholds", raw)
     _unknown_keys("thresholds", section, set(DEFAULT_THRESHOLDS))
     levels = {}
@@ -210,7 +221,7 @@ def _thresholds(raw: Any) -> dict[str, Level]:
         if warning is not None and critical is not None and warning > critical:
             raise _fail(f"thresholds.{name}", dict(given), f"warning {warning:g} is above critical {critical:g}")
         levels[name] = Level(warning, critical)
-    return levels
+    return Thresholds(**levels)
 
 
 def default_leak_idle_seconds(conn_max_age: float | None) -> float:

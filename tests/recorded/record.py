@@ -17,9 +17,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import psycopg
-
 from datadog_checks.django_db.pgbouncer import ON_CONNECT, PER_RUN, parse_version
-from datadog_checks.django_db.sandbox import Sandbox
+
+from django_db_tools.sandbox import Sandbox
 
 APP_PASSWORD = "app-secret"
 SIZED_POOL = 7

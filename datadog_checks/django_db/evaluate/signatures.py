@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from .model import Status
@@ -128,6 +130,23 @@ def match_text(text: str) -> Signature | None:
         if signature.pattern is not None and signature.pattern.search(text):
             return signature
     return None
+
+
+# PgBouncer logs each refused client twice: "C-0x..: db/user@addr closing because: <reason>"
+# and "C-0x..: db/user@addr pooler error: <reason>". Only the second one is counted.
+PGBOUNCER_TWIN = re.compile(r"\bC-0x[0-9a-f]+: \S+ closing because: ")
+
+
+def count_log_lines(lines: Iterable[str]) -> Counter[str]:
+    """Signature names found in log lines, counted."""
+    found: Counter[str] = Counter()
+    for line in lines:
+        if PGBOUNCER_TWIN.search(line):
+            continue
+        signature = match_text(line)
+        if signature is not None:
+            found[signature.name] += 1
+    return found
 
 
 def classify_error(error: BaseException) -> Signature:

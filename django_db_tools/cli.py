@@ -1,7 +1,7 @@
 """Command line: run the check outside an Agent, or start the sandbox demo.
 
-    python -m datadog_checks.django_db check [-c conf.yaml] [-t N] [-r] [--json | --table]
-    python -m datadog_checks.django_db demo [--duration S] [--phase-seconds S] [--interval S]
+    python -m django_db_tools check [-c conf.yaml] [-t N] [-r] [--json | --table]
+    python -m django_db_tools demo [--duration S] [--phase-seconds S] [--interval S]
 
 ``check`` runs every instance of a conf.yaml the way ``datadog-agent check`` does and prints
 what the check submitted. Metrics are those of the last run, flushed like the Agent flushes:
@@ -217,7 +217,7 @@ def _value(value: float) -> str:
 
 
 def agent_json(results: Sequence[InstanceResult], config_source: str) -> list[dict]:
-    from .__about__ import __version__
+    from datadog_checks.django_db import __version__
 
     hostname = socket.gethostname()
     out = []
@@ -350,7 +350,7 @@ def table_output(results: Sequence[InstanceResult]) -> str:
 def command_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from datadog_checks.base import ConfigurationError
 
-    from .check import DjangoDbCheck
+    from datadog_checks.django_db import DjangoDbCheck
 
     path = Path(args.conf)
     secrets: set[str] = set()
@@ -407,7 +407,7 @@ def command_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m datadog_checks.django_db",
+        prog="python -m django_db_tools",
         description="Django database connections on PostgreSQL and PgBouncer: run the check, or the demo.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

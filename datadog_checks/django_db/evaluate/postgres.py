@@ -1,4 +1,4 @@
-"""PostgreSQL snapshot to metrics: filtering, folding and the figures. No I/O."""
+"""PostgreSQL records to metrics: filtering, folding and the figures. No I/O."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from .config import Settings
+from ..config import Settings
+from ..records import ActivityGroup, PgSnapshot
 from .model import Metric, tag_value
-from .postgres import ActivityGroup, PgSnapshot
 
 PREFIX = "django_db.postgres."
 OTHER = "other"
@@ -34,7 +34,9 @@ def select(groups: Iterable[ActivityGroup], settings: Settings) -> list[Activity
     return [g for g in groups if settings.applications.allows(g.app) and settings.databases.allows(g.db)]
 
 
-def fold(groups: list[ActivityGroup], dimensions: Iterable[str], limit: int) -> tuple[list[ActivityGroup], dict]:
+def fold(
+    groups: list[ActivityGroup], dimensions: Iterable[str], limit: int
+) -> tuple[list[ActivityGroup], dict[str, list[str]]]:
     """Keep the ``limit`` largest values of each dimension; the rest become ``other``.
 
     Returns the groups with folded values and, per dimension, the values folded away.
@@ -75,7 +77,7 @@ def utilization(snapshot: PgSnapshot) -> float:
 class SessionHistory:
     """Opened sessions over runs: the cumulative count below PostgreSQL 14, and churn."""
 
-    legacy_opened: Counter = field(default_factory=Counter)
+    legacy_opened: Counter[str] = field(default_factory=Counter)
     previous: tuple[float, int] | None = None  # (server time, sessions opened so far)
 
     def opened_by_db(self, snapshot: PgSnapshot) -> dict[str, int]:
@@ -93,7 +95,9 @@ class SessionHistory:
         return (opened_total - previous[1]) * 60.0 / (server_time - previous[0])
 
 
-def postgres_metrics(snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int]) -> tuple[list, dict]:
+def postgres_metrics(
+    snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int]
+) -> tuple[list[Metric], dict[str, list[str]]]:
     """The PostgreSQL metrics of one snapshot, and the values folded into ``other``."""
     assert settings.postgres is not None
     base = (settings.postgres.tag, *settings.tags)

@@ -1,4 +1,4 @@
-"""The sandbox demo: ``python -m datadog_checks.django_db demo``.
+"""The sandbox demo: ``python -m django_db_tools demo``.
 
 Django is needed for the demo only (``pip install 'datadog-django-db[demo]'``); it is imported
 when the demo starts, never by the check.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Literal, NamedTuple
+
+Kind = Literal["gauge", "rate", "count", "monotonic_count"]
 
 
 class Metric(NamedTuple):
-    kind: str  # gauge, rate, count or monotonic_count
+    kind: Kind
     name: str
     value: float
     tags: tuple[str, ...] = ()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .config import Settings
-from .pg_metrics import select
-from .pgb_metrics import app_pools, number, pool_db
-from .pgbouncer import ADMIN_DB, PgbSnapshot
-from .postgres import PgSnapshot, ServerSettings
+from ..config import Settings
+from ..records import PgbSnapshot, PgSnapshot, ServerSettings
+from .postgres import select
 
 
 def _age(conn_max_age: float | None) -> str:
@@ -18,13 +16,11 @@ def _age(conn_max_age: float | None) -> str:
 def session_mode(settings: Settings, pgb: PgbSnapshot) -> list[str]:
     if settings.conn_max_age is not None and settings.conn_max_age <= 0:
         return []
-    modes = {pool_db(row): row.get("pool_mode") for row in app_pools(pgb)}
-    for row in pgb.databases:
-        if str(row.get("name")) != ADMIN_DB:
-            modes.setdefault(str(row.get("name")), row.get("pool_mode"))
-    default = pgb.config.get("pool_mode")
-    pinned = sorted(db for db, mode in modes.items() if (mode or default) == "session")
-    if not pinned and not modes and default == "session":
+    modes = {pool.db: pool.pool_mode for pool in pgb.pools}
+    for database in pgb.databases:
+        modes.setdefault(database.name, database.pool_mode or pgb.config.pool_mode or "unknown")
+    pinned = sorted(db for db, mode in modes.items() if mode == "session")
+    if not modes and pgb.config.pool_mode == "session":
         pinned = ["(default pool_mode)"]
     if not pinned:
         return []
@@ -36,8 +32,10 @@ def session_mode(settings: Settings, pgb: PgbSnapshot) -> list[str]:
 
 def idle_timeouts(settings: Settings, pgb: PgbSnapshot) -> list[str]:
     failures = []
-    for key, closes in (("server_idle_timeout", "idle server connections"), ("client_idle_timeout", "idle clients")):
-        timeout = number(pgb.config.get(key))
+    for key, timeout, closes in (
+        ("server_idle_timeout", pgb.config.server_idle_timeout, "idle server connections"),
+        ("client_idle_timeout", pgb.config.client_idle_timeout, "idle clients"),
+    ):
         if not timeout or timeout <= 0:
             continue  # 0 turns the timeout off
         if settings.conn_max_age is None or settings.conn_max_age > timeout:
@@ -50,26 +48,21 @@ def idle_timeouts(settings: Settings, pgb: PgbSnapshot) -> list[str]:
 
 def possible_server_connections(pgb: PgbSnapshot) -> int:
     """Pool sizes plus reserve pools, over databases and users, capped by max_db_connections."""
-    default_size = number(pgb.config.get("default_pool_size")) or 0
-    default_reserve = number(pgb.config.get("reserve_pool_size")) or 0
-    default_cap = number(pgb.config.get("max_db_connections")) or 0
-    users = Counter(pool_db(row) for row in app_pools(pgb))
+    config = pgb.config
+    users = Counter(pool.db for pool in pgb.pools)
     total = 0.0
-    for row in pgb.databases:
-        db = str(row.get("name"))
-        if db == ADMIN_DB:
-            continue
-        size = number(row.get("pool_size"))
-        size = default_size if size is None or size < 0 else size
-        reserve = number(row.get("reserve_pool_size", row.get("reserve_pool")))
-        reserve = default_reserve if reserve is None or reserve < 0 else reserve
-        possible = max(1, users[db]) * (size + reserve)
-        cap = number(row.get("max_connections")) or default_cap
+    for database in pgb.databases:
+        size = database.pool_size
+        size = config.default_pool_size or 0 if size is None or size < 0 else size
+        reserve = database.reserve_pool_size
+        reserve = config.reserve_pool_size or 0 if reserve is None or reserve < 0 else reserve
+        possible = max(1, users[database.name]) * (size + reserve)
+        cap = database.max_connections or config.max_db_connections or 0
         total += min(possible, cap) if cap > 0 else possible
     return int(total)
 
 
-def slots(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
+def slots(pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
     possible, usable = possible_server_connections(pgb), pg.settings.usable_slots
     if possible <= usable:
         return []
@@ -106,7 +99,7 @@ def _milliseconds(value: str) -> int:
 def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[str]:
     pairs = {(g.db, g.user) for g in select(pg.groups, settings) if g.db and g.user}
     if not pairs and pgb is not None:
-        pairs = {(pool_db(row), str(row.get("user"))) for row in app_pools(pgb)}
+        pairs = {(pool.db, pool.user) for pool in pgb.pools}
     server = pg.settings
     unset = []
     for db, role in sorted(pairs):
@@ -129,6 +122,6 @@ def alignment_failures(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> 
     return [
         *session_mode(settings, pgb),
         *idle_timeouts(settings, pgb),
-        *slots(settings, pg, pgb),
+        *slots(pg, pgb),
         *timeouts(settings, pg, pgb),
     ]

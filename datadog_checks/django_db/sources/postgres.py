@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, LiteralString
+from typing import Any, LiteralString, NamedTuple
 
 import psycopg
 from psycopg import sql
 
-from .config import Endpoint
-from .connection import close_quietly, connect, deadline
+from ..config import Endpoint
+from ..connection import close_quietly, connect, deadline
+from ..records import ActivityGroup, DatabaseSessions, LeakSuspect, PgSnapshot, ServerSettings
 
 # Client backends, and rows the monitoring role may not see in full (their backend_type
 # is NULL then): of those, only sessions tied to a database can be client backends.
@@ -76,68 +76,20 @@ LIMIT 50
 """
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    version_num: int
-    version: str
-    max_connections: int
-    superuser_reserved: int
-    reserved: int  # reserved_connections, PostgreSQL 16 and later
-    statement_timeout_ms: int
-    idle_in_transaction_timeout_ms: int
-    # (database or '', role or '', {setting: value}) from ALTER ROLE / ALTER DATABASE ... SET
-    role_settings: tuple[tuple[str, str, dict[str, str]], ...] = ()
+class ActivityRow(NamedTuple):
+    """A row of ACTIVITY_SQL, its columns in the statement's order."""
 
-    @property
-    def usable_slots(self) -> int:
-        return max(0, self.max_connections - self.superuser_reserved - self.reserved)
-
-    @property
-    def reserved_slots(self) -> int:
-        return self.superuser_reserved + self.reserved
-
-
-@dataclass(frozen=True)
-class ActivityGroup:
-    state: str | None  # as pg_stat_activity names it; None when the role may not see it
-    db: str
-    user: str
-    app: str
-    client_addr: str
-    count: int
-    waiting_on_lock: int = 0
-    leaked: int = 0
-    max_age: float = 0.0  # seconds in the state; for active, since query_start
-    opened: int = 0  # backends started after the previous snapshot
-
-
-@dataclass(frozen=True)
-class DatabaseSessions:
-    db: str
+    state: str | None
+    datid: int | None
+    usesysid: int | None
+    application_name: str | None
+    client_addr: str | None
+    n: int
+    waiting_on_lock: int
+    leaked: int
+    max_age: float | None
     opened: int
-    abandoned: int
-    fatal: int
-    killed: int
-
-
-@dataclass(frozen=True)
-class LeakSuspect:
-    app: str
-    client_addr: str
-    db: str
-    user: str
-    idle_seconds: float
-    query: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class PgSnapshot:
-    settings: ServerSettings
-    groups: tuple[ActivityGroup, ...]
-    databases: tuple[DatabaseSessions, ...] | None  # None before PostgreSQL 14
-    server_time: float  # epoch seconds on the server when the snapshot was taken
-    new_connection: bool
-    leak_suspects: tuple[LeakSuspect, ...] = ()
+    now: float
 
 
 class PostgresSource:
@@ -146,7 +98,7 @@ class PostgresSource:
         endpoint: Endpoint,
         group_by: tuple[str, ...],
         leak_idle_seconds: float,
-        log: logging.Logger | logging.LoggerAdapter,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger],
     ):
         self.endpoint = endpoint
         self.leak_idle_seconds = leak_idle_seconds
@@ -156,7 +108,7 @@ class PostgresSource:
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
         self.conn: psycopg.Connection | None = None
         self.settings: ServerSettings | None = None
-        self.names: dict[tuple[str, int], str] = {}  # ("db" or "user", oid): name
+        self.names: dict[tuple[str, int | None], str] = {}  # ("db" or "user", oid): name
         self.pipeline = psycopg.Pipeline.is_supported()
 
     def close(self) -> None:
@@ -187,28 +139,29 @@ class PostgresSource:
             with conn.pipeline() if self.pipeline else nullcontext():
                 activity = conn.execute(self.activity_sql, params)
                 sessions = conn.execute(DATABASE_SQL) if with_sessions else None
-            rows = activity.fetchall()
+            rows = [ActivityRow(*row) for row in activity.fetchall()]
             databases = tuple(DatabaseSessions(*row) for row in sessions.fetchall()) if sessions else None
-            if new or any(key not in self.names for r in rows for key in (("db", r[1]), ("user", r[2])) if key[1]):
+            oids = {("db", r.datid) for r in rows if r.datid} | {("user", r.usesysid) for r in rows if r.usesysid}
+            if new or not oids <= self.names.keys():
                 self.names = {(kind, oid): name for kind, oid, name in conn.execute(NAMES_SQL).fetchall()}
             suspects: tuple[LeakSuspect, ...] = ()
-            if want_suspects and any(row[7] for row in rows):
+            if want_suspects and any(r.leaked for r in rows):
                 suspects = tuple(LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
-            server_time = rows[0][10] if rows else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
+            server_time = rows[0].now if rows else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
         groups = tuple(
             ActivityGroup(
-                state=row[0],
-                db=self.names.get(("db", row[1]), ""),
-                user=self.names.get(("user", row[2]), ""),
-                app=row[3] or "",
-                client_addr=row[4] or "",
-                count=row[5],
-                waiting_on_lock=row[6],
-                leaked=row[7],
-                max_age=max(0.0, row[8] or 0.0),
-                opened=row[9],
+                state=r.state,
+                db=self.names.get(("db", r.datid), ""),
+                user=self.names.get(("user", r.usesysid), ""),
+                app=r.application_name or "",
+                client_addr=r.client_addr or "",
+                count=r.n,
+                waiting_on_lock=r.waiting_on_lock,
+                leaked=r.leaked,
+                max_age=max(0.0, r.max_age or 0.0),
+                opened=r.opened,
             )
-            for row in rows
+            for r in rows
         )
         return PgSnapshot(self.settings, groups, databases, server_time, new, suspects)
 

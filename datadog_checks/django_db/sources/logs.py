@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .signatures import match_text
-
-MAX_LINE = 64 * 1024  # a longer line is cut: its head is matched, the rest skipped
-
-# PgBouncer logs each refused client twice: "C-0x..: db/user@addr closing because: <reason>"
-# and "C-0x..: db/user@addr pooler error: <reason>". Only the second one is counted.
-PGBOUNCER_TWIN = re.compile(rb"\bC-0x[0-9a-f]+: \S+ closing because: ")
+MAX_LINE = 64 * 1024  # a longer line is cut: its head is kept, the rest skipped
 
 
 @dataclass
@@ -25,7 +17,7 @@ class _Position:
 
 
 class LogFollower:
-    """Counts known signatures in lines added to each file since the previous run.
+    """Returns the lines added to each file since the previous run.
 
     The first run starts at the end of each file: what was written before the check
     started is history, not news. A file that appears later is read from its start.
@@ -46,18 +38,13 @@ class LogFollower:
             position.handle.close()
         self.positions.clear()
 
-    def poll(self) -> Counter[str]:
-        """Signature names found in new lines of every file, counted."""
-        found: Counter[str] = Counter()
+    def poll(self) -> dict[str, list[str]]:
+        """The new lines of every file that could be read, by path."""
+        found: dict[str, list[str]] = {}
         self.problems = {}
         for path in self.paths:
             try:
-                for line in self._new_lines(path):
-                    if PGBOUNCER_TWIN.search(line):
-                        continue
-                    signature = match_text(line.decode("utf-8", "replace"))
-                    if signature is not None:
-                        found[signature.name] += 1
+                found[path] = [line.decode("utf-8", "replace") for line in self._new_lines(path)]
             except OSError as e:
                 self.problems[path] = e.strerror or str(e)
         self.polled = True

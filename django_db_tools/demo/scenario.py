@@ -209,7 +209,7 @@ class Demo:
             f"None for `reports`; application_name {shop.WEB_APP} and {shop.REPORTS_APP})"
         )
 
-        from ..check import DjangoDbCheck
+        from datadog_checks.django_db import DjangoDbCheck
 
         instance = box.instance()
         instance.update(

@@ -6,12 +6,11 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from .config import Level, Settings
+from ..config import Level, Settings
+from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from .model import Finding, Status
-from .pg_metrics import client_backends, select, utilization
-from .pgb_metrics import app_pools, client_utilization, pool_maxwait
-from .pgbouncer import PgbSnapshot
-from .postgres import LeakSuspect, PgSnapshot
+from .pgbouncer import client_utilization
+from .postgres import client_backends, select, utilization
 from .signatures import BY_NAME
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
@@ -61,7 +60,7 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
         by_app[g.app] += g.count
     findings.append(
         Finding(
-            level(ratio, t["utilization"]),
+            level(ratio, t.utilization),
             f"{used} of {usable} usable slots in use ({ratio:.0%}; most: {_apps(by_app, 1)})"
             if used <= usable
             else f"{used} connections for {usable} usable slots: {used - usable} of the reserved slots taken "
@@ -91,24 +90,24 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
             text += f": {_apps(leaked)}"
         if settings.report_leak_queries and snapshot.leak_suspects:
             text += "; suspects: " + " | ".join(describe_suspect(s) for s in _suspects(snapshot, settings))
-        findings.append(Finding(level(total_leaked, t["leaked_connections"]), text))
+        findings.append(Finding(level(total_leaked, t.leaked_connections), text))
 
     total_tx = sum(in_tx.values())
     if total_tx:
         findings.append(
             Finding(
-                level(total_tx, t["idle_in_transaction_count"]),
+                level(total_tx, t.idle_in_transaction_count),
                 f"{total_tx} connections idle in transaction ({_apps(in_tx)})",
             )
         )
         findings.append(
             Finding(
-                level(oldest_tx, t["idle_in_transaction_seconds"]),
+                level(oldest_tx, t.idle_in_transaction_seconds),
                 f"a connection of app={oldest_app or 'none'} idle in transaction for {oldest_tx:.0f} s",
             )
         )
     if churn is not None:
-        findings.append(Finding(level(churn, t["churn_per_minute"]), f"{churn:.0f} new connections a minute (churn)"))
+        findings.append(Finding(level(churn, t.churn_per_minute), f"{churn:.0f} new connections a minute (churn)"))
     if hidden:
         findings.append(
             Finding(
@@ -127,22 +126,19 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
     if ratio is not None:
         findings.append(
             Finding(
-                level(ratio, t["pgbouncer_client_utilization"]),
-                f"{snapshot.lists.get('used_clients')} of {snapshot.config.get('max_client_conn')} "
+                level(ratio, t.pgbouncer_client_utilization),
+                f"{snapshot.lists.get('used_clients')} of {snapshot.config.max_client_conn:g} "
                 f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)",
             )
         )
-    worst_wait, worst_pool, waiting = 0.0, None, 0
-    for row in app_pools(snapshot):
-        wait = pool_maxwait(row) or 0.0
-        if wait > worst_wait:
-            worst_wait, worst_pool, waiting = wait, row, int(row.get("cl_waiting") or 0)
-    if worst_pool is not None:
+    waiting = [pool for pool in snapshot.pools if pool.maxwait]
+    if waiting:
+        pool = max(waiting, key=lambda p: p.maxwait or 0.0)
         findings.append(
             Finding(
-                level(worst_wait, t["pgbouncer_maxwait_seconds"]),
-                f"{waiting} clients waiting at PgBouncer pool {worst_pool.get('database')}/{worst_pool.get('user')}, "
-                f"the oldest for {worst_wait:.1f} s",
+                level(pool.maxwait or 0.0, t.pgbouncer_maxwait_seconds),
+                f"{pool.cl_waiting or 0:.0f} clients waiting at PgBouncer pool {pool.db}/{pool.user}, "
+                f"the oldest for {pool.maxwait:.1f} s",
             )
         )
     return findings

@@ -1,0 +1,154 @@
+"""Typed records: what the sources read, as the evaluation consumes it. Imports no driver.
+
+Each record is normalised once, in its source: column aliases, units, defaults and the
+PgBouncer admin database are resolved there, so no evaluation module looks at raw rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    version_num: int
+    version: str
+    max_connections: int
+    superuser_reserved: int
+    reserved: int  # reserved_connections, PostgreSQL 16 and later
+    statement_timeout_ms: int
+    idle_in_transaction_timeout_ms: int
+    # (database or '', role or '', {setting: value}) from ALTER ROLE / ALTER DATABASE ... SET
+    role_settings: tuple[tuple[str, str, dict[str, str]], ...] = ()
+
+    @property
+    def usable_slots(self) -> int:
+        return max(0, self.max_connections - self.superuser_reserved - self.reserved)
+
+    @property
+    def reserved_slots(self) -> int:
+        return self.superuser_reserved + self.reserved
+
+
+@dataclass(frozen=True)
+class ActivityGroup:
+    state: str | None  # as pg_stat_activity names it; None when the role may not see it
+    db: str
+    user: str
+    app: str
+    client_addr: str
+    count: int
+    waiting_on_lock: int = 0
+    leaked: int = 0
+    max_age: float = 0.0  # seconds in the state; for active, since query_start
+    opened: int = 0  # backends started after the previous snapshot
+
+
+@dataclass(frozen=True)
+class DatabaseSessions:
+    db: str
+    opened: int
+    abandoned: int
+    fatal: int
+    killed: int
+
+
+@dataclass(frozen=True)
+class LeakSuspect:
+    app: str
+    client_addr: str
+    db: str
+    user: str
+    idle_seconds: float
+    query: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PgSnapshot:
+    settings: ServerSettings
+    groups: tuple[ActivityGroup, ...]
+    databases: tuple[DatabaseSessions, ...] | None  # None before PostgreSQL 14
+    server_time: float  # epoch seconds on the server when the snapshot was taken
+    new_connection: bool
+    leak_suspects: tuple[LeakSuspect, ...] = ()
+
+
+# -- PgBouncer -------------------------------------------------------------------------------
+
+ADMIN_DB = "pgbouncer"  # the admin console's own database: never an application's pool
+
+
+@dataclass(frozen=True)
+class PgbPool:
+    """A SHOW POOLS row; a column the server's version lacks is None."""
+
+    db: str
+    user: str
+    pool_mode: str  # the row's, else its database's, else the server's default; "unknown" if none says
+    pool_size: float | None  # the database's own pool size, else default_pool_size
+    cl_active: float | None = None
+    cl_waiting: float | None = None
+    cl_active_cancel_req: float | None = None
+    cl_waiting_cancel_req: float | None = None
+    sv_active: float | None = None
+    sv_active_cancel: float | None = None
+    sv_being_canceled: float | None = None
+    sv_idle: float | None = None
+    sv_used: float | None = None
+    sv_tested: float | None = None
+    sv_login: float | None = None
+    maxwait: float | None = None  # seconds: maxwait plus maxwait_us
+
+
+@dataclass(frozen=True)
+class PgbDatabase:
+    """A SHOW DATABASES row."""
+
+    name: str
+    pool_mode: str | None
+    pool_size: float | None  # as configured; -1 means default_pool_size
+    reserve_pool_size: float | None  # reserve_pool before 1.24
+    max_connections: float | None
+    current_connections: float | None
+    paused: float | None
+    disabled: float | None
+
+
+@dataclass(frozen=True)
+class PgbStats:
+    """A SHOW STATS row: counters since PgBouncer started, times in seconds."""
+
+    db: str
+    transactions: float | None
+    queries: float | None  # total_requests before 1.8
+    bytes_received: float | None
+    bytes_sent: float | None
+    xact_time: float | None
+    query_time: float | None
+    wait_time: float | None
+
+
+@dataclass(frozen=True)
+class PgbConfig:
+    """The SHOW CONFIG values the check uses; None when the server does not say."""
+
+    max_client_conn: float | None = None
+    default_pool_size: float | None = None
+    reserve_pool_size: float | None = None
+    max_db_connections: float | None = None
+    pool_mode: str | None = None
+    server_idle_timeout: float | None = None
+    client_idle_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class PgbSnapshot:
+    pools: tuple[PgbPool, ...]  # the admin database left out, as in databases and stats
+    databases: tuple[PgbDatabase, ...]
+    stats: tuple[PgbStats, ...]
+    lists: dict[str, int]
+    config: PgbConfig
+    version: str | None
+    new_connection: bool = False
