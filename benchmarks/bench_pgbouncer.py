@@ -24,8 +24,8 @@ from datadog_checks.base.stubs import aggregator
 from timing import p90, timings
 
 from datadog_checks.django_db import DjangoDbCheck
-from datadog_checks.django_db.pgb_metrics import pgbouncer_metrics
-from datadog_checks.django_db.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
+from datadog_checks.django_db.evaluate.pgbouncer import pgbouncer_metrics
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
 
 def make_pools(box: Sandbox, count: int) -> list[str]:

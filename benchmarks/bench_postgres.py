@@ -24,7 +24,7 @@ from datadog_checks.base.stubs import aggregator
 from timing import p90, timings
 
 from datadog_checks.django_db import DjangoDbCheck
-from datadog_checks.django_db.sandbox import Sandbox
+from django_db_tools.sandbox import Sandbox
 
 LEVELS = (100, 1000)
 MAX_CONNECTIONS = 1100

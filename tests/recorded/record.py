@@ -17,8 +17,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import psycopg
-from datadog_checks.django_db.pgbouncer import ON_CONNECT, PER_RUN, parse_version
 
+from datadog_checks.django_db.sources.pgbouncer import ON_CONNECT, PER_RUN, parse_version
 from django_db_tools.sandbox import Sandbox
 
 APP_PASSWORD = "app-secret"
@@ -93,8 +93,7 @@ def main() -> None:
     with Sandbox(default_pool_size=20, max_client_conn=100) as box:
         root = box.root
         results = record(box)
-    version_rows = [dict(zip(results["VERSION"]["columns"], row, strict=True)) for row in results["VERSION"]["rows"]]
-    version = parse_version(version_rows)
+    version = parse_version([" ".join(str(v) for v in row) for row in results["VERSION"]["rows"]])
     if version is None:
         raise SystemExit(f"no version in {results['VERSION']}")
     major_minor = ".".join(version.split(".")[:2])
