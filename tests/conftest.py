@@ -32,11 +32,6 @@ def sandbox() -> Iterator[Sandbox]:
 
 
 @pytest.fixture
-def dd_environment(sandbox: Sandbox) -> Iterator[dict]:
-    yield sandbox.instance()
-
-
-@pytest.fixture
 def pg_instance(sandbox: Sandbox) -> dict:
     return {
         "postgres": sandbox.postgres.instance(Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD),

@@ -157,7 +157,10 @@ def test_demo_runs_every_phase_and_cleans_up():
     assert max(_numbers(saturation, r"cl_waiting (\d+)")) >= 10
     assert max(_numbers(saturation, r"maxwait (\d+(?:\.\d+)?)s")) > 0
     assert max(_numbers(saturation, r"clients (\d+)/30")) >= 25
-    assert any("health     " in line for line in saturation)
+    block = "\n".join(saturation)
+    assert re.search(r"health\s+CRITICAL", block), block
+    # The page names the limit that was reached.
+    assert re.search(r"CRITICAL: \d+ of 30 PgBouncer client connections in use", block), block
 
 
 @pytest.mark.parametrize(

@@ -161,15 +161,20 @@ def test_client_addr_is_opt_in(aggregator, dd_run_check, pg_instance, clients):
     assert one_value(aggregator, "django_db.postgres.connections", f"app:{APP}", "client_addr:127.0.0.1") == 2
 
 
-def test_sessions_opened_between_runs(aggregator, dd_run_check, pg_instance, clients):
+def test_sessions_opened_and_killed_between_runs(aggregator, dd_run_check, sandbox, pg_instance, clients):
     check = DjangoDbCheck("django_db", {}, [pg_instance])
     dd_run_check(check)
-    first = one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb")
+    opened = one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb")
+    killed = one_value(aggregator, "django_db.postgres.sessions.killed", "db:appdb")
+    victims = clients.many(3, app="to-be-killed")
+    sandbox.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'to-be-killed'")
+    for victim in victims:  # each backend has exited, and reported its end, once its client sees the socket close
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
     aggregator.reset()
-    clients.many(3, app=APP)
     dd_run_check(check)
-    assert one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb") == first + 3
-    assert one_value(aggregator, "django_db.postgres.sessions.killed", "db:appdb") >= 0
+    assert one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb") == opened + 3
+    assert one_value(aggregator, "django_db.postgres.sessions.killed", "db:appdb") == killed + 3
 
 
 def test_backends_opened_since_previous_snapshot(sandbox, pg_instance, clients):

@@ -7,7 +7,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-STATUS = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+from ..cli import STATUS_NAMES
+
 HEALTH = "django_db.connection_health"
 MESSAGE_LINES = 6
 LINE = 150
@@ -22,7 +23,7 @@ def _tag(tags: Iterable[str], key: str) -> str | None:
     return None
 
 
-class Run:
+class Figures:
     """The metrics and service checks of one run (stubs from datadog_checks.base.stubs.aggregator)."""
 
     def __init__(self, metrics: Sequence[Any], service_checks: Sequence[Any], error: str = ""):
@@ -48,7 +49,7 @@ class Run:
 
     def status(self, name: str) -> str:
         stub = self.service_checks.get(name)
-        return "n/a" if stub is None else STATUS.get(stub.status, str(stub.status))
+        return "n/a" if stub is None else STATUS_NAMES.get(stub.status, str(stub.status))
 
 
 def _n(value: float | None, unit: str = "") -> str:
@@ -67,7 +68,7 @@ def _ranked(counts: dict[str, float]) -> str:
     return ", ".join(f"{key} {_n(value)}" for key, value in items) or "none"
 
 
-def render(run: Run, traffic: str) -> list[str]:
+def render(run: Figures, traffic: str) -> list[str]:
     used = run.total("django_db.postgres.connections")
     available = run.total("django_db.postgres.connections_available")
     states = run.by("django_db.postgres.connections", "state")

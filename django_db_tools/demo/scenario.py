@@ -320,7 +320,7 @@ class Demo:
         traffic = " | ".join(t.since_last() for t in self.traffic if t.running)
         self.say(
             f"{self.clock()} {phase.name} ({number}/{total})",
-            *live.render(live.Run(metrics, checks, error), traffic or "none"),
+            *live.render(live.Figures(metrics, checks, error), traffic or "none"),
         )
 
     def run_phases(self) -> None:

@@ -31,7 +31,7 @@ def _apps(counts: Counter[str], limit: int = 3) -> str:
 
 
 def _of_apps(counts: Counter[str]) -> str:
-    """`of app=web` when one application causes it all, else `(app=web 4, app=worker 2)`."""
+    """`of app=web ` when one application causes it all, else nothing (the caller lists the applications)."""
     if len(counts) == 1:
         return f"of app={next(iter(counts)) or 'none'} "
     return ""
