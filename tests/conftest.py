@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 from datadog_checks.base import AgentCheck
 
 from django_db_tools.sandbox import Sandbox
+from django_db_tools.webapp.harness import Database, Webapp
 
 # The stubs refuse tags such as `version`; the check submits none, the dashboards rely on that.
 os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
@@ -75,6 +76,23 @@ def clients(sandbox: Sandbox) -> Iterator[Clients]:
     pool = Clients(sandbox)
     yield pool
     pool.close()
+
+
+@pytest.fixture
+def webapps(sandbox: Sandbox) -> Iterator[Callable[..., Webapp]]:
+    """Starts the Django web application under gunicorn as the `app` role on `appdb`, directly or through
+    PgBouncer (``through="pgbouncer"``); every one started is stopped when the test ends."""
+    started: list[Webapp] = []
+
+    def start(through: str = "postgres", **settings: object) -> Webapp:
+        port = sandbox.pgbouncer.port if through == "pgbouncer" else sandbox.postgres.port
+        app = Webapp(Database("127.0.0.1", port, "appdb", "app", APP_PASSWORD), **settings)  # type: ignore[arg-type]
+        started.append(app)
+        return app.start()
+
+    yield start
+    for app in started:
+        app.close()
 
 
 def metric_values(aggregator, name: str, *tags: str) -> list[float]:

@@ -1,0 +1,17 @@
+"""gunicorn settings from the environment: ``WEBAPP_BIND``, ``WEBAPP_WORKERS``, ``WEBAPP_THREADS``.
+
+gthread workers, as most Django deployments run them: each thread keeps its own Django connection.
+"""
+
+import os
+
+bind = os.environ.get("WEBAPP_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("WEBAPP_WORKERS", "1"))
+threads = int(os.environ.get("WEBAPP_THREADS", "2"))
+worker_class = "gthread"
+wsgi_app = "django_db_tools.webapp.wsgi:application"
+timeout = 60
+graceful_timeout = 5
+accesslog = None
+errorlog = "-"
+loglevel = "warning"

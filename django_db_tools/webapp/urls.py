@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.urls import include, path
+
+from . import views
+
+urlpatterns = [
+    path("health/", views.health),
+    path("query/", views.query),
+    path("transaction/", views.hold_transaction),
+    path("sleep/", views.sleep),
+    path("pool/", views.pool_stats),
+]
+if settings.PROMETHEUS:
+    urlpatterns.append(path("", include("django_prometheus.urls")))
