@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -68,38 +68,19 @@ def load_config(path: Path) -> tuple[dict, list[dict]]:
     return dict(init_config), [dict(i) for i in instances]
 
 
-def secrets_in(value: Any) -> set[str]:
-    """Every `password` value (at any depth), so that output can be scrubbed of them."""
-    found: set[str] = set()
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if isinstance(key, str) and "password" in key.lower() and isinstance(item, (str, int)) and str(item):
-                found.add(str(item))
-            else:
-                found |= secrets_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            found |= secrets_in(item)
-    return found
+def redact(text: str) -> str:
+    """The check's own masking of secrets, imported when first needed."""
+    from datadog_checks.django_db.redact import redact as mask
 
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "********")
-    return text
+    return mask(text)
 
 
 class RedactingFilter(logging.Filter):
-    """Keeps passwords out of log lines."""
-
-    def __init__(self, secrets: Iterable[str]):
-        super().__init__()
-        self.secrets = set(secrets)
+    """Keeps passwords out of log lines: masks connection parameters and URLs (see redact.py)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            record.msg = redact(record.getMessage(), self.secrets)
-            record.args = None
+        record.msg = redact(record.getMessage())
+        record.args = None
         return True
 
 
@@ -353,10 +334,8 @@ def command_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from datadog_checks.django_db import DjangoDbCheck
 
     path = Path(args.conf)
-    secrets: set[str] = set()
     try:
         init_config, instances = load_config(path)
-        secrets = secrets_in(init_config) | secrets_in(instances)
         checks = []
         for index, instance in enumerate(instances, 1):
             try:
@@ -366,10 +345,10 @@ def command_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             check.check_id = _check_id(instance)
             checks.append((index, instance, check))
     except CliError as e:
-        err.write(redact(f"django_db check: {e}\n", secrets))
+        err.write(redact(f"django_db check: {e}\n"))
         return EXIT_USAGE
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter(secrets))
+        handler.addFilter(RedactingFilter())
 
     times = max(args.check_times, 2) if args.check_rate else args.check_times
     pause = 1.0 if args.check_rate else args.pause / 1000.0
@@ -391,7 +370,7 @@ def command_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         text = table_output(results)
     else:
         text = text_output(results)
-    out.write(redact(text, secrets))
+    out.write(redact(text))
     failed = sum(result.errors for result in results)
     if failed:
         err.write(f"django_db check: {failed} of {times * len(results)} runs failed\n")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from datadog_checks.base import ConfigurationError
 
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.config import default_leak_idle_seconds, parse
 
+ROOT = Path(__file__).resolve().parent.parent
 PG = {"host": "127.0.0.1", "port": 5432, "username": "datadog", "password": "s3cret"}
 
 
@@ -36,6 +40,27 @@ PG = {"host": "127.0.0.1", "port": 5432, "username": "datadog", "password": "s3c
         ({"postgres": PG, "applications": {"include": ["(unclosed"]}}, "applications.include[0]"),
         ({"postgres": PG, "log_files": "/var/log/x.log"}, "log_files"),
         ({"postgres": PG, "report_leak_queries": "yes"}, "report_leak_queries"),
+        # Values that raised another exception, or passed and failed on every run.
+        ({"postgres": {**PG, "port": "²"}}, "postgres.port"),
+        ({"postgres": PG, "max_tag_values": "²"}, "max_tag_values"),
+        ({"postgres": PG, "conn_max_age": 10**400}, "conn_max_age"),
+        ({"postgres": PG, "max_tag_values": 10**5000}, "max_tag_values"),
+        ({"postgres": PG, "max_tag_values": "9" * 5000}, "max_tag_values"),
+        ({"postgres": PG, "leak_idle_seconds": "1e999"}, "leak_idle_seconds"),
+        ({"postgres": PG, 0: 1, "x": 2}, "option names must be strings"),
+        ({"postgres": {**PG, 0: 1, "x": 2}}, "`postgres`: option names must be strings"),
+        ({"postgres": PG, "thresholds": {0: 1, "x": 2}}, "`thresholds`: option names must be strings"),
+        ({"postgres": PG, "applications": {"include": ["a{99999999999}"]}}, "applications.include[0]"),
+        ({"postgres": PG, "metric_patterns": {"include": ["(("]}}, "metric_patterns.include[0]"),
+        ({"postgres": {**PG, "query_timeout": 3000000}}, "postgres.query_timeout"),
+        ({"postgres": PG, "log_max_bytes_per_run": 10**19}, "log_max_bytes_per_run"),
+        ({"pgbouncer": {"query_timeout": 1e10}}, "pgbouncer.query_timeout"),
+        ({"pgbouncer": {"connect_timeout": float("inf")}}, "pgbouncer.connect_timeout"),
+        ({"postgres": {**PG, "password": 12345}}, "postgres.password"),
+        ({"postgres": {**PG, "host": ""}}, "postgres.host"),
+        ({"postgres": {**PG, "host": "a\x00b"}}, "postgres.host"),
+        ({"postgres": PG, "tags": ["a", 3]}, "tags[1]"),
+        ({"postgres": PG, "service": 5}, "service"),
     ],
 )
 def test_bad_config_names_the_key(instance, key):
@@ -43,6 +68,65 @@ def test_bad_config_names_the_key(instance, key):
         DjangoDbCheck("django_db", {}, [instance])
     assert key in str(error.value)
     assert "s3cret" not in str(error.value)
+    assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("instance", [[PG], True, 1, None, "postgres"])
+def test_an_instance_that_is_no_mapping_is_refused(instance):
+    with pytest.raises(ConfigurationError, match="the instance must be a mapping"):
+        DjangoDbCheck("django_db", {}, [instance])
+
+
+def test_messages_keep_their_friendly_form():
+    with pytest.raises(ConfigurationError) as error:
+        DjangoDbCheck("django_db", {}, [{"postgres": {**PG, "port": 70000}}])
+    assert str(error.value) == "`postgres.port`: must be from 1 to 65535 (got 70000)"
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["postgresql://u:pw-9f2e@h/db", "postgres://u:pw-9f2e@h:5432/db?sslmode=require", "host=h user=u password=pw-9f2e"],
+)
+def test_a_connection_string_is_refused_without_its_password(section):
+    with pytest.raises(ConfigurationError) as error:
+        DjangoDbCheck("django_db", {}, [{"postgres": section}])
+    assert "`postgres`: must be a mapping" in str(error.value) and "connection string" in str(error.value)
+    assert "pw-9f2e" not in str(error.value)
+
+
+def test_a_password_pasted_in_another_field_is_not_echoed():
+    for value in ("s3cret", "postgresql://u:hunter-22@h/db"):
+        with pytest.raises(ConfigurationError) as error:
+            DjangoDbCheck("django_db", {}, [{"postgres": {**PG, "port": value}}])
+        assert "postgres.port" in str(error.value) and "********" in str(error.value)
+        assert "s3cret" not in str(error.value) and "hunter-22" not in str(error.value)
+
+
+def test_a_number_given_as_text_is_read():
+    settings = parse({"postgres": {**PG, "port": " 6543 ", "query_timeout": "2.5"}, "max_tag_values": "7"})
+    assert settings.postgres.port == 6543 and settings.postgres.query_timeout == 2.5
+    assert settings.max_tag_values == 7
+
+
+def test_the_check_validates_its_models_at_construction():
+    check = DjangoDbCheck("django_db", {}, [{"postgres": PG, "max_tag_values": 9}])
+    assert check._config_model_instance is not None and check._config_model_instance.max_tag_values == 9
+    assert check.settings.max_tag_values == 9
+
+
+def test_defaults_follow_the_spec():
+    """The defaults of the levels are the spec's example, as conf.yaml.example shows them."""
+    spec = yaml.safe_load((ROOT / "assets" / "configuration" / "spec.yaml").read_text())
+    [instances] = [o for o in spec["files"][0]["options"] if o.get("template") == "instances"]
+    options = {o["name"]: o for o in instances["options"] if "name" in o}
+    example = options["thresholds"]["value"]["example"]
+    levels = parse({"postgres": PG}).thresholds
+    for name, given in example.items():
+        level = getattr(levels, name)
+        assert (level.warning, level.critical) == (given.get("warning"), given.get("critical")), name
+    assert list(parse({"postgres": PG}).group_by) == options["group_by"]["value"]["example"]
+    for key in ("port", "connect_timeout", "query_timeout", "username", "dbname"):
+        assert getattr(parse({"postgres": {}}).postgres, key) == options["postgres"]["value"]["example"][key], key
 
 
 def test_defaults():

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from datadog_checks.base import AgentCheck
+from datadog_checks.base import AgentCheck, ConfigurationError
 
 from . import config
-from .connection import scrub
 from .evaluate.alignment import alignment_failures
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
 from .evaluate.model import Finding, Kind, Metric, Status, message, worst
@@ -20,6 +19,7 @@ from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import classify_error, count_log_lines
 from .records import PgbSnapshot, PgSnapshot
+from .redact import redact
 from .sources.logs import LogFollower
 from .sources.pgbouncer import PgBouncerSource
 from .sources.postgres import PostgresSource
@@ -36,8 +36,15 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     __NAMESPACE__ = ""
 
     def __init__(self, name: str, init_config: Any, instances: list[dict[str, Any]]):
+        # The base class reads a few options of the instance itself: refuse a malformed one first.
+        config.parse(instances[0] if instances else None)
         super().__init__(name, init_config, instances)
-        self.settings = config.parse(self.instance)
+        # The base class would validate the models lazily, at the first run: validate now, so that
+        # a bad instance fails at start. The package path also holds in the checks.d copy.
+        self.load_configuration_models(f"{__package__}.config_models")  # type: ignore[no-untyped-call]
+        if self._config_model_instance is None:
+            raise ConfigurationError("the configuration models of the check are missing")
+        self.settings = config.settings_from(self._config_model_instance)
         s = self.settings
         self.postgres = PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log) if s.postgres else None
         self.pgbouncer = PgBouncerSource(s.pgbouncer) if s.pgbouncer else None
@@ -128,7 +135,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     ) -> tuple[str, str]:
         """CRITICAL for the endpoint's can_connect, with the signature and its advice; returns what was seen."""
         signature = classify_error(error)
-        text = f"{label} {endpoint.server_tag}: {signature.name}: {scrub(str(error), endpoint)}. {signature.advice}"
+        detail = " ".join(redact(str(error)).split())
+        text = f"{label} {endpoint.server_tag}: {signature.name}: {detail}. {signature.advice}"
         self.log.warning("%s", text)
         self.service_check(check, Status.CRITICAL, tags=tags, message=text)
         return signature.name, endpoint.kind

@@ -6,12 +6,17 @@ query therefore runs under a deadline kept by one watchdog thread; when a deadli
 passes, the watchdog shuts the socket down, the blocked read returns at once, and the
 caller gets ``ClientTimeout``. The connection is then broken and is opened again on
 the next run.
+
+The watchdog serves every instance of the check in the Agent's process, so nothing one
+instance asks of it may stop it: a deadline is clamped to ``MAX_DEADLINE``, the thread
+survives any error of its own, and a thread found dead is started again.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import os
 import socket
@@ -26,6 +31,10 @@ import psycopg
 from .config import Endpoint
 
 APPLICATION_NAME = "datadog-django-db"
+MAX_DEADLINE = 24 * 3600.0  # seconds; the configuration allows an hour at most
+_WAIT_SLICE = 60.0  # the longest single wait of the watchdog thread
+
+log = logging.getLogger(__name__)
 
 
 class ClientTimeout(Exception):
@@ -50,8 +59,8 @@ class _Watchdog:
         with self._cond:
             token = next(self._ids)
             self._armed[token] = (fileno, fired)
-            heapq.heappush(self._heap, (time.monotonic() + seconds, token))
-            if self._thread is None:
+            heapq.heappush(self._heap, (time.monotonic() + _clamp(seconds), token))
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="django-db-watchdog", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -63,21 +72,39 @@ class _Watchdog:
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while self._heap and self._heap[0][1] not in self._armed:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                due, token = self._heap[0]
-                now = time.monotonic()
-                if due > now:
-                    self._cond.wait(due - now)
-                    continue
+            try:
+                self._step()
+            except Exception:
+                log.exception("the query watchdog met an error; it goes on")
+                time.sleep(0.01)
+
+    def _step(self) -> None:
+        with self._cond:
+            while self._heap and self._heap[0][1] not in self._armed:
                 heapq.heappop(self._heap)
-                fileno, fired = self._armed.pop(token)
-                fired.set()
-                _shutdown(fileno)
+            if not self._heap:
+                self._cond.wait(_WAIT_SLICE)
+                return
+            due, token = self._heap[0]
+            now = time.monotonic()
+            if due > now:
+                self._cond.wait(min(due - now, _WAIT_SLICE))
+                return
+            heapq.heappop(self._heap)
+            fileno, fired = self._armed.pop(token)
+            fired.set()
+        _shutdown(fileno)
+
+
+def _clamp(seconds: float) -> float:
+    """A deadline the heap can order and the thread can wait for: finite, from 0 to MAX_DEADLINE."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError, OverflowError):
+        return MAX_DEADLINE
+    if value != value:  # NaN
+        return MAX_DEADLINE
+    return min(max(value, 0.0), MAX_DEADLINE)
 
 
 def _shutdown(fileno: int) -> None:
@@ -135,10 +162,3 @@ def close_quietly(conn: psycopg.Connection | None) -> None:
         conn.close()
     except Exception:  # noqa: S110 - a broken connection may fail to close; it is dropped either way
         pass
-
-
-def scrub(text: str, endpoint: Endpoint) -> str:
-    """Remove the password from an error text, should a driver ever echo it."""
-    if endpoint.password:
-        text = text.replace(endpoint.password, "********")
-    return " ".join(text.split())

@@ -1,9 +1,288 @@
-# Here you can include additional config validators or transformers
-#
-# def initialize_instance(values, **kwargs):
-#     if 'my_option' not in values and 'my_legacy_option' in values:
-#         values['my_option'] = values['my_legacy_option']
-#     if values.get('my_number') > 10:
-#         raise ValueError('my_number max value is 10, got %s' % str(values.get('my_number')))
-#
-#     return values
+"""The check's own rules on the instance, run by the generated models (instance.py).
+
+``initialize_instance`` runs first, on the raw instance: every option of the check's sections
+is known, and every value has the type and the range the check can use. The names and types
+come from the models, which are generated from assets/configuration/spec.yaml.
+``check_instance`` then applies the rules across options.
+
+Each mistake raises ``ConfigurationError`` naming the key; pydantic passes it through as it
+is. A value is echoed only when it cannot hold a secret.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from collections.abc import Mapping
+from typing import Any, NoReturn, Union, get_args, get_origin
+
+from datadog_checks.base import ConfigurationError
+from pydantic import BaseModel
+
+from ..patterns import PatternRefused, compile_name_pattern
+from ..redact import MASK, looks_like_connection_string, redact
+
+DIMENSIONS = ("db", "user", "app", "client_addr")
+DEFAULT_GROUP_BY = ("db", "user", "app")
+SSLMODES = ("allow", "disable", "prefer", "require", "verify-ca", "verify-full")
+ENDPOINTS = ("postgres", "pgbouncer")
+NAME_FILTERS = ("applications", "databases")
+
+# Defaults of the options inside the endpoint sections; the generated defaults.py holds the
+# top-level ones. The PgBouncer console database is always `pgbouncer`.
+ENDPOINT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "postgres": {"host": "localhost", "port": 5432, "username": "datadog", "dbname": "postgres"},
+    "pgbouncer": {"host": "localhost", "port": 6432, "username": "datadog", "dbname": "pgbouncer"},
+}
+DEFAULT_TIMEOUT = 5.0
+
+# name: (warning, critical), as in the spec's example
+DEFAULT_THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
+    "utilization": (0.8, 0.9),
+    "pgbouncer_client_utilization": (0.8, 0.9),
+    "idle_in_transaction_seconds": (30, 300),
+    "idle_in_transaction_count": (None, 50),
+    "leaked_connections": (1, None),
+    "pgbouncer_maxwait_seconds": (1, 5),
+    "churn_per_minute": (100, None),
+}
+
+# A timeout longer than an hour only hides a hung server; the bound also keeps every deadline
+# and PostgreSQL's statement_timeout (milliseconds, a 32-bit integer) in range.
+MAX_TIMEOUT = 3600
+MAX_SECONDS = 10**9  # about 30 years: longer ages mean "never"
+LARGEST = 10**15  # any other number
+MAX_STRING = 4096
+
+# key, with `*` for either endpoint: (minimum, maximum, minimum allowed)
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "*.port": (1, 65535, True),
+    "*.connect_timeout": (0, MAX_TIMEOUT, False),
+    "*.query_timeout": (0.001, MAX_TIMEOUT, True),
+    "conn_max_age": (0, MAX_SECONDS, True),
+    "leak_idle_seconds": (0, MAX_SECONDS, False),
+    "max_tag_values": (1, 100_000, True),
+    "log_max_bytes_per_run": (1024, 2**30, True),
+    "min_collection_interval": (0, MAX_SECONDS, False),
+}
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
+_NUMBER = re.compile(r"[+-]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
+_SECRET_KEYS = ("password",)
+
+
+class _Checker:
+    """Walks the raw instance along the models' fields; returns the values the models accept."""
+
+    def __init__(self, instance: Mapping[Any, Any]):
+        self.secrets = [s for s in _secrets_in(instance) if s]
+
+    def fail(self, key: str, why: str, value: Any = None, echo: bool = True) -> NoReturn:
+        got = f" (got {self.show(value)})" if echo else ""
+        raise ConfigurationError(f"`{key}`: {why}{got}")
+
+    def show(self, value: Any) -> str:
+        """A value as the message shows it: short, and never a secret."""
+        if isinstance(value, str):
+            if any(secret in value for secret in self.secrets):
+                return MASK
+            text = redact(value)
+            return repr(text if len(text) <= 60 else text[:60] + "…")
+        if isinstance(value, bool) or value is None or isinstance(value, float):
+            return repr(value)
+        if isinstance(value, int):
+            if value.bit_length() > 64:
+                return f"a number of {len(str(value)) if value.bit_length() < 4000 else 'over 1000'} digits"
+            return repr(value)
+        if isinstance(value, Mapping):
+            return "a mapping"
+        if isinstance(value, (list, tuple)):
+            return f"a list of {len(value)}"
+        return f"a value of type {type(value).__name__}"
+
+    # -- sections ---------------------------------------------------------------------------
+    def section(self, key: str, value: Any, model: type[BaseModel], strict: bool = True) -> dict[Any, Any]:
+        """A mapping of the model's options; with ``strict``, an unknown option is refused."""
+        if not isinstance(value, Mapping):
+            if isinstance(value, str) and key in ENDPOINTS and looks_like_connection_string(value):
+                self.fail(
+                    key,
+                    "must be a mapping of options (host, port, username, password ...), not a connection string",
+                    echo=False,
+                )
+            self.fail(key, "must be a mapping of options", value)
+        fields = model.model_fields
+        result: dict[Any, Any] = {}
+        for name, item in value.items():
+            path = f"{key}.{name}" if key else str(name)
+            if not isinstance(name, str):
+                self.fail(key or "instance", "option names must be strings", name)
+            if name not in fields:
+                if strict:
+                    known = ", ".join(sorted(n for n in fields if n != "dbname" or key != "pgbouncer"))
+                    raise ConfigurationError(f"`{key}`: unknown option {self.show(name)}; known: {known}")
+                result[name] = item
+                continue
+            result[name] = self.value(path, item, fields[name].annotation)
+        return result
+
+    def value(self, key: str, value: Any, annotation: Any) -> Any:
+        kind = _unwrap(annotation)
+        if value is None:
+            return None
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            return self.section(key, value, kind)
+        if kind is bool:
+            if not isinstance(value, bool):
+                self.fail(key, "must be true or false", value)
+            return value
+        if kind is int:
+            return self.bounded(key, self.integer(key, value), value)
+        if kind is float:
+            return self.bounded(key, self.number(key, value), value)
+        if kind is str:
+            return self.string(key, value)
+        if get_origin(kind) is tuple:
+            return self.strings(key, value)
+        return value
+
+    # -- values -----------------------------------------------------------------------------
+    def integer(self, key: str, value: Any) -> int:
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+            return int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, "must be a whole number", value)
+        return value
+
+    def number(self, key: str, value: Any) -> float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value.strip())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, "must be a number", value)
+        if isinstance(value, int) and abs(value) > LARGEST:
+            self.fail(key, "must be a finite number", value)
+        number = float(value)
+        if not math.isfinite(number):
+            self.fail(key, "must be a finite number", value)
+        return number
+
+    def bounded(self, key: str, number: float, given: Any) -> Any:
+        bounds = BOUNDS.get(key) or BOUNDS.get("*." + key.rpartition(".")[2] if "." in key else "")
+        low, high, low_allowed = bounds or (0, LARGEST, True)
+        if number < low or number > high or (number == low and not low_allowed):
+            if low_allowed:
+                why = f"must be from {_plain(low)} to {_plain(high)}"
+            else:
+                why = f"must be greater than {_plain(low)} and at most {_plain(high)}"
+            self.fail(key, why, given)
+        return number
+
+    def string(self, key: str, value: Any) -> str:
+        secret = key.rpartition(".")[2] in _SECRET_KEYS
+        if not isinstance(value, str):
+            if secret:
+                self.fail(key, "must be a string: quote it in the YAML file", echo=False)
+            self.fail(key, "must be a string", value)
+        if "\x00" in value or len(value) > MAX_STRING:
+            self.fail(key, f"must be a string of at most {MAX_STRING} characters, without NUL", echo=not secret)
+        if not value and not secret:
+            self.fail(key, "must be a non-empty string", value)
+        return value
+
+    def strings(self, key: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, (list, tuple)):
+            self.fail(key, "must be a list of strings", value)
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.fail(f"{key}[{index}]", "must be a string", item)
+            if "\x00" in item or len(item) > MAX_STRING:
+                self.fail(f"{key}[{index}]", f"must be a string of at most {MAX_STRING} characters, without NUL")
+        return tuple(value)
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``Optional[X]`` -> ``X``."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _secrets_in(value: Any, depth: int = 0) -> list[str]:
+    if depth > 20:
+        return []
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and key.lower() in _SECRET_KEYS and isinstance(item, (str, int)):
+                found.append(str(item) if not isinstance(item, int) or item.bit_length() < 64 else "")
+            else:
+                found += _secrets_in(item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found += _secrets_in(item, depth + 1)
+    return found
+
+
+def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
+    """The rules the models' types cannot say."""
+    if values.get("postgres") is None and values.get("pgbouncer") is None:
+        raise ConfigurationError("the instance needs a `postgres` section, a `pgbouncer` section, or both")
+    for name in ENDPOINTS:
+        sslmode = (values.get(name) or {}).get("sslmode")
+        if sslmode is not None and sslmode not in SSLMODES:
+            checker.fail(f"{name}.sslmode", f"must be one of {', '.join(SSLMODES)}", sslmode)
+    group_by = values.get("group_by")
+    if group_by is not None:
+        for index, dimension in enumerate(group_by):
+            if dimension not in DIMENSIONS:
+                checker.fail(f"group_by[{index}]", f"unknown dimension; use {', '.join(DIMENSIONS)}", dimension)
+        if len(set(group_by)) != len(group_by):
+            checker.fail("group_by", "names a dimension twice", ", ".join(group_by))
+    for name in NAME_FILTERS:
+        for part in ("include", "exclude"):
+            for index, pattern in enumerate((values.get(name) or {}).get(part) or ()):
+                try:
+                    compile_name_pattern(pattern)
+                except PatternRefused as e:
+                    checker.fail(f"{name}.{part}[{index}]", str(e), pattern)
+    for part in ("include", "exclude"):
+        for index, pattern in enumerate((values.get("metric_patterns") or {}).get(part) or ()):
+            try:
+                re.compile(pattern)
+            except (re.error, OverflowError, RecursionError, ValueError) as e:
+                checker.fail(f"metric_patterns.{part}[{index}]", f"is not a regular expression: {e}", pattern)
+    given = values.get("thresholds") or {}
+    for name, (warning, critical) in DEFAULT_THRESHOLDS.items():
+        levels = given.get(name) or {}
+        warning = levels.get("warning", warning)
+        critical = levels.get("critical", critical)
+        if warning is not None and critical is not None and warning > critical:
+            checker.fail(f"thresholds.{name}", f"warning {warning:g} is above critical {critical:g}", echo=False)
+
+
+def initialize_instance(values: Any, **kwargs: Any) -> Any:
+    """Check the raw instance; return it with numbers given as text read as numbers."""
+    from .instance import InstanceConfig
+
+    if not isinstance(values, Mapping):
+        if isinstance(values, str):
+            what = "a connection string" if looks_like_connection_string(values) else "a string"
+        elif isinstance(values, (bool, float)) or values is None:
+            what = repr(values)
+        else:
+            what = _Checker({}).show(values)
+        raise ConfigurationError(f"the instance must be a mapping of options (got {what})")
+    checker = _Checker(values)
+    checked = checker.section("", values, InstanceConfig, strict=False)
+    _check_rules(checker, checked)
+    return checked
+
+
+def check_instance(model: Any) -> Any:
+    return model
