@@ -23,6 +23,7 @@ from django_db_tools.sandbox import Sandbox, free_port
 from .conftest import APP_PASSWORD
 
 MONITOR_PASSWORD = Sandbox.MONITOR_PASSWORD
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_conf(folder: Path, *instances: dict, name: str = "conf.yaml") -> Path:
@@ -31,8 +32,13 @@ def write_conf(folder: Path, *instances: dict, name: str = "conf.yaml") -> Path:
     return path
 
 
+def user_environment() -> dict:
+    """The environment of a user's shell: without the switch the suite sets for the base package's stubs."""
+    return {key: value for key, value in os.environ.items() if key != "DDEV_SKIP_GENERIC_TAGS_CHECK"}
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "DDEV_SKIP_GENERIC_TAGS_CHECK": "true", **(env or {})}
+    environ = {**user_environment(), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "django_db_tools", *args],
         cwd=cwd,
@@ -134,6 +140,39 @@ def test_json_output_has_the_agent_shapes(tmp_path, sandbox, pg_only, pgb_only):
     assert "django_db.pgbouncer.max_client_conn" in pgb_names
     assert not any(name.startswith("django_db.postgres.") for name in pgb_names)  # reset between instances
     assert {c["check"] for c in document[1]["aggregator"]["service_checks"]} >= {"django_db.pgbouncer.can_connect"}
+
+
+def readme_example() -> dict:
+    """The configuration the README shows under Configuration."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Configuration") :]
+    block = section[section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", section.index("```yaml"))]
+    return yaml.safe_load(block)
+
+
+def test_the_readme_example_runs_in_the_runner(tmp_path, sandbox):
+    document = readme_example()
+    instance = document["instances"][0]
+    assert instance["tags"] == ["service:shop"]  # a generic tag key, which the Agent accepts
+    # The README's servers, passwords and log file, replaced by the sandbox's; every other option as shown.
+    instance["postgres"].update(sandbox.postgres.instance(Sandbox.MONITOR_USER, MONITOR_PASSWORD))
+    instance["pgbouncer"].update(sandbox.pgbouncer.instance(Sandbox.MONITOR_USER))
+    log = tmp_path / "pgbouncer.log"
+    log.write_text("")
+    instance["log_files"] = [str(log)]
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(document))
+    result = subprocess.run(
+        [str(ROOT / "run"), "check", "-c", str(conf)],
+        cwd=tmp_path, env=user_environment(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Runs: 1  Errors: 0  Warnings: 0" in result.stdout, result.stdout
+    assert "forbidden tag" not in result.stdout + result.stderr
+    metrics = [line for line in result.stdout.splitlines() if line.startswith("  django_db.")]
+    assert any(line.startswith("  django_db.postgres.max_connections = 100 (gauge)") for line in metrics), metrics
+    assert any(line.startswith("  django_db.pgbouncer.max_client_conn = ") for line in metrics), metrics
+    assert all("service:shop" in line for line in metrics)
 
 
 def test_check_times_runs_n_times(tmp_path, pg_only):

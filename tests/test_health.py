@@ -25,8 +25,8 @@ def health(aggregator):
     return checks[0]
 
 
-def errors(aggregator, signature, source):
-    return sum(metric_values(aggregator, "django_db.errors", f"signature:{signature}", f"source:{source}"))
+def errors(aggregator, signature, source, *tags):
+    return sum(metric_values(aggregator, "django_db.errors", f"signature:{signature}", f"source:{source}", *tags))
 
 
 def connect(port, user=SUPERUSER, password=SUPERUSER_PASSWORD, dbname="postgres", **kwargs):
@@ -65,8 +65,8 @@ def test_postgres_out_of_slots(aggregator, dd_run_check, held):
         )
         assert "CRITICAL: reserved_slots seen (1 from log)" in status.message
         assert "CRITICAL: too_many_clients seen (1 from log)" in status.message
-        assert errors(aggregator, "too_many_clients", "log") == 1
-        assert errors(aggregator, "reserved_slots", "log") == 1
+        assert errors(aggregator, "too_many_clients", "log", f"log_file:{box.postgres.logfile}") == 1
+        assert errors(aggregator, "reserved_slots", "log", f"log_file:{box.postgres.logfile}") == 1
         aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.OK)
 
         fresh = DjangoDbCheck("django_db", {}, [instance])  # a new connection is refused too
@@ -75,7 +75,7 @@ def test_postgres_out_of_slots(aggregator, dd_run_check, held):
         aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.CRITICAL)
         message = aggregator.service_checks("django_db.postgres.can_connect")[0].message
         assert "too_many_clients" in message and "max_connections" in message
-        assert errors(aggregator, "too_many_clients", "postgres") == 1
+        assert errors(aggregator, "too_many_clients", "postgres", f"postgres_server:127.0.0.1:{box.postgres.port}") == 1
         check.cancel()
         fresh.cancel()
 

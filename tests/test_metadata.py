@@ -14,11 +14,18 @@ OTEL = ["db.client.connections.usage"]
 
 @pytest.fixture
 def traffic(sandbox, clients):
+    # A database with a server connection limit: without one, its max_connections is not sent.
+    port = sandbox.postgres.port
+    sandbox.pgbouncer.databases["capped"] = f"host=127.0.0.1 port={port} dbname=appdb max_db_connections=4"
+    sandbox.pgbouncer.reload()
     for conn in clients.many(3, app="meta-app", dbname="appdb", port=sandbox.pgbouncer.port, prepare_threshold=None):
         conn.execute("SELECT 1")
     conn = clients.connect(app="meta-app")
     conn.execute("BEGIN")
     conn.execute("SELECT 1")
+    yield
+    del sandbox.pgbouncer.databases["capped"]
+    sandbox.pgbouncer.reload()
 
 
 def test_metrics_use_metadata(aggregator, dd_run_check, sandbox, traffic):

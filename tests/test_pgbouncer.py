@@ -20,7 +20,9 @@ def pools(sandbox):
     """Two extra pools: `tiny` (transaction mode, one server connection) and `sess` (session mode)."""
     port = sandbox.postgres.port
     sandbox.pgbouncer.databases["tiny"] = f"host=127.0.0.1 port={port} dbname=appdb pool_size=1"
-    sandbox.pgbouncer.databases["sess"] = f"host=127.0.0.1 port={port} dbname=appdb pool_size=3 pool_mode=session"
+    sandbox.pgbouncer.databases["sess"] = (
+        f"host=127.0.0.1 port={port} dbname=appdb pool_size=3 pool_mode=session max_db_connections=3"
+    )
     sandbox.pgbouncer.reload()
     yield sandbox
     del sandbox.pgbouncer.databases["tiny"], sandbox.pgbouncer.databases["sess"]
@@ -61,6 +63,16 @@ def test_waiting_clients_and_saturated_pool(aggregator, dd_run_check, pools, cli
     dd_run_check(check)
     assert _pool(aggregator, "cl_waiting", "tiny") == 0
     assert _pool(aggregator, "maxwait", "tiny") == 0
+
+
+def test_database_limit_is_sent_only_when_there_is_one(aggregator, dd_run_check, pools):
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": pools.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    check.cancel()
+    assert one_value(aggregator, "django_db.pgbouncer.databases.max_connections", "pgbouncer_db:sess") == 3
+    # No max_db_connections anywhere means no limit: no series, rather than a 0 that reads as "none allowed".
+    assert metric_values(aggregator, "django_db.pgbouncer.databases.max_connections", "pgbouncer_db:tiny") == []
+    assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:tiny") == 1
 
 
 def test_session_mode_pins_server_connections(aggregator, dd_run_check, pools, clients):
@@ -147,6 +159,11 @@ def test_each_side_reports_while_the_other_is_down(aggregator, dd_run_check, own
     assert metric_values(aggregator, "django_db.postgres.max_connections") == [30]
     message = aggregator.service_checks("django_db.pgbouncer.can_connect")[0].message
     assert "connection_refused" in message and Sandbox.MONITOR_PASSWORD not in message
+    # The error is counted once, on the server it came from.
+    (error,) = aggregator.metrics("django_db.errors")
+    assert f"pgbouncer_server:127.0.0.1:{own_sandbox.pgbouncer.port}" in error.tags
+    assert {"signature:connection_refused", "source:pgbouncer"} <= set(error.tags)
+    assert not any(tag.startswith("postgres_server:") for tag in error.tags)
 
     own_sandbox.pgbouncer.start()
     own_sandbox.postgres.stop()
@@ -155,6 +172,9 @@ def test_each_side_reports_while_the_other_is_down(aggregator, dd_run_check, own
     aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.CRITICAL)
     aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
     assert metric_values(aggregator, "django_db.pgbouncer.max_client_conn") == [100]
+    (error,) = aggregator.metrics("django_db.errors")
+    assert f"postgres_server:127.0.0.1:{own_sandbox.postgres.port}" in error.tags
+    assert "source:postgres" in error.tags
     check.cancel()
 
 

@@ -29,7 +29,7 @@ PGBOUNCER_CAN_CONNECT = "django_db.pgbouncer.can_connect"
 CONNECTION_HEALTH = "django_db.connection_health"
 CONFIG_ALIGNMENT = "django_db.config_alignment"
 
-Seen = list[tuple[str, str]]  # (signature, source) of every error met in a run
+Seen = list[tuple[str, str, str]]  # (signature, source, server tag) of every error met in a run
 
 
 class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base class is not typed
@@ -79,9 +79,10 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             seen += errors
         if self.logs is not None:
             seen += self.collect_logs(self.logs)
-        findings += signature_findings(seen)
-        for signature, source in seen:
-            self.count("django_db.errors", 1, tags=[f"signature:{signature}", f"source:{source}", *self.settings.tags])
+        findings += signature_findings((signature, source) for signature, source, _ in seen)
+        for signature, source, server in seen:
+            tags = [server, f"signature:{signature}", f"source:{source}", *self.settings.tags]
+            self.count("django_db.errors", 1, tags=tags)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
         if pg is not None and pgb is not None:
             failures = alignment_failures(self.settings, pg, pgb)
@@ -121,9 +122,9 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     def collect_logs(self, logs: LogFollower) -> Seen:
         seen: Seen = []
-        for lines in logs.poll().values():
+        for path, lines in logs.poll().items():
             for name, count in count_log_lines(lines).items():
-                seen += [(name, "log")] * count
+                seen += [(name, "log", f"log_file:{path}")] * count
         for path, problem in logs.problems.items():
             if self._log_problems.get(path) != problem:
                 self.warning("Cannot read log file %s: %s", path, problem)
@@ -132,14 +133,14 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     def report_error(
         self, error: Exception, label: str, endpoint: config.Endpoint, check: str, tags: list[str]
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str, str]:
         """CRITICAL for the endpoint's can_connect, with the signature and its advice; returns what was seen."""
         signature = classify_error(error)
         detail = " ".join(redact(str(error)).split())
         text = f"{label} {endpoint.server_tag}: {signature.name}: {detail}. {signature.advice}"
         self.log.warning("%s", text)
         self.service_check(check, Status.CRITICAL, tags=tags, message=text)
-        return signature.name, endpoint.kind
+        return signature.name, endpoint.kind, endpoint.tag
 
     def report(self, check: str, status: Status, tags: list[str], text: str) -> None:
         """A service check; an OK one carries no message, as the Agent expects."""

@@ -32,6 +32,12 @@ def client_utilization(snapshot: PgbSnapshot) -> float | None:
     return clients / limit
 
 
+def database_limit(own: float | None, default: float | None) -> float | None:
+    """A database's server connection limit: its own max_db_connections, else the global one; None when
+    neither is set, since PgBouncer's 0 means no limit and a 0 on a graph would read as no connection allowed."""
+    return own or default or None
+
+
 def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]:
     assert settings.pgbouncer is not None
     base = (settings.pgbouncer.tag, *settings.tags)
@@ -49,7 +55,10 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]
     for database in snapshot.databases:
         tags = (*base, f"pgbouncer_db:{tag_value(database.name)}")
         for name in DATABASE_GAUGES:
-            if (value := getattr(database, name)) is not None:
+            value = getattr(database, name)
+            if name == "max_connections":
+                value = database_limit(value, snapshot.config.max_db_connections)
+            if value is not None:
                 metrics.append(Metric("gauge", f"{PREFIX}databases.{name}", value, tags))
 
     for stats in snapshot.stats:
