@@ -136,3 +136,12 @@ def test_churn_per_minute():
     assert history.churn_per_minute(1000.0, 50) is None
     assert history.churn_per_minute(1030.0, 110) == 120.0
     assert history.churn_per_minute(1060.0, 5) is None  # statistics reset
+
+
+def test_pgbouncer_database_limit_falls_back_to_the_global_one_and_0_is_none():
+    from datadog_checks.django_db.evaluate.pgbouncer import database_limit
+
+    assert database_limit(5, 20) == 5
+    assert database_limit(0, 20) == 20
+    assert database_limit(0, 0) is None
+    assert database_limit(None, None) is None

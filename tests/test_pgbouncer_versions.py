@@ -217,8 +217,14 @@ def test_database_gauges(version):
     raw = load(version)
     metrics = run(raw)
     for db in ("appdb", "sized"):
-        for name in ("pool_size", "max_connections", "current_connections", "paused", "disabled"):
+        for name in ("pool_size", "current_connections", "paused", "disabled"):
             assert value(metrics, f"{P}databases.{name}", db) == column(raw, "DATABASES", name, "name", db)
+        # max_db_connections 0 is no limit: then no series, never a 0 that reads as "no connection allowed".
+        limit = column(raw, "DATABASES", "max_connections", "name", db)
+        sent = [
+            m.value for m in metrics if m.name == f"{P}databases.max_connections" and f"pgbouncer_db:{db}" in m.tags
+        ]
+        assert sent == ([limit] if limit else [])
 
 
 @pytest.mark.parametrize("version", SYNTHETIC)
