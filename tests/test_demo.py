@@ -12,8 +12,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from datadog_checks.django_db.evaluate.signatures import BY_NAME
+from django_db_tools.demo import live
 
 PHASES = ("healthy", "leak", "stuck", "saturation")
 SANDBOX_PREFIX = os.path.join(tempfile.gettempdir(), "django-db-sandbox-")
@@ -123,8 +127,8 @@ def _numbers(lines: list[str], pattern: str) -> list[float]:
 def _phase_block(output: str, name: str) -> list[str]:
     """The live-view lines printed during one phase."""
     start = output.index(f": {name} ===")
-    end = output.find("=== phase", start + 1)
-    return output[start : end if end != -1 else len(output)].splitlines()
+    ends = [i for i in (output.find("=== phase", start + 1), output.find("=== summary", start + 1)) if i != -1]
+    return output[start : min(ends, default=len(output))].splitlines()
 
 
 def test_demo_runs_every_phase_and_cleans_up():
@@ -153,6 +157,16 @@ def test_demo_runs_every_phase_and_cleans_up():
     assert max(_numbers(stuck, r"waiting on a lock (\d+)")) >= 1
     assert max(_numbers(stuck, r"oldest idle in transaction (\d+(?:\.\d+)?)s")) >= 2
 
+    # Each phase says what to watch for; the end of the leak says why its connections linger and waits them out.
+    assert output.count("  watch for: ") == 4
+    after_leak = output[output.index("leak over:") : output.index("=== phase 3/4")]
+    assert "server_idle_timeout" in after_leak and "app=none" in after_leak
+    assert "PgBouncer closed the session pool's server connections" in after_leak
+    assert max(_numbers(stuck, r"by app: .*\bnone (\d+)"), default=0) < 10  # no leftovers of the leak
+    for name in PHASES:  # a churn finding is explained where it shows
+        block = "\n".join(_phase_block(output, name))
+        assert "(churn)" not in block or "why churn: " in block
+
     saturation = _phase_block(output, "saturation")
     assert max(_numbers(saturation, r"cl_waiting (\d+)")) >= 10
     assert max(_numbers(saturation, r"maxwait (\d+(?:\.\d+)?)s")) > 0
@@ -161,6 +175,41 @@ def test_demo_runs_every_phase_and_cleans_up():
     assert re.search(r"health\s+CRITICAL", block), block
     # The page names the limit that was reached.
     assert re.search(r"CRITICAL: \d+ of 30 PgBouncer client connections in use", block), block
+
+    # Whole findings, wrapped, never cut: the advice of max_client_conn is there to the end.
+    live_view = output.split("=== summary")[0]
+    assert all(len(line) <= live.WIDTH for line in live_view.splitlines() if line.startswith(live.INDENT))
+    advice = BY_NAME["max_client_conn"].advice.rstrip(".")
+    assert advice in " ".join(line.strip() for line in live_view.splitlines())
+    assert not re.search(r"\b1 slots\b", output)
+
+    # The closing summary: each phase's worst finding and what to do, then what next.
+    summary = output[output.index("=== summary") : output.index("cleaned up:")]
+    flat = " ".join(line.strip() for line in summary.splitlines())
+    assert re.search(r"^healthy +OK", summary, re.M)
+    for name, words in (("leak", "(leaked)"), ("stuck", "idle in transaction"), ("saturation", "max_client_conn")):
+        section = flat[flat.index(f"{name} ") :]
+        assert re.match(rf"{name} +(WARNING|CRITICAL) ", section), section[:200]
+        assert words in section[: section.index("what to do:")]
+    assert flat.count("what to do: ") == 4
+    assert "close_old_connections()" in flat and "idle_in_transaction_session_timeout" in flat
+    assert "next: " in flat and "./run check -c conf.yaml" in flat
+
+
+def test_the_live_view_counts_in_words_and_wraps_whole_findings():
+    stubs = [
+        SimpleNamespace(name="django_db.postgres.connections_available", value=1, tags=[]),
+        SimpleNamespace(name="django_db.postgres.connections", value=16, tags=["state:idle", "app:web"]),
+    ]
+    long = "CRITICAL: max_client_conn seen (97 from log): " + "advice " * 40 + "to the end."
+    health = SimpleNamespace(name=live.HEALTH, status=2, message="WARNING: 16 of 17 usable slots in use; " + long)
+    lines = live.render(live.Figures(stubs, [health]), "none")
+    assert "(utilisation n/a, 1 slot left)" in lines[0]
+    findings = lines[lines.index("  health     CRITICAL") + 1 :]
+    assert findings[0] == live.INDENT + "WARNING: 16 of 17 usable slots in use"
+    assert all(len(line) <= live.WIDTH for line in findings) and len(findings) >= 4
+    assert " ".join(line.strip() for line in findings[1:]) == long.strip()
+    assert [live.plural(n, "slot") for n in (0, 1, 2, None)] == ["0 slots", "1 slot", "2 slots", "n/a slots"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -10,9 +11,27 @@ from typing import Any
 from ..cli import STATUS_NAMES
 
 HEALTH = "django_db.connection_health"
-MESSAGE_LINES = 6
-LINE = 150
+WIDTH = 110  # findings are wrapped at this width, never cut
+INDENT = " " * 13
 FINDING_SEPARATOR = re.compile(r";\s+(?=(?:OK|WARNING|CRITICAL|UNKNOWN):)|\n")
+
+
+def plural(count: float | None, word: str) -> str:
+    """``1 slot``, ``3 slots``, ``n/a slots``."""
+    return f"{_n(count)} {word if count == 1 else word + 's'}"
+
+
+def wrap(text: str, indent: str = INDENT, hanging: str = "  ") -> list[str]:
+    """The whole text, wrapped at WIDTH: later lines hang under the first."""
+    lines = textwrap.wrap(
+        text, WIDTH, initial_indent=indent, subsequent_indent=indent + hanging, break_on_hyphens=False
+    )
+    return lines or [indent.rstrip()]
+
+
+def findings(message: str) -> list[str]:
+    """The findings of a connection_health message, one string each."""
+    return [part.strip() for part in FINDING_SEPARATOR.split(message or "") if part.strip()]
 
 
 def _tag(tags: Iterable[str], key: str) -> str | None:
@@ -76,7 +95,7 @@ def render(run: Figures, traffic: str) -> list[str]:
     lines = [
         f"  postgres   connections {_n(used)}"
         f" (utilisation {_pct(run.total('django_db.postgres.connection_utilization'))},"
-        f" {_n(available)} slots left)  by state: {_ranked(states)}  by app: {_ranked(apps)}",
+        f" {plural(available, 'slot')} left)  by state: {_ranked(states)}  by app: {_ranked(apps)}",
         f"             leaked {_n(run.total('django_db.postgres.leaked_connections'))}"
         f"  waiting on a lock {_n(run.total('django_db.postgres.waiting_on_lock'))}"
         f"  oldest idle in transaction {_n(run.highest('django_db.postgres.idle_in_transaction.max_age'), 's')}",
@@ -98,11 +117,8 @@ def render(run: Figures, traffic: str) -> list[str]:
     health = run.service_checks.get(HEALTH)
     lines.append(f"  health     {run.status(HEALTH)}")
     if health is not None and health.message:
-        message = [part.strip() for part in FINDING_SEPARATOR.split(health.message) if part.strip()]
-        for part in message[:MESSAGE_LINES]:
-            lines.append(f"             {part[:LINE]}")
-        if len(message) > MESSAGE_LINES:
-            lines.append(f"             ... and {len(message) - MESSAGE_LINES} more")
+        for finding in findings(health.message):
+            lines += wrap(finding)
     if run.error:
-        lines.append(f"  check error: {run.error[:LINE]}")
+        lines += wrap(f"check error: {run.error}", indent="  ")
     return lines

@@ -11,6 +11,7 @@ Every few seconds DjangoDbCheck runs against the sandbox and a few lines show wh
 from __future__ import annotations
 
 import random
+import re
 import signal
 import threading
 import time
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
+
+import psycopg
 
 from .. import sandbox as sandbox_module
 from . import live, shop
@@ -49,6 +52,14 @@ class Phase:
     what: str
     start: Callable[[], None]
     stop: Callable[[], None]
+    expect: str = ""  # what the live view should show, said before it does
+    advice: str = ""  # what to do when the check reports this in production
+
+
+RANK = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+FINDING = re.compile(r"^(OK|WARNING|CRITICAL|UNKNOWN): (.*)$", re.S)
+FIGURE = re.compile(r"\d+(?:\.\d+)?")
+SUMMARY_FINDINGS = 4
 
 
 class Traffic:
@@ -147,6 +158,10 @@ class Demo:
         self.helpers: list[threading.Thread] = []
         self.check: Any = None
         self.base = ""
+        self.server_idle_timeout = max(1, int(self.leak_idle_seconds) - 1)
+        # phase name: finding with its figures blanked out: (status, the finding as last seen)
+        self.found: dict[str, dict[str, tuple[str, str]]] = {}
+        self.explained: set[str] = set()
 
     # -- output ---------------------------------------------------------------------------------
     def say(self, *lines: str) -> None:
@@ -168,7 +183,7 @@ class Demo:
             reserve_pool_size=0,
             max_client_conn=MAX_CLIENT_CONN,
             server_round_robin=1,  # use pooled server connections in turn, so none sits idle for long
-            server_idle_timeout=max(1, int(self.leak_idle_seconds) - 1),  # closes idle pooled server connections
+            server_idle_timeout=self.server_idle_timeout,  # closes idle pooled server connections
             query_wait_timeout=10,
         )
         self.sandbox = box
@@ -236,6 +251,8 @@ class Demo:
                 "3 clients browse products and place orders; connections are reused and handed back",
                 self.start_healthy,
                 lambda: None,
+                expect="a few shop-web connections, idle between requests and reused; health OK.",
+                advice="nothing: this is what a healthy stack looks like.",
             ),
             Phase(
                 "leak",
@@ -243,6 +260,11 @@ class Demo:
                 "with CONN_MAX_AGE=None their connections stay open, each pinning a session-pool server connection",
                 self.start_leak,
                 self.stop_leak,
+                expect=f"{REPORT_THREADS} shop-reports connections that stay idle; once idle for longer than "
+                f"leak_idle_seconds ({self.leak_idle_seconds:g} s) they are reported as leaked, and utilisation "
+                "climbs towards the WARNING mark.",
+                advice="in threads, management commands and Celery tasks that use the ORM, call "
+                "django.db.close_old_connections() (or connection.close()) when done; keep CONN_MAX_AGE finite.",
             ),
             Phase(
                 "stuck",
@@ -250,6 +272,10 @@ class Demo:
                 "2 buyers of the same product queue on its row lock",
                 self.start_stuck,
                 self.stop_stuck,
+                expect="one connection idle in transaction whose age grows (WARNING after 2 s, CRITICAL after "
+                f"{max(3, round(self.phase_seconds / 2))} s), and the 2 buyers waiting on its lock.",
+                advice="keep slow calls (payments, HTTP, e-mail) out of transaction.atomic(); set "
+                "idle_in_transaction_session_timeout so PostgreSQL ends such sessions.",
             ),
             Phase(
                 "saturation",
@@ -257,6 +283,10 @@ class Demo:
                 f"({POOL_SIZE}) serves, more clients than max_client_conn ({MAX_CLIENT_CONN}) admits",
                 self.start_saturation,
                 self.stop_saturation,
+                expect="clients queueing at PgBouncer (cl_waiting, maxwait), max_client_conn reached, requests "
+                "failing with HTTP 500, and max_client_conn errors counted in PgBouncer's log.",
+                advice="size the pool for the concurrency (default_pool_size within PostgreSQL's usable slots), "
+                "raise max_client_conn to cover every worker thread, or run fewer workers; shorten slow requests.",
             ),
         ]
 
@@ -278,6 +308,42 @@ class Demo:
         for thread in list(STATE.report_threads):
             thread.join(5)
         self.say(f"{self.clock()} leak over: the report threads finished and closed their connections")
+        self.say(
+            *live.wrap(
+                f"PgBouncer keeps the session pool's {REPORT_THREADS} server connections open, idle, until "
+                f"server_idle_timeout ({self.server_idle_timeout} s here, 600 s by default) closes them. Until "
+                "then PostgreSQL still counts them, as app=none: PgBouncer resets application_name when a client "
+                "leaves. Waiting for them to close, so the next phase starts from a clean slate.",
+                indent="  ",
+            )
+        )
+        left = self.wait_for_reports_pool_to_close(self.server_idle_timeout + 10)
+        if left:
+            self.say(f"{self.clock()} {live.plural(left, 'server connection')} of the session pool still open")
+        else:
+            self.say(f"{self.clock()} PgBouncer closed the session pool's server connections")
+
+    def reports_server_connections(self) -> int:
+        """Server connections PgBouncer holds for the `shop_reports` pool (SHOW POOLS)."""
+        box = self.sandbox
+        assert box is not None
+        user = sandbox_module.Sandbox.MONITOR_USER
+        with psycopg.connect(
+            host="127.0.0.1", port=box.pgbouncer.port, user=user, password=box.pgbouncer.users[user],
+            dbname="pgbouncer", autocommit=True, connect_timeout=5,
+            cursor_factory=psycopg.ClientCursor, prepare_threshold=None,
+        ) as conn:  # fmt: skip
+            cursor = conn.execute("SHOW POOLS")
+            columns = [c.name for c in cursor.description or ()]
+            rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+        states = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
+        return sum(int(row.get(state) or 0) for row in rows if row["database"] == "shop_reports" for state in states)
+
+    def wait_for_reports_pool_to_close(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while (left := self.reports_server_connections()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return left
 
     def start_stuck(self) -> None:
         STATE.release_checkouts.clear()
@@ -294,6 +360,13 @@ class Demo:
                 traffic.stop()
                 traffic.join()
         self.say(f"{self.clock()} stuck over: the payment call returned and the checkout committed")
+        self.say(
+            *live.wrap(
+                "The commit releases the row lock: the buyers' orders go through, and the idle in transaction "
+                "finding clears at the next run.",
+                indent="  ",
+            )
+        )
 
     def start_saturation(self) -> None:
         self.traffic.append(
@@ -306,6 +379,13 @@ class Demo:
                 traffic.stop()
                 traffic.join()
         self.say(f"{self.clock()} saturation over: the dashboard clients went away")
+        self.say(
+            *live.wrap(
+                "PgBouncer's waiting queue drains and its client count falls back; the transaction pool keeps "
+                f"its {POOL_SIZE} server connections open for the next requests.",
+                indent="  ",
+            )
+        )
 
     # -- the live view --------------------------------------------------------------------------
     def observe(self, phase: Phase, number: int, total: int) -> None:
@@ -318,15 +398,70 @@ class Demo:
         checks = [stub for name in aggregator.service_check_names for stub in aggregator.service_checks(name)]
         aggregator.reset()
         traffic = " | ".join(t.since_last() for t in self.traffic if t.running)
-        self.say(
-            f"{self.clock()} {phase.name} ({number}/{total})",
-            *live.render(live.Figures(metrics, checks, error), traffic or "none"),
-        )
+        figures = live.Figures(metrics, checks, error)
+        self.say(f"{self.clock()} {phase.name} ({number}/{total})", *live.render(figures, traffic or "none"))
+        health = figures.service_checks.get(live.HEALTH)
+        found = live.findings(health.message if health is not None else "")
+        self.remember(phase.name, found)
+        if any(finding.endswith("(churn)") for finding in found) and phase.name not in self.explained:
+            self.explained.add(phase.name)
+            opened = figures.total("django_db.postgres.sessions.opened")
+            count = f"{live.plural(opened, 'connection')} opened" if opened is not None else "new connections"
+            self.say(
+                *live.wrap(
+                    f"why churn: {count} since the previous run, {self.interval:g} s ago here, counted per minute. "
+                    + (
+                        f"Most are the {REPORT_THREADS} report threads, which connected at once and keep their "
+                        "connections: a burst of connections that stay, not connections opened and closed again."
+                        if phase.name == "leak"
+                        else "PgBouncer opens server connections for a burst of requests and closes them after "
+                        f"server_idle_timeout ({self.server_idle_timeout} s here)."
+                    )
+                )
+            )
+
+    def remember(self, phase: str, found: list[str]) -> None:
+        """Keep each finding of a phase at its worst status and latest figures, for the summary."""
+        seen = self.found.setdefault(phase, {})
+        for finding in found:
+            match = FINDING.match(finding)
+            if match is None or match[1] == "OK":
+                continue
+            status, text = match[1], match[2]
+            key = FIGURE.sub("#", text)
+            if key not in seen or RANK[status] >= RANK[seen[key][0]]:
+                seen[key] = (status, text)
+
+    def summary(self, phases: list[Phase]) -> list[str]:
+        lines = ["", "=== summary: what the check found, and what to do ==="]
+        indent = " " * 12
+        for phase in phases:
+            found = sorted(self.found.get(phase.name, {}).values(), key=lambda item: -RANK[item[0]])
+            lines.append(f"{phase.name:<11} {found[0][0] if found else 'OK: nothing to report'}")
+            for level, text in found[:SUMMARY_FINDINGS]:
+                if text.endswith("(churn)") and phase.name in self.explained and phase.name == "leak":
+                    text += ": the report threads connecting at once, a burst (see above)"
+                lines += live.wrap(f"{level}: {text}", indent=indent)
+            if len(found) > SUMMARY_FINDINGS:
+                lines.append(f"{indent}and {live.plural(len(found) - SUMMARY_FINDINGS, 'more finding')}")
+            lines += live.wrap(f"what to do: {phase.advice}", indent=indent)
+        lines += [
+            "",
+            "next:",
+            *live.wrap("- give each Django process an application_name (DATABASES OPTIONS): findings name it;", "  "),
+            *live.wrap("- write a conf.yaml for your own PostgreSQL and PgBouncer (README, Configuration) and run "
+                       "./run check -c conf.yaml to see what the check reports there;", "  "),
+            *live.wrap("- install the check in the Agent (README, Installation), then import "
+                       "assets/dashboards/django_db_overview.json and the monitors in assets/monitors/.", "  "),
+        ]  # fmt: skip
+        return lines
 
     def run_phases(self) -> None:
         phases = self.phases()
         for number, phase in enumerate(phases, 1):
             self.say("", f"{self.clock()} === phase {number}/{len(phases)}: {phase.name} === {phase.what}")
+            if phase.expect:
+                self.say(*live.wrap(f"watch for: {phase.expect}", indent="  "))
             phase.start()
             end = time.monotonic() + self.phase_seconds
             while True:
@@ -383,6 +518,7 @@ def run(phase_seconds: float, interval: float, out: TextIO, err: TextIO) -> int:
         demo.start()
         demo.run_phases()
         demo.say("", f"{demo.clock()} all phases done")
+        demo.say(*demo.summary(demo.phases()))
     except sandbox_module.SandboxError as e:
         err.write(f"django_db demo: {e}\n")
         status = 1
