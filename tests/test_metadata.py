@@ -29,7 +29,8 @@ def traffic(sandbox, clients):
 
 
 def test_metrics_use_metadata(aggregator, dd_run_check, sandbox, traffic):
-    check = DjangoDbCheck("django_db", {}, [{**sandbox.instance(), "leak_idle_seconds": 1}])
+    apps = [{"match": "^meta-app$", "max_connections": 2}]
+    check = DjangoDbCheck("django_db", {}, [{**sandbox.instance(), "leak_idle_seconds": 1, "apps": apps}])
     dd_run_check(check)
     dd_run_check(check)
     check.cancel()

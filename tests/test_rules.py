@@ -60,12 +60,12 @@ def test_postgres_findings_name_the_application():
     ]
     text = message(postgres_findings(pg(groups), settings, churn=150.0))
     assert text.startswith("CRITICAL: 38 of 40 usable slots in use (95%; most: app=web 30)")
-    assert "CRITICAL: a connection of app=worker idle in transaction for 320 s" in text
+    assert "CRITICAL: 2 connections idle in transaction (app=worker 2), the oldest for 320 s (app=worker)" in text
     assert "WARNING: 6 connections of app=web idle for over 600 s (leaked)" in text
     assert "WARNING: 150 new connections a minute (churn)" in text
     assert "WARNING: 5 backends are hidden from the monitoring role: GRANT pg_monitor TO datadog" in text
-    # Two sessions idle in a transaction stay below the count threshold (critical 50): no finding of their own.
-    assert "2 connections idle in transaction" not in text
+    # One finding for the sessions idle in a transaction, not one for their count and one for the oldest.
+    assert text.count("idle in transaction") == 1
 
 
 def test_leak_suspects_only_when_asked_and_without_literals():

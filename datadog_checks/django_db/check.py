@@ -13,6 +13,7 @@ from datadog_checks.base import AgentCheck, ConfigurationError
 
 from . import config
 from .evaluate.alignment import alignment_failures
+from .evaluate.apps import app_metrics, budget_findings, excuse_pools
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
 from .evaluate.model import Finding, Kind, Metric, Status, message, worst
 from .evaluate.pgbouncer import pgbouncer_metrics
@@ -46,7 +47,10 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             raise ConfigurationError("the configuration models of the check are missing")
         self.settings = config.settings_from(self._config_model_instance)
         s = self.settings
-        self.postgres = PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log) if s.postgres else None
+        leak_rules = tuple((app.match, app.leak_idle_seconds) for app in s.apps)
+        self.postgres = (
+            PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules) if s.postgres else None
+        )
         self.pgbouncer = PgBouncerSource(s.pgbouncer) if s.pgbouncer else None
         self.logs = LogFollower(s.log_files, s.log_max_bytes_per_run) if s.log_files else None
         self.sessions = SessionHistory()
@@ -100,13 +104,16 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self._last_server_time = snapshot.server_time
         if snapshot.new_connection and not self.pgbouncer:
             self.set_metadata("version", snapshot.settings.version.split()[0])
+        snapshot = excuse_pools(snapshot, self.settings)
         opened = self.sessions.opened_by_db(snapshot)
         metrics, folded = postgres_metrics(snapshot, self.settings, opened)
         for dimension, values in folded.items():
             self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
         self.submit(metrics)
+        self.submit(app_metrics(snapshot, self.settings))
         churn = self.sessions.churn_per_minute(snapshot.server_time, sum(opened.values()))
-        return snapshot, postgres_findings(snapshot, self.settings, churn), []
+        findings = postgres_findings(snapshot, self.settings, churn) + budget_findings(snapshot, self.settings)
+        return snapshot, findings, []
 
     def collect_pgbouncer(self, source: PgBouncerSource) -> tuple[PgbSnapshot | None, list[Finding], Seen]:
         tags = [source.endpoint.tag, *self.settings.tags]

@@ -23,6 +23,7 @@ from .config_models.validators import (
     ENDPOINT_DEFAULTS,
 )
 from .patterns import NamePattern, compile_name_pattern
+from .profiles import AppProfile, profiles_from
 
 __all__ = ["DIMENSIONS", "Endpoint", "Level", "NameFilter", "Settings", "Thresholds", "parse", "settings_from"]
 
@@ -95,6 +96,7 @@ class Settings:
     report_leak_queries: bool
     emit_otel_metrics: bool
     tags: tuple[str, ...]
+    apps: tuple[AppProfile, ...] = ()
 
 
 def default_leak_idle_seconds(conn_max_age: float | None) -> float:
@@ -168,11 +170,13 @@ def settings_from(model: InstanceConfig) -> Settings:
     pgbouncer = _endpoint("pgbouncer", model.pgbouncer)
     conn_max_age = model.conn_max_age  # null: persistent connections; left out: the generated default
     leak_idle_seconds = model.leak_idle_seconds
+    if leak_idle_seconds is None:
+        leak_idle_seconds = default_leak_idle_seconds(conn_max_age)
     return Settings(
         postgres=postgres,
         pgbouncer=pgbouncer,
         conn_max_age=conn_max_age,
-        leak_idle_seconds=default_leak_idle_seconds(conn_max_age) if leak_idle_seconds is None else leak_idle_seconds,
+        leak_idle_seconds=leak_idle_seconds,
         applications=_name_filter(model.applications),
         databases=_name_filter(model.databases),
         group_by=tuple(model.group_by) if model.group_by is not None else DEFAULT_GROUP_BY,
@@ -183,4 +187,5 @@ def settings_from(model: InstanceConfig) -> Settings:
         report_leak_queries=bool(model.report_leak_queries),
         emit_otel_metrics=_given(model.emit_otel_metrics, defaults.instance_emit_otel_metrics),
         tags=tuple(model.tags or ()),
+        apps=profiles_from(model.apps, conn_max_age, leak_idle_seconds, default_leak_idle_seconds),
     )

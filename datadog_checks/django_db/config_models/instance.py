@@ -24,6 +24,18 @@ class Applications(BaseModel):
     include: Optional[tuple[str, ...]] = None
 
 
+class App(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    conn_max_age: Optional[float] = None
+    match: Optional[str] = None
+    max_connections: Optional[int] = None
+    name: Optional[str] = None
+    pooled: Optional[bool] = None
+
+
 class Databases(BaseModel):
     model_config = ConfigDict(
         arbitrary_types_allowed=True,
@@ -158,6 +170,7 @@ class InstanceConfig(BaseModel):
         frozen=True,
     )
     applications: Optional[Applications] = None
+    apps: Optional[tuple[App, ...]] = None
     conn_max_age: Optional[float] = None
     databases: Optional[Databases] = None
     disable_generic_tags: Optional[bool] = None

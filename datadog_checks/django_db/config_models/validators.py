@@ -65,6 +65,8 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "max_tag_values": (1, 100_000, True),
     "log_max_bytes_per_run": (1024, 2**30, True),
     "min_collection_interval": (0, MAX_SECONDS, False),
+    "*.max_connections": (1, 10**6, True),  # an `apps` profile's budget
+    "*.conn_max_age": (0, MAX_SECONDS, True),  # an `apps` profile's CONN_MAX_AGE
 }
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
@@ -144,6 +146,11 @@ class _Checker:
         if kind is str:
             return self.string(key, value)
         if get_origin(kind) is tuple:
+            item = get_args(kind)[0]
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                if not isinstance(value, (list, tuple)):
+                    self.fail(key, "must be a list of mappings", value)
+                return tuple(self.section(f"{key}[{index}]", entry, item) for index, entry in enumerate(value))
             return self.strings(key, value)
         return value
 
@@ -257,6 +264,7 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
                 re.compile(pattern)
             except (re.error, OverflowError, RecursionError, ValueError) as e:
                 checker.fail(f"metric_patterns.{part}[{index}]", f"is not a regular expression: {e}", pattern)
+    _check_apps(checker, values.get("apps") or ())
     given = values.get("thresholds") or {}
     for name, (warning, critical) in DEFAULT_THRESHOLDS.items():
         levels = given.get(name) or {}
@@ -264,6 +272,28 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
         critical = levels.get("critical", critical)
         if warning is not None and critical is not None and warning > critical:
             checker.fail(f"thresholds.{name}", f"warning {warning:g} is above critical {critical:g}", echo=False)
+
+
+def _check_apps(checker: _Checker, apps: Any) -> None:
+    """Each profile of `apps` has a pattern that compiles, and its own name."""
+    names: set[str] = set()
+    for index, app in enumerate(apps):
+        pattern = app.get("match")
+        if pattern is None:
+            checker.fail(f"apps[{index}].match", "is required: a regular expression on application_name", echo=False)
+        try:
+            compile_name_pattern(pattern)
+        except PatternRefused as e:
+            checker.fail(f"apps[{index}].match", str(e), pattern)
+        name = app.get("name") or profile_label(pattern)
+        if name in names:
+            checker.fail(f"apps[{index}].name", "names another profile too; give each profile its own `name`", name)
+        names.add(name)
+
+
+def profile_label(pattern: str) -> str:
+    """A profile's name when none is given: its pattern without the anchors, `^web$` is `web`."""
+    return pattern.removeprefix("^").removesuffix("$") or pattern
 
 
 def initialize_instance(values: Any, **kwargs: Any) -> Any:

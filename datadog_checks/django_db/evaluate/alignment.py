@@ -13,8 +13,8 @@ def _age(conn_max_age: float | None) -> str:
     return "conn_max_age=None (persistent)" if conn_max_age is None else f"conn_max_age={conn_max_age:g} s"
 
 
-def session_mode(settings: Settings, pgb: PgbSnapshot) -> list[str]:
-    if settings.conn_max_age is not None and settings.conn_max_age <= 0:
+def session_mode(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
+    if conn_max_age is not None and conn_max_age <= 0:
         return []
     modes = {pool.db: pool.pool_mode for pool in pgb.pools}
     for database in pgb.databases:
@@ -25,12 +25,12 @@ def session_mode(settings: Settings, pgb: PgbSnapshot) -> list[str]:
     if not pinned:
         return []
     return [
-        f"{_age(settings.conn_max_age)} while PgBouncer pools {', '.join(pinned)} in session mode: "
+        f"{_age(conn_max_age)} while PgBouncer pools {', '.join(pinned)} in session mode: "
         "every Django thread pins a server connection; use pool_mode=transaction"
     ]
 
 
-def idle_timeouts(settings: Settings, pgb: PgbSnapshot) -> list[str]:
+def idle_timeouts(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
     failures = []
     for key, timeout, closes in (
         ("server_idle_timeout", pgb.config.server_idle_timeout, "idle server connections"),
@@ -38,9 +38,9 @@ def idle_timeouts(settings: Settings, pgb: PgbSnapshot) -> list[str]:
     ):
         if not timeout or timeout <= 0:
             continue  # 0 turns the timeout off
-        if settings.conn_max_age is None or settings.conn_max_age > timeout:
+        if conn_max_age is None or conn_max_age > timeout:
             failures.append(
-                f"{_age(settings.conn_max_age)} is longer than PgBouncer's {key}={timeout:g} s, "
+                f"{_age(conn_max_age)} is longer than PgBouncer's {key}={timeout:g} s, "
                 f"after which it closes {closes}: keep CONN_MAX_AGE at or below it"
             )
     return failures
@@ -118,10 +118,20 @@ def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> lis
     ]
 
 
+def django_rules(settings: Settings, pgb: PgbSnapshot) -> list[str]:
+    """The CONN_MAX_AGE rules: once for the instance's conn_max_age, then for each application profile
+    that gives its own, named after it."""
+    failures = [*session_mode(settings.conn_max_age, pgb), *idle_timeouts(settings.conn_max_age, pgb)]
+    for profile in settings.apps:
+        if profile.conn_max_age != settings.conn_max_age:
+            own = [*session_mode(profile.conn_max_age, pgb), *idle_timeouts(profile.conn_max_age, pgb)]
+            failures += [f"app={profile.name}: {failure}" for failure in own]
+    return failures
+
+
 def alignment_failures(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
     return [
-        *session_mode(settings, pgb),
-        *idle_timeouts(settings, pgb),
+        *django_rules(settings, pgb),
         *slots(pg, pgb),
         *timeouts(settings, pg, pgb),
     ]

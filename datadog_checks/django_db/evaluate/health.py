@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from ..config import Level, Settings
+from ..profiles import profile_for
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from .model import Finding, Status
 from .pgbouncer import client_utilization
@@ -23,6 +24,11 @@ def level(value: float, threshold: Level) -> Status:
     if threshold.warning is not None and value >= threshold.warning:
         return Status.WARNING
     return Status.OK
+
+
+def leak_idle_seconds(settings: Settings, app: str) -> float:
+    profile = profile_for(settings.apps, app)
+    return profile.leak_idle_seconds if profile is not None else settings.leak_idle_seconds
 
 
 def _apps(counts: Counter[str], limit: int = 3) -> str:
@@ -85,7 +91,9 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
 
     total_leaked = sum(leaked.values())
     if total_leaked:
-        text = f"{total_leaked} connections {_of_apps(leaked)}idle for over {settings.leak_idle_seconds:g} s (leaked)"
+        limits = {leak_idle_seconds(settings, app) for app in leaked}
+        over = f"{limits.pop():g} s" if len(limits) == 1 else "their application's leak threshold"
+        text = f"{total_leaked} connections {_of_apps(leaked)}idle for over {over} (leaked)"
         if len(leaked) > 1:
             text += f": {_apps(leaked)}"
         if settings.report_leak_queries and snapshot.leak_suspects:
@@ -94,18 +102,20 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
 
     total_tx = sum(in_tx.values())
     if total_tx:
-        findings.append(
-            Finding(
-                level(total_tx, t.idle_in_transaction_count),
-                f"{total_tx} connections idle in transaction ({_apps(in_tx)})",
+        # One finding for them all: how many, of which applications, and the oldest.
+        status = max(level(total_tx, t.idle_in_transaction_count), level(oldest_tx, t.idle_in_transaction_seconds))
+        if total_tx == 1:
+            text = f"a connection of app={oldest_app or 'none'} idle in transaction for {oldest_tx:.0f} s"
+        else:
+            text = (
+                f"{total_tx} connections idle in transaction ({_apps(in_tx)}), "
+                f"the oldest for {oldest_tx:.0f} s (app={oldest_app or 'none'})"
             )
+        text += (
+            ": a transaction left open while the code waits on something else (a slow call inside atomic(), "
+            "a task that never commits); set idle_in_transaction_session_timeout"
         )
-        findings.append(
-            Finding(
-                level(oldest_tx, t.idle_in_transaction_seconds),
-                f"a connection of app={oldest_app or 'none'} idle in transaction for {oldest_tx:.0f} s",
-            )
-        )
+        findings.append(Finding(status, text))
     if churn is not None:
         findings.append(Finding(level(churn, t.churn_per_minute), f"{churn:.0f} new connections a minute (churn)"))
     if hidden:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import nullcontext
 from typing import Any, LiteralString, NamedTuple
 
@@ -25,14 +26,15 @@ CLIENT_ADDR = "host(client_addr)"
 # Grouped on datid and usesysid, not on names: reading only the function's own columns lets
 # the planner drop the view's joins to pg_database and pg_authid, which would cost as much
 # again as the scan itself. Names come from a cache (see PostgresSource.names).
-# Per row only comparisons: the leak cutoff and the previous run's time are computed once
+# `leaked` counts idle backends past each leak threshold in use (one per CONN_MAX_AGE of the
+# application profiles), the group's own picked afterwards by its application name.
+# Per row only comparisons: the leak cutoffs and the previous run's time are computed once
 # (sub-selects), ages once per group (the oldest timestamp, subtracted from now()).
 ACTIVITY_SQL = """
 SELECT state, datid, usesysid, application_name, {extra} AS client_addr,
        count(*) AS n,
        count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting_on_lock,
-       count(*) FILTER (WHERE state = 'idle'
-                        AND state_change < (SELECT now() - make_interval(secs => %(leak)s))) AS leaked,
+       ARRAY[{leaked}]::int[] AS leaked,
        extract(epoch FROM now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END))::float8
          AS max_age,
        count(*) FILTER (WHERE backend_start > (SELECT to_timestamp(%(since)s))) AS opened,
@@ -66,6 +68,10 @@ UNION ALL
 SELECT 'user', oid, rolname FROM pg_roles
 """
 
+LEAKED_SQL = (
+    "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(leak{i})s)))"
+)
+
 LEAK_SUSPECTS_SQL = """
 SELECT COALESCE(application_name, ''), COALESCE(host(client_addr), 'local'), datname, usename,
        extract(epoch FROM now() - state_change)::float8, query
@@ -86,7 +92,7 @@ class ActivityRow(NamedTuple):
     client_addr: str | None
     n: int
     waiting_on_lock: int
-    leaked: int
+    leaked: list[int]  # one count per leak threshold
     max_age: float | None
     opened: int
     now: float
@@ -99,12 +105,18 @@ class PostgresSource:
         group_by: tuple[str, ...],
         leak_idle_seconds: float,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        leak_rules: tuple[tuple[re.Pattern[str], float], ...] = (),
     ):
+        """``leak_rules``: (application_name pattern, its leak threshold), the first match wins; others
+        use ``leak_idle_seconds``."""
         self.endpoint = endpoint
         self.leak_idle_seconds = leak_idle_seconds
+        self.leak_rules = leak_rules
+        self.thresholds = sorted({leak_idle_seconds, *(seconds for _, seconds in leak_rules)})
         self.log = log
         extra = CLIENT_ADDR if "client_addr" in group_by else "''"
-        self.activity_sql = ACTIVITY_SQL.format(extra=extra, client_backends=CLIENT_BACKENDS)
+        leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
+        self.activity_sql = ACTIVITY_SQL.format(extra=extra, client_backends=CLIENT_BACKENDS, leaked=leaked)
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
         self.conn: psycopg.Connection | None = None
         self.settings: ServerSettings | None = None
@@ -132,7 +144,8 @@ class PostgresSource:
         conn = self.conn
         timeout = self.endpoint.query_timeout + 1  # the server's statement_timeout normally answers first
         # An infinite "since" counts no backend as opened on the first run.
-        params = {"leak": self.leak_idle_seconds, "since": float("inf") if since is None else since}
+        params: dict[str, float] = {"leak": self.thresholds[0], "since": float("inf") if since is None else since}
+        params.update({f"leak{i}": seconds for i, seconds in enumerate(self.thresholds)})
         with_sessions = self.settings.version_num >= 140000
         with deadline(conn, timeout):
             # Both statements in one round trip where libpq can pipeline (libpq 14 and later).
@@ -145,8 +158,10 @@ class PostgresSource:
             if new or not oids <= self.names.keys():
                 self.names = {(kind, oid): name for kind, oid, name in conn.execute(NAMES_SQL).fetchall()}
             suspects: tuple[LeakSuspect, ...] = ()
-            if want_suspects and any(r.leaked for r in rows):
-                suspects = tuple(LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
+            leaked = [r.leaked[self.thresholds.index(self.leak_seconds(r.application_name or ""))] for r in rows]
+            if want_suspects and any(leaked):
+                found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
+                suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app))
             server_time = rows[0].now if rows else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
         groups = tuple(
             ActivityGroup(
@@ -157,13 +172,19 @@ class PostgresSource:
                 client_addr=r.client_addr or "",
                 count=r.n,
                 waiting_on_lock=r.waiting_on_lock,
-                leaked=r.leaked,
+                leaked=leaked[i],
                 max_age=max(0.0, r.max_age or 0.0),
                 opened=r.opened,
             )
-            for r in rows
+            for i, r in enumerate(rows)
         )
         return PgSnapshot(self.settings, groups, databases, server_time, new, suspects)
+
+    def leak_seconds(self, application_name: str) -> float:
+        for pattern, seconds in self.leak_rules:
+            if pattern.search(application_name):
+                return seconds
+        return self.leak_idle_seconds
 
     def _read_settings(self, conn: psycopg.Connection) -> ServerSettings:
         timeout = self.endpoint.query_timeout
