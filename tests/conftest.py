@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from datadog_checks.base import AgentCheck
 
+from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools.sandbox import Sandbox
 from django_db_tools.webapp.harness import Database, Webapp
 
@@ -114,3 +115,32 @@ def timed_critical_run(aggregator, dd_run_check, check, service_check: str) -> t
     elapsed = time.monotonic() - started
     aggregator.assert_service_check(service_check, AgentCheck.CRITICAL)
     return elapsed, aggregator.service_checks(service_check)[0].message
+
+
+def wait_for(sandbox: Sandbox, app: str, count: int, state: str | None = None, timeout: float = 20) -> None:
+    """Wait until PostgreSQL shows ``count`` client backends of ``app`` (in ``state``)."""
+    deadline = time.monotonic() + timeout
+    seen = -1
+    while time.monotonic() < deadline:
+        with psycopg.connect(sandbox.postgres.dsn(), autocommit=True) as conn:
+            seen = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = %s AND (%s::text IS NULL OR state = %s)",
+                [app, state, state],
+            ).fetchone()[0]
+        if seen == count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{app}: {seen} backends in {state or 'any state'}, expected {count}")
+
+
+def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
+    """One run of a new check on ``instance``: the connection_health status and message."""
+    aggregator.reset()
+    check = DjangoDbCheck("django_db", {}, [instance])
+    try:
+        dd_run_check(check)
+    finally:
+        check.cancel()
+    status = aggregator.service_checks("django_db.connection_health")[-1]
+    return status.status, status.message or ""

@@ -4,44 +4,15 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 import pytest
 from datadog_checks.base import AgentCheck, ConfigurationError
 
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.config import parse
 
-from .conftest import metric_values, one_value
+from .conftest import health, metric_values, one_value, wait_for
 
 PG = {"host": "db", "port": 5432}
-
-
-def wait_for(sandbox, app: str, count: int, state: str | None = None, timeout: float = 20) -> None:
-    """Until PostgreSQL shows ``count`` client backends of ``app`` (in ``state``)."""
-    deadline = time.monotonic() + timeout
-    seen = -1
-    while time.monotonic() < deadline:
-        with psycopg.connect(sandbox.postgres.dsn(), autocommit=True) as conn:
-            seen = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE application_name = %s AND (%s::text IS NULL OR state = %s)",
-                [app, state, state],
-            ).fetchone()[0]
-        if seen == count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{app}: {seen} backends in {state or 'any state'}, expected {count}")
-
-
-def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
-    aggregator.reset()
-    check = DjangoDbCheck("django_db", {}, [instance])
-    try:
-        dd_run_check(check)
-    finally:
-        check.cancel()
-    status = aggregator.service_checks("django_db.connection_health")[-1]
-    return status.status, status.message or ""
 
 
 def persistent_threads(webapps, sandbox, name: str, threads: int):
