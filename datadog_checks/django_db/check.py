@@ -14,13 +14,15 @@ from datadog_checks.base import AgentCheck, ConfigurationError
 from . import config
 from .evaluate.alignment import alignment_failures
 from .evaluate.apps import app_metrics, budget_findings, excuse_pools
+from .evaluate.django_metrics import DjangoHistory, django_findings, django_metrics, failure_text
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
-from .evaluate.model import Finding, Kind, Metric, Status, message, worst
+from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import classify_error, count_log_lines
 from .records import PgbSnapshot, PgSnapshot
 from .redact import redact
+from .sources.django_metrics import DjangoMetricsSource
 from .sources.logs import LogFollower
 from .sources.pgbouncer import PgBouncerSource
 from .sources.postgres import PostgresSource
@@ -29,6 +31,7 @@ POSTGRES_CAN_CONNECT = "django_db.postgres.can_connect"
 PGBOUNCER_CAN_CONNECT = "django_db.pgbouncer.can_connect"
 CONNECTION_HEALTH = "django_db.connection_health"
 CONFIG_ALIGNMENT = "django_db.config_alignment"
+DJANGO_CAN_SCRAPE = "django_db.django.can_scrape"
 
 Seen = list[tuple[str, str, str]]  # (signature, source, server tag) of every error met in a run
 
@@ -53,6 +56,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         )
         self.pgbouncer = PgBouncerSource(s.pgbouncer) if s.pgbouncer else None
         self.logs = LogFollower(s.log_files, s.log_max_bytes_per_run) if s.log_files else None
+        self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
+        self.django_history = DjangoHistory()
         self.sessions = SessionHistory()
         self._last_server_time: float | None = None
         self._log_problems: dict[str, str] = {}
@@ -83,6 +88,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             seen += errors
         if self.logs is not None:
             seen += self.collect_logs(self.logs)
+        if self.django is not None:
+            findings += self.collect_django(self.django)
         findings += signature_findings((signature, source) for signature, source, _ in seen)
         for signature, source, server in seen:
             tags = [server, f"signature:{signature}", f"source:{source}", *self.settings.tags]
@@ -127,6 +134,24 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(pgbouncer_metrics(snapshot, self.settings))
         return snapshot, pgbouncer_findings(snapshot, self.settings), []
 
+    def collect_django(self, source: DjangoMetricsSource) -> list[Finding]:
+        """The processes' own view. A failed endpoint shows in its own service check and in
+        django_db.errors (source:django), never in connection_health: the servers' view stands."""
+        run = self.django_history.update(source.read())
+        for scrape in run.scrapes:
+            self.service_check(DJANGO_CAN_SCRAPE, Status.OK, tags=self.django_tags(scrape.url, scrape.app))
+        for failure in run.failures:
+            tags = self.django_tags(failure.url, failure.app)
+            text = failure_text(failure)
+            self.log.warning("%s", text)
+            self.service_check(DJANGO_CAN_SCRAPE, Status.CRITICAL, tags=tags, message=text)
+            self.count("django_db.errors", 1, tags=[f"signature:{failure.problem}", "source:django", *tags])
+        self.submit(django_metrics(run, self.settings.tags))
+        return django_findings(run, self.settings.thresholds.churn_per_minute)
+
+    def django_tags(self, url: str, app: str) -> list[str]:
+        return [f"django_endpoint:{url}", f"app:{tag_value(app)}", *self.settings.tags]
+
     def collect_logs(self, logs: LogFollower) -> Seen:
         seen: Seen = []
         for path, lines in logs.poll().items():
@@ -163,6 +188,6 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             submitters[metric.kind](metric.name, metric.value, tags=list(metric.tags))
 
     def cancel(self) -> None:
-        for resource in (self.postgres, self.pgbouncer, self.logs):
+        for resource in (self.postgres, self.pgbouncer, self.logs, self.django):
             if resource is not None:
                 resource.close()

@@ -24,8 +24,19 @@ from .config_models.validators import (
 )
 from .patterns import NamePattern, compile_name_pattern
 from .profiles import AppProfile, profiles_from
+from .redact import bare_url
 
-__all__ = ["DIMENSIONS", "Endpoint", "Level", "NameFilter", "Settings", "Thresholds", "parse", "settings_from"]
+__all__ = [
+    "DIMENSIONS",
+    "DjangoEndpoint",
+    "Endpoint",
+    "Level",
+    "NameFilter",
+    "Settings",
+    "Thresholds",
+    "parse",
+    "settings_from",
+]
 
 SSL_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 
@@ -50,6 +61,21 @@ class Endpoint:
     def tag(self) -> str:
         """``postgres_server:<host>:<port>`` or ``pgbouncer_server:<host>:<port>``."""
         return f"{self.kind}_server:{self.server_tag}"
+
+
+@dataclass(frozen=True)
+class DjangoEndpoint:
+    """A Prometheus endpoint of Django processes and the application they connect as."""
+
+    url: str = field(repr=False)  # may hold credentials
+    app: str
+    timeout: float  # the whole read, connecting included
+    http: Mapping[str, Any] = field(repr=False)  # the options of the base's HTTP wrapper
+
+    @property
+    def label(self) -> str:
+        """The URL without credentials, query string or fragment: safe in tags and messages."""
+        return bare_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -97,6 +123,7 @@ class Settings:
     emit_otel_metrics: bool
     tags: tuple[str, ...]
     apps: tuple[AppProfile, ...] = ()
+    django_metrics: tuple[DjangoEndpoint, ...] = ()
 
 
 def default_leak_idle_seconds(conn_max_age: float | None) -> float:
@@ -159,6 +186,16 @@ def _thresholds(section: Any) -> Thresholds:
     return Thresholds(**levels)
 
 
+def _django_endpoint(section: Any) -> DjangoEndpoint:
+    options: dict[str, Any] = {
+        name: dict(value) if isinstance(value, Mapping) else value
+        for name, value in section.model_dump().items()
+        if value is not None and name not in ("url", "app")
+    }
+    timeout = float(options.setdefault("timeout", DEFAULT_TIMEOUT))
+    return DjangoEndpoint(url=section.url, app=section.app, timeout=timeout, http=options)
+
+
 def _given(value: Any, default: Callable[[], Any]) -> Any:
     """The value, or the spec's default where it is null."""
     return default() if value is None else value
@@ -188,4 +225,5 @@ def settings_from(model: InstanceConfig) -> Settings:
         emit_otel_metrics=_given(model.emit_otel_metrics, defaults.instance_emit_otel_metrics),
         tags=tuple(model.tags or ()),
         apps=profiles_from(model.apps, conn_max_age, leak_idle_seconds, default_leak_idle_seconds),
+        django_metrics=tuple(_django_endpoint(e) for e in model.django_metrics or ()),
     )

@@ -152,3 +152,51 @@ class PgbSnapshot:
     config: PgbConfig
     version: str | None
     new_connection: bool = False
+
+
+# -- Django processes (Prometheus endpoints) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DjangoAlias:
+    """What one endpoint says of one database alias: counters since its processes started."""
+
+    alias: str
+    new_connections: float = 0.0  # attempts: django-prometheus counts before connecting
+    connection_errors: float = 0.0
+    queries: float = 0.0  # django_db_execute_total, bulk executions included
+    errors: tuple[tuple[str, float], ...] = ()  # (exception class name, count)
+
+
+@dataclass(frozen=True)
+class DjangoPool:
+    """A Django 5.1 pool's get_stats() as exposed by the processes (the README's collector)."""
+
+    alias: str
+    size: float | None = None
+    available: float | None = None
+    max_size: float | None = None
+    requests_waiting: float | None = None
+    timeouts: float | None = None  # counter: requests that got no connection (requests_errors)
+    connections: float | None = None  # counter: physical connections the pool opened (connections_num)
+
+
+@dataclass(frozen=True)
+class DjangoScrape:
+    """One read of one endpoint."""
+
+    url: str  # without credentials or query string
+    app: str
+    time: float  # monotonic seconds when read
+    aliases: tuple[DjangoAlias, ...]
+    pools: tuple[DjangoPool, ...] = ()
+
+
+@dataclass(frozen=True)
+class DjangoScrapeFailure:
+    """A read of one endpoint that failed: refused, timed out, an HTTP error, or not django-prometheus text."""
+
+    url: str  # without credentials or query string
+    app: str
+    problem: str  # connection_refused, connect_timeout, tls_error, http_status, bad_exposition, no_django_metrics
+    detail: str  # safe to show: never the URL's credentials or the page's text

@@ -10,6 +10,7 @@ A secret is masked by its place, never by searching the text for it: a password 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 MASK = "********"
 
@@ -35,3 +36,12 @@ def redact(text: str) -> str:
 def looks_like_connection_string(text: str) -> bool:
     """A libpq URL or a key=value connection string."""
     return bool(re.match(r"\s*[A-Za-z][A-Za-z0-9+.-]*://", text)) or bool(re.search(r"\w\s*=", text))
+
+
+def bare_url(url: str) -> str:
+    """A URL without its user information, query string or fragment: what a tag or message may show."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unreadable url>"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"

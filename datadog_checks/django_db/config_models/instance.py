@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from types import MappingProxyType
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -43,6 +44,35 @@ class Databases(BaseModel):
     )
     exclude: Optional[tuple[str, ...]] = None
     include: Optional[tuple[str, ...]] = None
+
+
+class DjangoMetric(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    allow_redirects: Optional[bool] = None
+    app: Optional[str] = None
+    auth_type: Optional[str] = None
+    connect_timeout: Optional[float] = None
+    extra_headers: Optional[MappingProxyType[str, Any]] = None
+    headers: Optional[MappingProxyType[str, Any]] = None
+    password: Optional[str] = None
+    persist_connections: Optional[bool] = None
+    proxy: Optional[MappingProxyType[str, Any]] = None
+    read_timeout: Optional[float] = None
+    skip_proxy: Optional[bool] = None
+    timeout: Optional[float] = None
+    tls_ca_cert: Optional[str] = None
+    tls_cert: Optional[str] = None
+    tls_ignore_warning: Optional[bool] = None
+    tls_private_key: Optional[str] = None
+    tls_private_key_password: Optional[str] = None
+    tls_use_host_header: Optional[bool] = None
+    tls_validate_hostname: Optional[bool] = None
+    tls_verify: Optional[bool] = None
+    url: Optional[str] = None
+    username: Optional[str] = None
 
 
 class MetricPatterns(BaseModel):
@@ -174,6 +204,7 @@ class InstanceConfig(BaseModel):
     conn_max_age: Optional[float] = None
     databases: Optional[Databases] = None
     disable_generic_tags: Optional[bool] = None
+    django_metrics: Optional[tuple[DjangoMetric, ...]] = None
     emit_otel_metrics: Optional[bool] = None
     empty_default_hostname: Optional[bool] = None
     enable_legacy_tags_normalization: Optional[bool] = None

@@ -16,12 +16,13 @@ import re
 import types
 from collections.abc import Mapping
 from typing import Any, NoReturn, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from datadog_checks.base import ConfigurationError
 from pydantic import BaseModel
 
 from ..patterns import PatternRefused, compile_name_pattern
-from ..redact import MASK, looks_like_connection_string, redact
+from ..redact import MASK, bare_url, looks_like_connection_string, redact
 
 DIMENSIONS = ("db", "user", "app", "client_addr")
 DEFAULT_GROUP_BY = ("db", "user", "app")
@@ -67,11 +68,16 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "min_collection_interval": (0, MAX_SECONDS, False),
     "*.max_connections": (1, 10**6, True),  # an `apps` profile's budget
     "*.conn_max_age": (0, MAX_SECONDS, True),  # an `apps` profile's CONN_MAX_AGE
+    "*.timeout": (0, MAX_TIMEOUT, False),
+    "*.read_timeout": (0, MAX_TIMEOUT, False),
 }
+# The HTTP wrapper's authentication types (datadog_checks.base.utils.http.AUTH_TYPES).
+AUTH_TYPES = ("basic", "digest", "ntlm", "kerberos", "aws")
 
 _INTEGER = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
 _NUMBER = re.compile(r"[+-]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][+-]?[0-9]{1,3})?", re.ASCII)
-_SECRET_KEYS = ("password",)
+_SECRET_KEYS = ("password", "tls_private_key_password")
+_SECRET_MAPPINGS = ("headers", "extra_headers", "proxy")  # every value may be a secret
 
 
 class _Checker:
@@ -152,6 +158,10 @@ class _Checker:
                     self.fail(key, "must be a list of mappings", value)
                 return tuple(self.section(f"{key}[{index}]", entry, item) for index, entry in enumerate(value))
             return self.strings(key, value)
+        if get_origin(kind) is types.MappingProxyType:
+            if not isinstance(value, Mapping):
+                self.fail(key, "must be a mapping", echo=False)  # headers and proxies may hold secrets
+            return value
         return value
 
     # -- values -----------------------------------------------------------------------------
@@ -226,7 +236,9 @@ def _secrets_in(value: Any, depth: int = 0) -> list[str]:
     found: list[str] = []
     if isinstance(value, Mapping):
         for key, item in value.items():
-            if isinstance(key, str) and key.lower() in _SECRET_KEYS and isinstance(item, (str, int)):
+            if isinstance(key, str) and key.lower() in _SECRET_MAPPINGS and isinstance(item, Mapping):
+                found += [str(v) for v in item.values() if isinstance(v, str)]
+            elif isinstance(key, str) and key.lower() in _SECRET_KEYS and isinstance(item, (str, int)):
                 found.append(str(item) if not isinstance(item, int) or item.bit_length() < 64 else "")
             else:
                 found += _secrets_in(item, depth + 1)
@@ -265,6 +277,7 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
             except (re.error, OverflowError, RecursionError, ValueError) as e:
                 checker.fail(f"metric_patterns.{part}[{index}]", f"is not a regular expression: {e}", pattern)
     _check_apps(checker, values.get("apps") or ())
+    _check_django_metrics(checker, values.get("django_metrics"))
     given = values.get("thresholds") or {}
     for name, (warning, critical) in DEFAULT_THRESHOLDS.items():
         levels = given.get(name) or {}
@@ -294,6 +307,31 @@ def _check_apps(checker: _Checker, apps: Any) -> None:
 def profile_label(pattern: str) -> str:
     """A profile's name when none is given: its pattern without the anchors, `^web$` is `web`."""
     return pattern.removeprefix("^").removesuffix("$") or pattern
+
+
+def _check_django_metrics(checker: _Checker, endpoints: Any) -> None:
+    """Each endpoint has an http(s) URL and an application; no URL is listed twice."""
+    seen: list[str] = []
+    for index, endpoint in enumerate(endpoints or ()):
+        key = f"django_metrics[{index}]"
+        url, app = endpoint.get("url"), endpoint.get("app")
+        if url is None:
+            checker.fail(f"{key}.url", "is required: the endpoint's URL, e.g. http://10.0.0.7:8001/metrics", echo=False)
+        if app is None:
+            checker.fail(f"{key}.app", "is required: the application_name those processes connect as", echo=False)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a port out of range
+        except ValueError as e:
+            checker.fail(f"{key}.url", f"is not a URL: {e}", bare_url(url))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            checker.fail(f"{key}.url", "must be an http:// or https:// URL", bare_url(url))
+        if bare_url(url) in seen:
+            checker.fail(f"{key}.url", "is listed twice", bare_url(url))
+        seen.append(bare_url(url))
+        auth_type = endpoint.get("auth_type")
+        if auth_type is not None and auth_type.lower() not in AUTH_TYPES:
+            checker.fail(f"{key}.auth_type", f"must be one of {', '.join(AUTH_TYPES)}", auth_type)
 
 
 def initialize_instance(values: Any, **kwargs: Any) -> Any:
