@@ -198,5 +198,5 @@ class DjangoScrapeFailure:
 
     url: str  # without credentials or query string
     app: str
-    problem: str  # connection_refused, connect_timeout, tls_error, http_status, bad_exposition, no_django_metrics
+    problem: str  # connection_refused, connect_timeout, tls_error, http_status, bad_exposition
     detail: str  # safe to show: never the URL's credentials or the page's text

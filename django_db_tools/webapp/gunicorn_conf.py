@@ -15,3 +15,11 @@ graceful_timeout = 5
 accesslog = None
 errorlog = "-"
 loglevel = "warning"
+
+
+def child_exit(server, worker):
+    """In prometheus_client's multiprocess mode, a dead worker's live gauges must go."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -57,6 +57,8 @@ class Webapp:
         pool_timeout: float = 30,
         pool_overflow: int = 0,
         prometheus: bool = False,
+        prometheus_ports: int = 0,
+        prometheus_multiprocess: bool = False,
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
     ):
@@ -85,10 +87,22 @@ class Webapp:
             "WEBAPP_THREADS": str(threads),
             **(env or {}),
         }
+        # django-prometheus with several workers: a port for each (the range), or one merged page.
+        self.metrics_ports = [free_port() for _ in range(prometheus_ports)]
+        if self.metrics_ports:
+            self.settings["WEBAPP_PROMETHEUS_PORTS"] = ",".join(map(str, self.metrics_ports))
+        if prometheus_multiprocess:
+            multiproc = self.folder / "prometheus"
+            multiproc.mkdir()
+            self.settings["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
         self.proc: subprocess.Popen | None = None
 
     def environment(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("WEBAPP_")}
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("WEBAPP_") and key.upper() != "PROMETHEUS_MULTIPROC_DIR"
+        }
         env.update(self.settings)
         env["DJANGO_SETTINGS_MODULE"] = "django_db_tools.webapp.settings"
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
@@ -105,7 +119,8 @@ class Webapp:
                 start_new_session=True,
             )
         try:
-            wait_for_port(self.port, timeout, self.proc, self.gunicorn_log)
+            for port in (self.port, *self.metrics_ports):
+                wait_for_port(port, timeout, self.proc, self.gunicorn_log)
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -119,6 +134,13 @@ class Webapp:
                 return
             time.sleep(0.1)
         raise SandboxError(f"the web application did not answer /health/ in {timeout} s\n{self.output()}")
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """django-prometheus's pages: one per worker with ``prometheus_ports``, else the app's ``/metrics``."""
+        if self.metrics_ports:
+            return [f"http://127.0.0.1:{port}/metrics" for port in self.metrics_ports]
+        return [self.url("/metrics")]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -167,6 +189,11 @@ class Webapp:
         self.stop()
         for path in (self.gunicorn_log, self.folder / "django.log"):
             path.unlink(missing_ok=True)
+        multiproc = self.folder / "prometheus"
+        if multiproc.is_dir():
+            for path in multiproc.iterdir():
+                path.unlink()
+            multiproc.rmdir()
         try:
             self.folder.rmdir()
         except OSError:

@@ -9,7 +9,11 @@ Pool: ``WEBAPP_POOL`` is empty (no pool), ``django`` (Django 5.1's ``OPTIONS["po
 ``WEBAPP_POOL_TIMEOUT`` (seconds) size both; ``WEBAPP_POOL_OVERFLOW`` is the QueuePool's ``MAX_OVERFLOW``.
 
 ``WEBAPP_PROMETHEUS=1`` adds django-prometheus: its middleware, its database backend (without a pool or with
-Django's own) and ``/metrics``. ``WEBAPP_LOG_FILE`` is where Django's log goes (stderr when unset): failed
+Django's own) and ``/metrics``; with Django's pool, the pool's figures too (``pool_metrics.py``). Several gunicorn
+workers are exposed one of two ways: ``WEBAPP_PROMETHEUS_PORTS`` (comma-separated ports, given to
+``PROMETHEUS_METRICS_EXPORT_PORT_RANGE``: each worker serves its own on the first free one), or
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode: ``/metrics`` serves all workers' sum).
+``WEBAPP_LOG_FILE`` is where Django's log goes (stderr when unset): failed
 requests are logged there with their traceback, as ``django.request`` logs them.
 """
 
@@ -79,6 +83,9 @@ MIDDLEWARE: list[str] = (
     [_PROMETHEUS_MIDDLEWARE + "BeforeMiddleware", _PROMETHEUS_MIDDLEWARE + "AfterMiddleware"] if PROMETHEUS else []
 )
 DATABASES = {"default": _database()}
+if PROMETHEUS and ENV.get("WEBAPP_PROMETHEUS_PORTS"):
+    PROMETHEUS_METRICS_EXPORT_PORT_RANGE = [int(p) for p in ENV["WEBAPP_PROMETHEUS_PORTS"].split(",")]
+    PROMETHEUS_METRICS_EXPORT_ADDRESS = "127.0.0.1"
 USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -11,6 +11,7 @@ urlpatterns = [
     path("transaction/", views.hold_transaction),
     path("sleep/", views.sleep),
     path("pool/", views.pool_stats),
+    path("error/", views.failing_query),
 ]
 if settings.PROMETHEUS:
     urlpatterns.append(path("", include("django_prometheus.urls")))

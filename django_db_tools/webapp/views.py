@@ -47,6 +47,13 @@ def sleep(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"backend_pid": pid, "slept": seconds})
 
 
+def failing_query(request: HttpRequest) -> JsonResponse:
+    """A statement PostgreSQL refuses: the request fails with a database error (ProgrammingError)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM no_such_table")
+    return JsonResponse({})
+
+
 def pool_stats(request: HttpRequest) -> JsonResponse:
     """Django's own pool's counters in this worker process (``{}`` without one)."""
     pool = getattr(connection, "pool", None)

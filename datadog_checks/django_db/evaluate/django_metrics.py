@@ -42,6 +42,11 @@ class Growth:
     pool_connections: float | None = None  # None: the pool's counter is not exposed
 
     @property
+    def failed(self) -> float:
+        """Connections that could not be opened: with a pool, django-prometheus also counts its timeouts."""
+        return max(0.0, self.connection_errors - self.pool_timeouts) if self.pooled else self.connection_errors
+
+    @property
     def opened(self) -> float:
         """Physical connections: a pool's own count where exposed (django-prometheus counts check-outs then)."""
         return self.new_connections if self.pool_connections is None else self.pool_connections
@@ -191,7 +196,7 @@ def django_findings(run: DjangoRun, churn_per_minute: Level) -> list[Finding]:
         for alias, g in i.growth.items():
             by_app[i.app]["opened"] += g.opened
             by_app[i.app]["attempts"] += g.new_connections
-            by_app[i.app]["failed"] += g.connection_errors
+            by_app[i.app]["failed"] += g.failed
             if g.pooled:
                 pooled.add(i.app)
                 timeouts[i.app, alias] += g.pool_timeouts
@@ -256,6 +261,5 @@ def failure_text(failure: DjangoScrapeFailure) -> str:
         "tls_error": "check tls_verify, tls_ca_cert and the endpoint's certificate",
         "http_status": "check the URL's path, and headers or auth_type if the endpoint is protected",
         "bad_exposition": "the URL does not serve Prometheus text: point it at django-prometheus's /metrics",
-        "no_django_metrics": "add django_prometheus to INSTALLED_APPS and use its database ENGINE wrapper",
     }.get(failure.problem, "read the Agent's log for the error")
     return f"Django metrics {failure.url} (app={failure.app}): {failure.detail}. {advice[0].upper()}{advice[1:]}."

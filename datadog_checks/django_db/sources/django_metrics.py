@@ -43,8 +43,6 @@ POOL_SAMPLES = {
     "django_db_pool_timeouts_total": "timeouts",
     "django_db_pool_connections_total": "connections",
 }
-# Families that say the page comes from django-prometheus, even before any database use.
-DJANGO_FAMILIES = ("django_db_new_connections", "django_db_execute", "django_db_errors", "django_db_pool_size")
 
 
 class Problem(Exception):
@@ -64,14 +62,16 @@ def _named(name: str, wanted: Iterable[str]) -> str | None:
 
 
 def parse(text: str, url: str, app: str, read_at: float) -> DjangoScrape:
-    """The exposition text of one endpoint as a record; raises Problem on text that is not one."""
+    """The exposition text of one endpoint as a record; raises Problem on text that is not one.
+
+    A page without django-prometheus's database metrics is read as no database use yet: they
+    appear with a process's first connection (its database backend registers them).
+    """
     counters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     errors: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     pools: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    django = False
     try:
         for family in text_string_to_metric_families(text):
-            django = django or _named(family.name, DJANGO_FAMILIES) is not None
             for sample in family.samples:
                 alias = sample.labels.get("alias", "default")
                 if (base := _named(sample.name, ALIAS_COUNTERS)) is not None:
@@ -82,8 +82,6 @@ def parse(text: str, url: str, app: str, read_at: float) -> DjangoScrape:
                     pools[alias][POOL_SAMPLES[base]] += sample.value
     except ValueError as e:
         raise Problem("bad_exposition", f"not Prometheus text: {str(e)[:120]}") from None
-    if not django:
-        raise Problem("no_django_metrics", "no django-prometheus database metrics on that page")
     aliases = tuple(
         DjangoAlias(
             alias=alias,
