@@ -113,6 +113,27 @@ THRESHOLDS = _or_junk(
         },
     )
 )
+DJANGO_URL = _mostly(
+    f"http://127.0.0.1:{CLOSED_PORT}/metrics", f"https://u:pw@127.0.0.1:{CLOSED_PORT}/m?t=1", "ftp://x/m",
+    "http://[::1/m", f"http://127.0.0.1:{CLOSED_PORT}:1/m", "127.0.0.1:9/metrics", None, 5,
+)  # fmt: skip
+DJANGO_METRICS = _or_junk(
+    st.lists(
+        _or_junk(
+            st.fixed_dictionaries(
+                {"url": DJANGO_URL, "app": _or_junk(st.text(min_size=1, max_size=5))},
+                optional={
+                    "timeout": _or_junk(SECONDS),
+                    "tls_verify": _or_junk(st.booleans()),
+                    "auth_type": _or_junk(st.sampled_from(["basic", "digest", "magic"])),
+                    "headers": _or_junk(st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)),
+                    "password": _or_junk(st.text(max_size=8)),
+                },
+            )
+        ),
+        max_size=2,
+    )
+)
 INSTANCE = st.fixed_dictionaries(
     {"postgres": _or_junk(POSTGRES)},
     optional={
@@ -131,6 +152,7 @@ INSTANCE = st.fixed_dictionaries(
         "tags": _or_junk(st.lists(st.text(min_size=1, max_size=8), max_size=2)),
         "min_collection_interval": _or_junk(st.floats(min_value=1, max_value=60)),
         "service": _or_junk(st.text(min_size=1, max_size=5)),
+        "django_metrics": DJANGO_METRICS,
     },
 )
 
@@ -160,3 +182,6 @@ def test_a_malformed_instance_is_refused_at_start_or_runs_to_critical(instance):
     for kind, name in CAN_CONNECT.items():
         if instance.get(kind) is not None:
             assert [sc.status for sc in stub_aggregator.service_checks(name)] == [AgentCheck.CRITICAL]
+    scraped = stub_aggregator.service_checks("django_db.django.can_scrape")
+    assert [sc.status for sc in scraped] == [AgentCheck.CRITICAL] * len(instance.get("django_metrics") or ())
+    assert not any("u:pw@" in sc.message or "?t=1" in " ".join(sc.tags) for sc in scraped)

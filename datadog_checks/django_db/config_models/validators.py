@@ -315,6 +315,7 @@ def _check_django_metrics(checker: _Checker, endpoints: Any) -> None:
     for index, endpoint in enumerate(endpoints or ()):
         key = f"django_metrics[{index}]"
         url, app = endpoint.get("url"), endpoint.get("app")
+        shown = url.partition("?")[0].partition("#")[0] if isinstance(url, str) else url  # show() masks a password
         if url is None:
             checker.fail(f"{key}.url", "is required: the endpoint's URL, e.g. http://10.0.0.7:8001/metrics", echo=False)
         if app is None:
@@ -323,9 +324,9 @@ def _check_django_metrics(checker: _Checker, endpoints: Any) -> None:
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError on a port out of range
         except ValueError as e:
-            checker.fail(f"{key}.url", f"is not a URL: {e}", bare_url(url))
+            checker.fail(f"{key}.url", f"is not a URL: {e}", shown)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            checker.fail(f"{key}.url", "must be an http:// or https:// URL", bare_url(url))
+            checker.fail(f"{key}.url", "must be an http:// or https:// URL", shown)
         if bare_url(url) in seen:
             checker.fail(f"{key}.url", "is listed twice", bare_url(url))
         seen.append(bare_url(url))
