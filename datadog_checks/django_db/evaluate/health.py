@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
@@ -12,10 +11,10 @@ from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from .model import Finding, Status
 from .pgbouncer import client_utilization
 from .postgres import client_backends, select, utilization
+from .queries import normalize_query
 from .signatures import BY_NAME
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
-QUERY_CUT = 200
 
 
 def level(value: float, threshold: Level) -> Status:
@@ -166,19 +165,3 @@ def describe_suspect(suspect: LeakSuspect) -> str:
         f"app={suspect.app or 'none'} from {suspect.client_addr} idle {suspect.idle_seconds:.0f} s, "
         f"last query: {normalize_query(suspect.query)}"
     )
-
-
-_LITERALS = re.compile(
-    r"""
-    \$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$      # dollar-quoted strings
-    | [EeBbXxNn]?'(?:[^']|'')*'                 # quoted strings, with '' escapes
-    | (?<![\w$."])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w"])  # numbers not part of a name
-    """,
-    re.VERBOSE | re.DOTALL,
-)
-
-
-def normalize_query(query: str | None) -> str:
-    """Every literal replaced by ``?``, white space folded, cut to 200 characters."""
-    text = " ".join(_LITERALS.sub("?", query or "").split())
-    return text if len(text) <= QUERY_CUT else text[: QUERY_CUT - 1] + "…"
