@@ -260,3 +260,35 @@ def test_checksd_copy_leaves_out_the_development_runner(checksd: Path) -> None:
     copy = checksd / "checks.d" / "django_db_check"
     assert (copy / "check.py").is_file() and (copy / "config_models" / "instance.py").is_file()
     assert not (copy / "__main__.py").exists()
+
+
+# Constructs the check as the Agent does and reports what construction raised.
+CONSTRUCT = textwrap.dedent(
+    """
+    import importlib, json, sys
+    sys.path.insert(0, sys.argv[1])
+    module = importlib.import_module(sys.argv[2])
+    try:
+        module.DjangoDbCheck("django_db", {}, [json.loads(sys.argv[3])])
+        print(json.dumps({"raised": None}))
+    except Exception as e:
+        print(json.dumps({"raised": type(e).__name__, "message": str(e)}))
+    """
+)
+
+
+def test_wheel_and_checksd_copy_refuse_a_bad_instance_at_construction(
+    wheel_venv: Path, checksd: Path, agent_venv: Path, postgres_instance: dict, tmp_path: Path
+) -> None:
+    """Both validate the configuration models when constructed: the copy once skipped them."""
+    bad = json.dumps({"postgres": {**postgres_instance["postgres"], "password": 12345}})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for python, checks_d, module in (
+        (venv_python(wheel_venv), empty, "datadog_checks.django_db"),
+        (venv_python(agent_venv), checksd / "checks.d", "django_db"),
+    ):
+        result = run(python, "-I", "-c", CONSTRUCT, checks_d, module, bad, cwd=tmp_path)
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["raised"] == "ConfigurationError", (module, report)
+        assert "postgres.password" in report["message"] and "12345" not in report["message"]
