@@ -48,6 +48,7 @@ def test_a_deadline_past_what_a_thread_can_wait_leaves_other_instances_bounded(a
     check.cancel()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ended on purpose
 def test_a_watchdog_thread_that_ended_is_started_again(sandbox, monkeypatch):
     conn = psycopg.connect(sandbox.postgres.dsn(), autocommit=True)
     try:
