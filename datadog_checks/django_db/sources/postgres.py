@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import nullcontext
 from typing import Any, LiteralString, NamedTuple
 
@@ -12,6 +11,7 @@ from psycopg import sql
 
 from ..config import Endpoint
 from ..connection import close_quietly, connect, deadline
+from ..patterns import NamePattern
 from ..records import ActivityGroup, DatabaseSessions, LeakSuspect, PgSnapshot, ServerSettings
 
 # Client backends, and rows the monitoring role may not see in full (their backend_type
@@ -105,7 +105,7 @@ class PostgresSource:
         group_by: tuple[str, ...],
         leak_idle_seconds: float,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
-        leak_rules: tuple[tuple[re.Pattern[str], float], ...] = (),
+        leak_rules: tuple[tuple[NamePattern, float], ...] = (),
     ):
         """``leak_rules``: (application_name pattern, its leak threshold), the first match wins; others
         use ``leak_idle_seconds``."""
