@@ -61,6 +61,7 @@ PG = {"host": "127.0.0.1", "port": 5432, "username": "datadog", "password": "s3c
         ({"postgres": {**PG, "host": "a\x00b"}}, "postgres.host"),
         ({"postgres": PG, "tags": ["a", 3]}, "tags[1]"),
         ({"postgres": PG, "service": 5}, "service"),
+        ({"postgres": PG, "debug_metrics": 5}, "debug_metrics"),
     ],
 )
 def test_bad_config_names_the_key(instance, key):
@@ -75,6 +76,11 @@ def test_bad_config_names_the_key(instance, key):
 def test_an_instance_that_is_no_mapping_is_refused(instance):
     with pytest.raises(ConfigurationError, match="the instance must be a mapping"):
         DjangoDbCheck("django_db", {}, [instance])
+
+
+def test_an_option_only_the_base_class_reads_raises_configuration_error():
+    with pytest.raises(ConfigurationError, match="an option of the Agent's own is malformed"):
+        DjangoDbCheck("django_db", {"debug_metrics": 5}, [{"postgres": PG}])
 
 
 def test_messages_keep_their_friendly_form():

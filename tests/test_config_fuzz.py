@@ -152,6 +152,7 @@ INSTANCE = st.fixed_dictionaries(
         "tags": _or_junk(st.lists(st.text(min_size=1, max_size=8), max_size=2)),
         "min_collection_interval": _or_junk(st.floats(min_value=1, max_value=60)),
         "service": _or_junk(st.text(min_size=1, max_size=5)),
+        "debug_metrics": _or_junk(st.just({})),
         "django_metrics": DJANGO_METRICS,
     },
 )

@@ -42,7 +42,13 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def __init__(self, name: str, init_config: Any, instances: list[dict[str, Any]]):
         # The base class reads a few options of the instance itself: refuse a malformed one first.
         config.parse(instances[0] if instances else None)
-        super().__init__(name, init_config, instances)
+        try:
+            super().__init__(name, init_config, instances)
+        except ConfigurationError:
+            raise
+        except Exception as e:  # an option only the base class reads, of a type it cannot use
+            detail = " ".join(redact(f"{type(e).__name__}: {e}").split())[:200]
+            raise ConfigurationError(f"an option of the Agent's own is malformed: {detail}") from None
         # The base class would validate the models lazily, at the first run: validate now, so that
         # a bad instance fails at start. The package path also holds in the checks.d copy.
         self.load_configuration_models(f"{__package__}.config_models")  # type: ignore[no-untyped-call]

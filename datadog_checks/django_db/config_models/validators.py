@@ -349,6 +349,8 @@ def initialize_instance(values: Any, **kwargs: Any) -> Any:
         raise ConfigurationError(f"the instance must be a mapping of options (got {what})")
     checker = _Checker(values)
     checked = checker.section("", values, InstanceConfig, strict=False)
+    if not isinstance(values.get("debug_metrics", {}), Mapping):  # read by the base class
+        checker.fail("debug_metrics", "must be a mapping of options", values["debug_metrics"])
     _check_rules(checker, checked)
     return checked
 
