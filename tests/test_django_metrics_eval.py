@@ -100,6 +100,15 @@ def test_old_intervals_leave_the_minute():
     assert "opened 10 new connections" in next(f.text for f in django_findings(run, CHURN) if "opened" in f.text)
 
 
+def test_failed_attempts_are_no_churn():
+    history = DjangoHistory()
+    history.update([scrape("a", 0.0, 0, 0)])
+    run = history.update([scrape("a", 30.0, 200, 170)])  # PgBouncer refused 170 of 200 attempts
+    texts = [f.text for f in django_findings(run, CHURN)]
+    assert any("app=web opened 30 new connections a minute" in t for t in texts), texts
+    assert any("app=web failed to open 170 connections in the last minute (of 200 attempts)" in t for t in texts)
+
+
 def test_failed_connections_in_the_last_minute():
     history = DjangoHistory()
     history.update([scrape("a", 0.0, 10, 0), scrape("b", 0.0, 10, 0)])

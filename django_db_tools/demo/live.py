@@ -106,6 +106,11 @@ def render(run: Figures, traffic: str) -> list[str]:
         f"  clients {_n(run.total('django_db.pgbouncer.clients'))}"
         f"/{_n(run.total('django_db.pgbouncer.max_client_conn'))}"
         f" ({_pct(run.total('django_db.pgbouncer.client_utilization'))})",
+        f"  django     the processes' own counters: new connections/s"
+        f" {_n(run.total('django_db.django.new_connections'))}"
+        f"  failed/s {_n(run.total('django_db.django.connection_errors'))}"
+        f"  errors/s {_n(run.total('django_db.django.errors'))}"
+        f"  (endpoint {run.status('django_db.django.can_scrape')})",
         f"  requests   {traffic}",
     ]
     errors = run.by("django_db.errors", "signature")

@@ -157,6 +157,7 @@ class Demo:
         self.traffic: list[Traffic] = []
         self.helpers: list[threading.Thread] = []
         self.check: Any = None
+        self.exporter: Any = None  # the shop's own counters, as django-prometheus exports them
         self.base = ""
         self.server_idle_timeout = max(1, int(self.leak_idle_seconds) - 1)
         # phase name: finding with its figures blanked out: (status, the finding as last seen)
@@ -224,10 +225,16 @@ class Demo:
             f"None for `reports`; application_name {shop.WEB_APP} and {shop.REPORTS_APP})"
         )
 
+        from prometheus_client import start_http_server
+
         from datadog_checks.django_db import DjangoDbCheck
 
+        metrics_port = sandbox_module.free_port()
+        self.exporter = start_http_server(metrics_port, addr="127.0.0.1")
+        self.say(f"the shop's own counters (django-prometheus) on http://127.0.0.1:{metrics_port}/metrics")
         instance = box.instance()
         instance.update(
+            django_metrics=[{"url": f"http://127.0.0.1:{metrics_port}/metrics", "app": shop.WEB_APP, "timeout": 2}],
             conn_max_age=shop.WEB_CONN_MAX_AGE,
             leak_idle_seconds=self.leak_idle_seconds,
             log_files=[str(box.pgbouncer.logfile), str(box.postgres.logfile)],
@@ -496,6 +503,11 @@ class Demo:
             self.server.server_close()
         if self.server_thread is not None:
             self.server_thread.join(5)
+        if self.exporter is not None:
+            server, thread = self.exporter
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
         if self.pool is not None:
             left += self.pool.shutdown(10)
         if box is not None:

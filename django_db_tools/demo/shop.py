@@ -19,7 +19,7 @@ PRODUCTS = 10
 
 def database(host: str, port: int, name: str, user: str, password: str, app: str, max_age: int | None) -> dict:
     return {
-        "ENGINE": "django.db.backends.postgresql",
+        "ENGINE": "django_prometheus.db.backends.postgresql",  # Django's, counting connections and errors
         "HOST": host,
         "PORT": port,
         "NAME": name,

@@ -48,8 +48,11 @@ class Growth:
 
     @property
     def opened(self) -> float:
-        """Physical connections: a pool's own count where exposed (django-prometheus counts check-outs then)."""
-        return self.new_connections if self.pool_connections is None else self.pool_connections
+        """Connections opened: a pool's own count where exposed (django-prometheus counts check-outs then),
+        else the attempts that did not fail (django-prometheus counts an attempt before connecting)."""
+        if self.pool_connections is not None:
+            return self.pool_connections
+        return max(0.0, self.new_connections - self.connection_errors)
 
 
 @dataclass(frozen=True)
@@ -207,9 +210,7 @@ def django_findings(run: DjangoRun, churn_per_minute: Level) -> list[Finding]:
         if app in pooled:
             advice = "the pool replaces its connections too often: raise max_idle and max_lifetime, or min_size"
         else:
-            advice = (
-                "with CONN_MAX_AGE=0 every request opens one: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or use a pool"
-            )
+            advice = "its connections do not outlive requests: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or use a pool"
         findings.append(
             Finding(
                 _level(per_minute, churn_per_minute),
