@@ -1,6 +1,7 @@
 """Throwaway PostgreSQL and PgBouncer processes on free loopback ports.
 
-Used by the demo, the benchmarks and the test suite. Standard library only.
+Used by the demo, the benchmarks and the test suite. Standard library only, but for
+psycopg to run SQL on a PostgreSQL build that ships no psql.
 PostgreSQL and PgBouncer both refuse to run as root, so when started by root
 they run as the ``postgres`` user.
 """
@@ -13,9 +14,12 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPERUSER = "postgres"
@@ -42,6 +46,25 @@ def pg_bindir() -> Path:
         if candidate and (Path(candidate) / "initdb").is_file():
             return Path(candidate)
     raise SandboxError("initdb not found. " + INSTALL_HINT)
+
+
+@dataclass(frozen=True)
+class PgBinaries:
+    """A PostgreSQL build: the folder holding initdb, pg_ctl and postgres, and the environment they need."""
+
+    bindir: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        """The installation folder: bin/ and its lib/ and share/ siblings."""
+        return self.bindir.parent
+
+
+def reachable_by_others(path: Path) -> bool:
+    """Whether every folder down to ``path`` lets other users through (the servers may run as `postgres`)."""
+    path = path.resolve()
+    return all(os.stat(folder).st_mode & stat.S_IXOTH for folder in (path, *path.parents))
 
 
 def pgbouncer_binary() -> str:
@@ -106,7 +129,13 @@ def _hand_over(path: Path, user: str | None) -> None:
 class Postgres:
     """A PostgreSQL cluster in a temporary folder, listening on 127.0.0.1 and a socket in that folder."""
 
-    def __init__(self, base: Path, max_connections: int = 100, settings: dict[str, str] | None = None):
+    def __init__(
+        self,
+        base: Path,
+        max_connections: int = 100,
+        settings: dict[str, str] | None = None,
+        binaries: PgBinaries | None = None,
+    ):
         self.base = base
         self.datadir = base / "pgdata"
         self.socket_dir = base / "pgsocket"
@@ -115,12 +144,14 @@ class Postgres:
         self.max_connections = max_connections
         self.settings = settings or {}
         self.user = _run_as()
-        self.bindir = pg_bindir()
+        self.binaries = binaries or PgBinaries(pg_bindir())
+        self.bindir = self.binaries.bindir
 
     def _cmd(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(self.bindir / args[0]), *args[1:]],
             user=self.user,
+            env={**os.environ, **self.binaries.env} if self.binaries.env else None,
             check=check,
             capture_output=True,
             text=True,
@@ -134,6 +165,7 @@ class Postgres:
         pwfile = self.base / "pwfile"
         pwfile.write_text(SUPERUSER_PASSWORD + "\n")
         _hand_over(self.base, self.user)
+        self._make_binaries_reachable()  # after handing over: links share their files with the cache
         self._cmd(
             "initdb", "-D", str(self.datadir), "-U", SUPERUSER, "--pwfile", str(pwfile),
             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync",
@@ -155,6 +187,34 @@ class Postgres:
             handle.write("\n" + "".join(f"{key} = {value}\n" for key, value in conf.items()))
         self._cmd("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "start")
         return self
+
+    def _make_binaries_reachable(self) -> None:
+        """Link a build the server's user cannot reach (one cached under root's home) into this folder.
+
+        Hard links where the cache and this folder share a file system (the files keep their owner
+        and their read and run bits for everyone), copies where they do not.
+        """
+        if self.user is None or reachable_by_others(self.bindir):
+            return
+        source = self.binaries.root
+        linked = self.base / "postgresql"
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(source, linked, symlinks=True, copy_function=link, ignore=shutil.ignore_patterns("*.a"))
+        env = {
+            key: os.pathsep.join(
+                str(linked / Path(part).relative_to(source)) if Path(part).is_relative_to(source) else part
+                for part in value.split(os.pathsep)
+            )
+            for key, value in self.binaries.env.items()
+        }
+        self.binaries = PgBinaries(linked / self.bindir.relative_to(source), env)
+        self.bindir = self.binaries.bindir
 
     def stop(self) -> None:
         if self.datadir.exists():
@@ -261,11 +321,18 @@ class Sandbox:
     MONITOR_USER = "datadog"
     MONITOR_PASSWORD = "datadog-secret"  # noqa: S105 - a throwaway local server
 
-    def __init__(self, max_connections: int = 100, pg_settings: dict[str, str] | None = None, **pgbouncer: object):
-        pg_bindir()  # fails before anything is created when PostgreSQL is missing
+    def __init__(
+        self,
+        max_connections: int = 100,
+        pg_settings: dict[str, str] | None = None,
+        postgres_binaries: PgBinaries | None = None,
+        **pgbouncer: object,
+    ):
+        """``postgres_binaries``: the PostgreSQL build to run; the newest one installed on the machine by default."""
+        binaries = postgres_binaries or PgBinaries(pg_bindir())  # fails before anything is created
         self.root = Path(tempfile.mkdtemp(prefix="django-db-sandbox-"))
         os.chmod(self.root, 0o755)  # noqa: S103 - the servers run as another user
-        self.postgres = Postgres(self.root / "pg", max_connections, pg_settings)
+        self.postgres = Postgres(self.root / "pg", max_connections, pg_settings, binaries)
         self.pgbouncer = PgBouncer(
             self.root / "pgbouncer",
             self.postgres,
@@ -292,6 +359,9 @@ class Sandbox:
         self.psql(sql)
 
     def psql(self, sql: str, dbname: str = "postgres") -> str:
+        """Run SQL as the superuser over the server's socket; rows as psql -At prints them."""
+        if not (self.postgres.bindir / "psql").is_file():
+            return self._sql_without_psql(sql, dbname)
         result = subprocess.run(
             [str(self.postgres.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
              "-h", str(self.postgres.socket_dir), "-p", str(self.postgres.port), "-U", SUPERUSER, "-d", dbname,
@@ -299,6 +369,22 @@ class Sandbox:
             user=self.postgres.user, check=True, capture_output=True, text=True, timeout=60, cwd=self.root,
         )  # fmt: skip
         return result.stdout
+
+    def _sql_without_psql(self, sql: str, dbname: str) -> str:
+        import psycopg
+
+        lines = []
+        with psycopg.connect(
+            host=str(self.postgres.socket_dir), port=self.postgres.port, user=SUPERUSER, dbname=dbname,
+            autocommit=True, connect_timeout=10,
+        ) as conn:  # fmt: skip
+            cursor = conn.execute(sql.encode())  # no parameters: the simple protocol runs several statements
+            while True:
+                if cursor.description is not None:
+                    lines += ["|".join("" if v is None else str(v) for v in row) for row in cursor.fetchall()]
+                if not cursor.nextset():
+                    break
+        return "".join(line + "\n" for line in lines)
 
     def instance(self, with_pgbouncer: bool = True) -> dict:
         instance: dict = {"postgres": self.postgres.instance(self.MONITOR_USER, self.MONITOR_PASSWORD)}
