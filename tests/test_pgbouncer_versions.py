@@ -1,14 +1,17 @@
 """PgBouncer metrics from the SHOW results of each version, read by column name.
 
-1.18 was recorded from the PgBouncer installed here (tests/recorded/record.py); the other
-versions hold the columns those versions send, with illustrative values.
+1.18 was recorded from a live PgBouncer 1.18.0, the one Debian installs here (tests/recorded/record.py);
+the other versions hold the columns those versions send, taken from their source and release notes,
+with illustrative values. Each file says which in its `_about`.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,12 @@ FULL_VERSION = {
     "1.8": None, "1.12": "1.12.0", "1.16": "1.16.1", "1.18": "1.18.0",
     "1.21": "1.21.0", "1.23": "1.23.1", "1.24": "1.24.1", "1.25": "1.25.0",
 }  # fmt: skip
-SYNTHETIC = tuple(v for v in VERSIONS if v != "1.18")
+LIVE = ("1.18",)  # the only PgBouncer that runs here
+SYNTHETIC = tuple(v for v in VERSIONS if v not in LIVE)
+FROM_SOURCE = re.compile(
+    r"made from: PgBouncer (?P<version>[\d.]+)'s column lists in its admin source \(src/admin\.c, src/stats\.c\) "
+    r"and release notes, not a live server \(no PgBouncer (?P=version) runs here\); the values are illustrative"
+)
 
 
 def load(version: str) -> dict[str, dict[str, list]]:
@@ -345,6 +353,33 @@ def test_version_from_the_1_8_notice():
     results = as_results(load("1.8"))
     results["VERSION"] = [{"version": "PgBouncer version 1.8.1"}]
     assert snapshot(results).version == "1.8.1"
+
+
+# -- provenance -------------------------------------------------------------------------------------
+
+
+def _recorder():
+    spec = importlib.util.spec_from_file_location("record", RECORDED / "record.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_recording_says_what_it_was_made_from():
+    files = sorted(RECORDED.glob("pgbouncer_*.json"))
+    assert sorted(f.stem.removeprefix("pgbouncer_") for f in files) == sorted(VERSIONS)
+    recorder = _recorder()
+    for path in files:
+        version = path.stem.removeprefix("pgbouncer_")
+        about = json.loads(path.read_text()).get("_about", "")
+        full = FULL_VERSION[version] or "1.8.1"  # 1.8 answers SHOW VERSION with a notice
+        if version in LIVE:
+            assert about == recorder.about(full), path.name
+        else:
+            found = FROM_SOURCE.match(about)
+            assert found is not None, f"{path.name}: {about!r}"
+            assert found["version"] == full, path.name
 
 
 # -- tolerance of unknown and missing columns ------------------------------------------------------

@@ -25,6 +25,14 @@ APP_PASSWORD = "app-secret"
 SIZED_POOL = 7
 
 
+def about(version: str) -> str:
+    """What a recording says it was made from."""
+    return (
+        f"made from: a live PgBouncer {version} server, started by tests/recorded/record.py; "
+        "columns and values as it answered, its temporary folder written as /sandbox"
+    )
+
+
 def plain(value: object) -> object:
     """A value as JSON keeps it: PgBouncer's numeric counters (Decimal here) as integers."""
     if isinstance(value, Decimal):
@@ -98,7 +106,7 @@ def main() -> None:
         raise SystemExit(f"no version in {results['VERSION']}")
     major_minor = ".".join(version.split(".")[:2])
     path = folder / f"pgbouncer_{major_minor}.json"
-    text = dump({"_about": f"recorded from PgBouncer {version} by record.py", **results})
+    text = dump({"_about": about(version), **results})
     path.write_text(text.replace(str(root), "/sandbox"))
     print(f"PgBouncer {version}: wrote {path}")
 
