@@ -342,6 +342,20 @@ def test_sessions_and_churn(aggregator, dd_run_check, server, clients):
     check.cancel()
 
 
+def _set_pool_size(box: Sandbox, size: int) -> None:
+    """Reload PgBouncer with another default_pool_size; return once its console shows it."""
+    box.pgbouncer.settings["default_pool_size"] = size
+    box.pgbouncer.reload()
+    with psycopg.connect(
+        host="127.0.0.1", port=box.pgbouncer.port, user=SUPERUSER, password=SUPERUSER_PASSWORD, dbname="pgbouncer",
+        autocommit=True, cursor_factory=psycopg.ClientCursor, connect_timeout=5, sslmode="disable",
+    ) as admin:  # fmt: skip
+        deadline = time.monotonic() + 10
+        while dict(row[:2] for row in admin.execute("SHOW CONFIG").fetchall())["default_pool_size"] != str(size):
+            assert time.monotonic() < deadline, f"PgBouncer never took default_pool_size={size}"
+            time.sleep(0.05)
+
+
 def test_alignment_reads_role_settings(aggregator, dd_run_check, server):
     box = server.box
     client = psycopg.connect(
@@ -369,8 +383,7 @@ def test_alignment_reads_role_settings(aggregator, dd_run_check, server):
         box.psql("ALTER ROLE app IN DATABASE appdb SET statement_timeout = 0")  # the closer setting wins
         assert alignment()[1] == unset[1]
         box.psql("ALTER ROLE app IN DATABASE appdb RESET statement_timeout")
-        box.pgbouncer.settings["default_pool_size"] = 20
-        box.pgbouncer.reload()
+        _set_pool_size(box, 20)
         too_big = alignment()
         print(f"\n[pg{server.major}] {too_big[1]}")
         assert too_big == (
@@ -381,8 +394,7 @@ def test_alignment_reads_role_settings(aggregator, dd_run_check, server):
     finally:
         client.close()
         box.psql("ALTER ROLE app RESET statement_timeout")
-        box.pgbouncer.settings["default_pool_size"] = 2
-        box.pgbouncer.reload()
+        _set_pool_size(box, 2)
 
 
 def _fill(server: Server, user: str, password: str, held: list[psycopg.Connection]) -> str:

@@ -142,6 +142,15 @@ def test_possible_server_connections_against_usable_slots():
     ]
 
 
+def test_pools_of_a_database_missing_from_show_databases_count_with_the_defaults():
+    # PgBouncer can leave a database made from `*` out of SHOW DATABASES while its pools serve clients.
+    databases = [{"name": "app", "pool_size": 30, "reserve_pool": 5, "max_connections": 0}]
+    pools = [{"database": "app", "user": "a"}, {"database": "auto", "user": "a"}, {"database": "auto", "user": "b"}]
+    assert possible_server_connections(pgb(pools, databases, config={"reserve_pool_size": "3"})) == 35 + 2 * (20 + 3)
+    capped = pgb(pools, databases, config={"reserve_pool_size": "3", "max_db_connections": "25"})
+    assert possible_server_connections(capped) == 25 + 25
+
+
 def test_timeouts_by_role_and_database():
     roles = (("", "app", {"statement_timeout": "30s"}), ("appdb", "", {"idle_in_transaction_session_timeout": "1min"}))
     settings = server(role_settings=roles)

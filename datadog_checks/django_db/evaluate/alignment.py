@@ -47,7 +47,12 @@ def idle_timeouts(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
 
 
 def possible_server_connections(pgb: PgbSnapshot) -> int:
-    """Pool sizes plus reserve pools, over databases and users, capped by max_db_connections."""
+    """Pool sizes plus reserve pools, over databases and users, capped by max_db_connections.
+
+    A database PgBouncer made from its ``*`` entry can be missing from SHOW DATABASES while its
+    pools serve clients (PgBouncer sets it aside as idle when no client had reached its pools yet,
+    and brings it back only at the next login): such pools count with the server's defaults.
+    """
     config = pgb.config
     users = Counter(pool.db for pool in pgb.pools)
     total = 0.0
@@ -59,6 +64,13 @@ def possible_server_connections(pgb: PgbSnapshot) -> int:
         possible = max(1, users[database.name]) * (size + reserve)
         cap = database.max_connections or config.max_db_connections or 0
         total += min(possible, cap) if cap > 0 else possible
+    listed = {database.name for database in pgb.databases}
+    unlisted: dict[str, float] = {}
+    for pool in pgb.pools:
+        if pool.db not in listed:
+            unlisted[pool.db] = unlisted.get(pool.db, 0.0) + (pool.pool_size or 0) + (config.reserve_pool_size or 0)
+    cap = config.max_db_connections or 0
+    total += sum(min(possible, cap) if cap > 0 else possible for possible in unlisted.values())
     return int(total)
 
 
