@@ -379,6 +379,10 @@ def command_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def command_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.mysql:
+        from .demo import mysql_main
+
+        return mysql_main(phase_seconds=args.phase_seconds, interval=args.interval, out=out, err=err)
     from .demo import main as demo_main
 
     return demo_main(duration=args.duration, phase_seconds=args.phase_seconds, interval=args.interval, out=out, err=err)
@@ -421,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=None, metavar="S", help="seconds between check runs (default 3)"
     )
     demo.add_argument("--fast", action="store_true", help="short phases: --phase-seconds 6 --interval 1")
+    demo.add_argument("--mysql", action="store_true", help="the demo on a throwaway MariaDB instead")
     return parser
 
 

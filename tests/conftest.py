@@ -1,4 +1,4 @@
-"""Real PostgreSQL 15 and PgBouncer processes for the suite, started once per session."""
+"""Real PostgreSQL 15, PgBouncer and MariaDB processes for the suite, started once per session."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
+from django_db_tools.mariadb import MariaDB
 from django_db_tools.sandbox import Sandbox
 from django_db_tools.webapp.harness import Database, Webapp
 
@@ -144,3 +145,11 @@ def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
         check.cancel()
     status = aggregator.service_checks("django_db.connection_health")[-1]
     return status.status, status.message or ""
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDB]:
+    """One throwaway MariaDB for the MySQL tests, with an application user and database."""
+    with MariaDB(max_connections=100) as server:
+        server.create_app("app", APP_PASSWORD, "appdb")
+        server.sql("CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(50)) ENGINE=InnoDB;", "appdb")
+        server.sql("INSERT INTO items VALUES (1, 'one');", "appdb")
+        yield server

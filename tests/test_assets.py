@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import psycopg
+import pymysql
 import pytest
 from datadog_api_client import ApiClient, Configuration
 from datadog_api_client.model_utils import ModelComposed, ModelNormal, UnparsedObject
@@ -23,6 +24,7 @@ from datadog_api_client.v1.model.dashboard import Dashboard
 from datadog_api_client.v1.model.monitor import Monitor
 
 from datadog_checks.django_db import DjangoDbCheck
+from django_db_tools.mariadb import MariaDB
 from django_db_tools.sandbox import Sandbox
 
 from .conftest import APP_PASSWORD
@@ -218,7 +220,7 @@ def _error_log(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def submitted(sandbox: Sandbox, tmp_path_factory) -> dict[str, set[str]]:
+def submitted(sandbox: Sandbox, mariadb: MariaDB, tmp_path_factory) -> dict[str, set[str]]:
     """metric or service check: every tag key it carried, over real runs that show every kind of data."""
     from datadog_checks.base.stubs import aggregator
 
@@ -233,10 +235,18 @@ def submitted(sandbox: Sandbox, tmp_path_factory) -> dict[str, set[str]]:
         "log_files": [str(log)],
         "apps": [{"match": "^asset-web", "max_connections": 1}],
     }
+    instance["mysql"] = mariadb.instance()
     refused = {
         "postgres": {**sandbox.postgres.instance(Sandbox.MONITOR_USER), "password": "wrong"},
         "pgbouncer": {**sandbox.pgbouncer.instance(Sandbox.MONITOR_USER), "password": "wrong"},
+        "mysql": {**mariadb.instance(), "password": "wrong"},
     }
+    on_mysql = [
+        pymysql.connect(host="127.0.0.1", port=mariadb.port, user="app", password=APP_PASSWORD, database="appdb")
+        for _ in range(2)
+    ]
+    with on_mysql[0].cursor() as cursor:
+        cursor.execute("UPDATE items SET name = name WHERE id = 1")  # a transaction left open
     held = [
         psycopg.connect(
             host="127.0.0.1",
@@ -273,7 +283,7 @@ def submitted(sandbox: Sandbox, tmp_path_factory) -> dict[str, set[str]]:
         aggregator.reset()
         return dict(keys)
     finally:
-        for conn in held:
+        for conn in held + on_mysql:
             conn.close()
         del sandbox.pgbouncer.databases["capped"]
         sandbox.pgbouncer.reload()
@@ -304,14 +314,16 @@ def _check_uses(where: str, metrics: dict[str, set[str]], checks: dict[str, set[
 
 
 def test_the_run_shows_every_kind_of_error(submitted):
-    assert {"postgres_server", "pgbouncer_server", "log_file", "signature", "source"} <= submitted["django_db.errors"]
+    servers = {"postgres_server", "pgbouncer_server", "mysql_server"}
+    assert servers | {"log_file", "signature", "source"} <= submitted["django_db.errors"]
 
 
 def test_the_dashboard_uses_what_the_check_sends(submitted):
     document = json.loads(DASHBOARD.read_text())
     metrics, checks = dashboard_uses(document)
-    assert len(metrics) >= 15 and len(checks) == 4  # the parser found the queries
-    assert metrics["django_db.errors"] == {"postgres_server", "pgbouncer_server", "signature", "source"}
+    assert len(metrics) >= 15 and len(checks) == 5  # the parser found the queries
+    servers = {"postgres_server", "pgbouncer_server", "mysql_server"}
+    assert metrics["django_db.errors"] == servers | {"signature", "source"}
     assert _check_uses(DASHBOARD.name, metrics, checks, submitted) == []
 
 

@@ -23,6 +23,10 @@ PG = {"host": "127.0.0.1", "port": 5432, "username": "datadog", "password": "s3c
         ({"postgres": {**PG, "port": 70000}}, "postgres.port"),
         ({"postgres": {**PG, "port": True}}, "postgres.port"),
         ({"pgbouncer": {"port": 0}}, "pgbouncer.port"),
+        ({"mysql": {"port": 99999}}, "mysql.port"),
+        ({"mysql": {"query_timeout": 0}}, "mysql.query_timeout"),
+        ({"mysql": {"dbname": "appdb"}}, "unknown option 'dbname'"),
+        ({"mysql": {"sslmode": "require"}}, "unknown option 'sslmode'"),
         ({"postgres": {**PG, "connect_timeout": -1}}, "postgres.connect_timeout"),
         ({"postgres": {**PG, "query_timeout": 0}}, "postgres.query_timeout"),
         ({"pgbouncer": {"query_timeout": -5}}, "pgbouncer.query_timeout"),
@@ -145,6 +149,14 @@ def test_defaults():
     assert settings.thresholds.utilization.warning == 0.8
     assert settings.thresholds.idle_in_transaction_count.critical == 50
     assert settings.pgbouncer is None
+    assert "s3cret" not in repr(settings)
+
+
+def test_a_mysql_section_alone():
+    settings = parse({"mysql": {"host": "db.internal", "password": "s3cret"}})
+    assert settings.mysql.port == 3306 and settings.mysql.username == "datadog"
+    assert settings.mysql.tag == "mysql_server:db.internal:3306"
+    assert settings.postgres is None and settings.pgbouncer is None
     assert "s3cret" not in repr(settings)
 
 

@@ -262,3 +262,17 @@ def test_missing_server_binaries_print_the_install_hint():
     assert "initdb not found" in result.stderr and "apt-get install -y postgresql pgbouncer" in result.stderr
     assert "Traceback" not in result.stderr
     assert set(glob.glob(SANDBOX_PREFIX + "*")) <= before  # no folder made for nothing
+
+
+def test_mysql_demo_on_mariadb():
+    demo = DemoProcess("--mysql", "--phase-seconds", "4", "--interval", "2")
+    code, output, err, _ = demo.finish(180)
+    assert code == 0, err
+    assert "health     CRITICAL" in output
+    assert "mysql_too_many_connections seen" in output
+    assert "the oldest MySQL transaction, of user=shop on db=shop" in output
+    assert "conn_max_age=60 s is longer than MySQL's wait_timeout=30 s for user shop" in output
+    assert demo.root and "django-db-mariadb-" in demo.root
+    assert not os.path.exists(demo.root), f"{demo.root} left behind"
+    assert demo.pids, "the server was never seen running"
+    assert alive(demo.pids) == set(), "server processes left behind"

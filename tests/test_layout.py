@@ -13,6 +13,7 @@ PURE = (
     "datadog_checks.django_db.evaluate.health",
     "datadog_checks.django_db.evaluate.alignment",
     "datadog_checks.django_db.evaluate.signatures",
+    "datadog_checks.django_db.evaluate.mysql",
 )
 DRIVERS = ("psycopg", "psycopg_c", "psycopg_binary", "pymysql", "requests")
 

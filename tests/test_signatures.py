@@ -61,6 +61,16 @@ CASES = [
     ("FATAL:  terminating connection due to administrator command", "57P01", "admin_shutdown"),
     ("FATAL:  memory quota exceeded", None, "memory_quota"),
     ('ERROR:  relation "x" does not exist', "42P01", "unknown"),
+    # MySQL and MariaDB, as Django logs them (more in test_mysql_evaluation.py)
+    ("django.db.utils.OperationalError: (1040, 'Too many connections')", None, "mysql_too_many_connections"),
+    ("django.db.utils.OperationalError: (2006, 'MySQL server has gone away')", None, "mysql_server_gone"),
+    ("(1045, \"Access denied for user 'app'@'10.0.0.7' (using password: YES)\")", None, "mysql_access_denied"),
+    ("(1049, \"Unknown database 'shop'\")", None, "mysql_unknown_database"),
+    (
+        "(2003, \"Can't connect to MySQL server on 'db' ([Errno 111] Connection refused)\")",
+        None,
+        "mysql_cannot_connect",
+    ),
 ]
 
 

@@ -17,18 +17,21 @@ from .evaluate.apps import app_metrics, budget_findings, excuse_pools
 from .evaluate.django_metrics import DjangoHistory, django_findings, django_metrics, failure_text
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
 from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
+from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import classify_error, count_log_lines
-from .records import PgbSnapshot, PgSnapshot
+from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import redact
 from .sources.django_metrics import DjangoMetricsSource
 from .sources.logs import LogFollower
+from .sources.mysql import MysqlSource
 from .sources.pgbouncer import PgBouncerSource
 from .sources.postgres import PostgresSource
 
 POSTGRES_CAN_CONNECT = "django_db.postgres.can_connect"
 PGBOUNCER_CAN_CONNECT = "django_db.pgbouncer.can_connect"
+MYSQL_CAN_CONNECT = "django_db.mysql.can_connect"
 CONNECTION_HEALTH = "django_db.connection_health"
 CONFIG_ALIGNMENT = "django_db.config_alignment"
 DJANGO_CAN_SCRAPE = "django_db.django.can_scrape"
@@ -61,6 +64,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules) if s.postgres else None
         )
         self.pgbouncer = PgBouncerSource(s.pgbouncer) if s.pgbouncer else None
+        self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds) if s.mysql else None  # imports PyMySQL
+        self.mysql_history = MysqlHistory()
         self.logs = LogFollower(s.log_files, s.log_max_bytes_per_run) if s.log_files else None
         self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
         self.django_history = DjangoHistory()
@@ -76,20 +81,24 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     @property
     def health_tags(self) -> list[str]:
-        endpoints = (self.settings.postgres, self.settings.pgbouncer)
+        endpoints = (self.settings.postgres, self.settings.pgbouncer, self.settings.mysql)
         return [*(e.tag for e in endpoints if e), *self.settings.tags]
 
     # -- the run ---------------------------------------------------------------------------
     def check(self, _: Any) -> None:
         seen: Seen = []
         findings: list[Finding] = []
-        pg = pgb = None
+        pg = pgb = my = None
         if self.postgres is not None:
             pg, found, errors = self.collect_postgres(self.postgres)
             findings += found
             seen += errors
         if self.pgbouncer is not None:
             pgb, found, errors = self.collect_pgbouncer(self.pgbouncer)
+            findings += found
+            seen += errors
+        if self.mysql is not None:
+            my, found, errors = self.collect_mysql(self.mysql)
             findings += found
             seen += errors
         if self.logs is not None:
@@ -101,8 +110,9 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             tags = [server, f"signature:{signature}", f"source:{source}", *self.settings.tags]
             self.count("django_db.errors", 1, tags=tags)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
-        if pg is not None and pgb is not None:
-            failures = alignment_failures(self.settings, pg, pgb)
+        if (pg is not None and pgb is not None) or my is not None:
+            failures = alignment_failures(self.settings, pg, pgb) if pg is not None and pgb is not None else []
+            failures += mysql_alignment(self.settings, my) if my is not None else []
             self.report(
                 CONFIG_ALIGNMENT, Status.WARNING if failures else Status.OK, self.health_tags, "; ".join(failures)
             )
@@ -158,6 +168,22 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def django_tags(self, url: str, app: str) -> list[str]:
         return [f"django_endpoint:{url}", f"app:{tag_value(app)}", *self.settings.tags]
 
+    def collect_mysql(self, source: MysqlSource) -> tuple[MysqlSnapshot | None, list[Finding], Seen]:
+        tags = [source.endpoint.tag, *self.settings.tags]
+        try:
+            snapshot = source.snapshot()
+        except Exception as e:
+            return None, [], [self.report_error(e, "MySQL", source.endpoint, MYSQL_CAN_CONNECT, tags)]
+        self.service_check(MYSQL_CAN_CONNECT, Status.OK, tags=tags)
+        if snapshot.new_connection and not (self.postgres or self.pgbouncer):
+            self.set_metadata("version", snapshot.variables.version.split("-")[0])
+        metrics, folded = mysql_metrics(snapshot, self.settings)
+        for dimension, values in folded.items():
+            self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
+        self.submit(metrics)
+        churn = self.mysql_history.churn_per_minute(snapshot)
+        return snapshot, mysql_findings(snapshot, self.settings, churn), []
+
     def collect_logs(self, logs: LogFollower) -> Seen:
         seen: Seen = []
         for path, lines in logs.poll().items():
@@ -194,6 +220,6 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             submitters[metric.kind](metric.name, metric.value, tags=list(metric.tags))
 
     def cancel(self) -> None:
-        for resource in (self.postgres, self.pgbouncer, self.logs, self.django):
+        for resource in (self.postgres, self.pgbouncer, self.mysql, self.logs, self.django):
             if resource is not None:
                 resource.close()

@@ -43,7 +43,7 @@ SSL_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 
 @dataclass(frozen=True)
 class Endpoint:
-    kind: str  # postgres or pgbouncer
+    kind: str  # postgres, pgbouncer or mysql
     host: str
     port: int
     username: str
@@ -59,7 +59,7 @@ class Endpoint:
 
     @property
     def tag(self) -> str:
-        """``postgres_server:<host>:<port>`` or ``pgbouncer_server:<host>:<port>``."""
+        """``postgres_server:<host>:<port>``, ``pgbouncer_server:...`` or ``mysql_server:...``."""
         return f"{self.kind}_server:{self.server_tag}"
 
 
@@ -110,6 +110,7 @@ class NameFilter:
 class Settings:
     postgres: Endpoint | None
     pgbouncer: Endpoint | None
+    mysql: Endpoint | None
     conn_max_age: float | None  # None: persistent connections
     leak_idle_seconds: float
     applications: NameFilter
@@ -205,6 +206,7 @@ def settings_from(model: InstanceConfig) -> Settings:
     """The settings of a validated instance, defaults filled in."""
     postgres = _endpoint("postgres", model.postgres)
     pgbouncer = _endpoint("pgbouncer", model.pgbouncer)
+    mysql = _endpoint("mysql", model.mysql)
     conn_max_age = model.conn_max_age  # null: persistent connections; left out: the generated default
     leak_idle_seconds = model.leak_idle_seconds
     if leak_idle_seconds is None:
@@ -212,6 +214,7 @@ def settings_from(model: InstanceConfig) -> Settings:
     return Settings(
         postgres=postgres,
         pgbouncer=pgbouncer,
+        mysql=mysql,
         conn_max_age=conn_max_age,
         leak_idle_seconds=leak_idle_seconds,
         applications=_name_filter(model.applications),

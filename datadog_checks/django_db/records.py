@@ -200,3 +200,57 @@ class DjangoScrapeFailure:
     app: str
     problem: str  # connection_refused, connect_timeout, tls_error, http_status, bad_exposition
     detail: str  # safe to show: never the URL's credentials or the page's text
+
+
+# -- MySQL and MariaDB -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MysqlVariables:
+    """The server's global variables the check uses, read every run (SET GLOBAL changes them live)."""
+
+    version: str  # e.g. "10.11.6-MariaDB-0+deb12u1" or "8.0.36"
+    max_connections: int  # ordinary clients; one more is kept for SUPER / CONNECTION_ADMIN
+    wait_timeout: int  # seconds before the server closes an idle non-interactive client
+    interactive_timeout: int  # the same for clients that connect as interactive
+    init_connect: str = ""  # run for every client without SUPER / CONNECTION_ADMIN at login
+
+    @property
+    def is_mariadb(self) -> bool:
+        return "mariadb" in self.version.lower()
+
+
+@dataclass(frozen=True)
+class MysqlStatus:
+    """SHOW GLOBAL STATUS values; the counters count since the server started."""
+
+    uptime: float  # seconds: the clock of churn
+    threads_connected: int
+    threads_running: int
+    max_used_connections: int
+    aborted_clients: int
+    aborted_connects: int
+    connections: int  # connection attempts, successful or not
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Client threads of the process list with the same state, user, database and client host."""
+
+    state: str  # idle, idle_in_transaction, active, or the thread's command in lower case
+    user: str
+    db: str
+    client_host: str  # HOST without the port; "localhost" for a socket
+    count: int
+    leaked: int = 0  # idle (not in a transaction) for longer than the leak threshold
+    max_idle: float = 0.0  # seconds: the longest idle (Sleep) thread of the group
+    max_transaction_age: float = 0.0  # seconds: the oldest open InnoDB transaction of the group
+
+
+@dataclass(frozen=True)
+class MysqlSnapshot:
+    variables: MysqlVariables
+    status: MysqlStatus
+    groups: tuple[ProcessGroup, ...]  # client threads, the check's own left out
+    new_connection: bool
+    sees_all_threads: bool = True  # False without the PROCESS privilege: only the check's own user is listed

@@ -41,3 +41,24 @@ def main(
 
     seconds, every = phase_plan(duration, phase_seconds, interval)
     return run(seconds, every, out, err)
+
+
+def mysql_main(
+    phase_seconds: float | None = None,
+    interval: float | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """The demo on a throwaway MariaDB: three phases of ``phase_seconds`` (default 20)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        import django  # noqa: F401
+        import pymysql  # noqa: F401
+    except ImportError:
+        err.write("django_db demo: the MariaDB demo needs Django and PyMySQL: pip install 'datadog-django-db[demo]'\n")
+        return 1
+    from .mysql import run
+
+    seconds = phase_seconds or 20.0
+    return run(seconds, interval or max(1.0, min(4.0, seconds / 4)), out, err)

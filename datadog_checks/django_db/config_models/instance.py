@@ -84,6 +84,19 @@ class MetricPatterns(BaseModel):
     include: Optional[tuple[str, ...]] = None
 
 
+class Mysql(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    connect_timeout: Optional[float] = None
+    host: Optional[str] = None
+    password: Optional[str] = None
+    port: Optional[int] = None
+    query_timeout: Optional[float] = None
+    username: Optional[str] = None
+
+
 class Pgbouncer(BaseModel):
     model_config = ConfigDict(
         arbitrary_types_allowed=True,
@@ -215,6 +228,7 @@ class InstanceConfig(BaseModel):
     max_tag_values: Optional[int] = None
     metric_patterns: Optional[MetricPatterns] = None
     min_collection_interval: Optional[float] = None
+    mysql: Optional[Mysql] = None
     pgbouncer: Optional[Pgbouncer] = None
     postgres: Optional[Postgres] = None
     report_leak_queries: Optional[bool] = None

@@ -27,14 +27,16 @@ from ..redact import MASK, bare_url, looks_like_connection_string, redact
 DIMENSIONS = ("db", "user", "app", "client_addr")
 DEFAULT_GROUP_BY = ("db", "user", "app")
 SSLMODES = ("allow", "disable", "prefer", "require", "verify-ca", "verify-full")
-ENDPOINTS = ("postgres", "pgbouncer")
+ENDPOINTS = ("postgres", "pgbouncer", "mysql")
 NAME_FILTERS = ("applications", "databases")
 
 # Defaults of the options inside the endpoint sections; the generated defaults.py holds the
-# top-level ones. The PgBouncer console database is always `pgbouncer`.
+# top-level ones. The PgBouncer console database is always `pgbouncer`; the MySQL connection
+# names no database.
 ENDPOINT_DEFAULTS: dict[str, dict[str, Any]] = {
     "postgres": {"host": "localhost", "port": 5432, "username": "datadog", "dbname": "postgres"},
     "pgbouncer": {"host": "localhost", "port": 6432, "username": "datadog", "dbname": "pgbouncer"},
+    "mysql": {"host": "localhost", "port": 3306, "username": "datadog", "dbname": ""},
 }
 DEFAULT_TIMEOUT = 5.0
 
@@ -250,8 +252,8 @@ def _secrets_in(value: Any, depth: int = 0) -> list[str]:
 
 def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
     """The rules the models' types cannot say."""
-    if values.get("postgres") is None and values.get("pgbouncer") is None:
-        raise ConfigurationError("the instance needs a `postgres` section, a `pgbouncer` section, or both")
+    if all(values.get(name) is None for name in ENDPOINTS):
+        raise ConfigurationError("the instance needs a `postgres` section, a `pgbouncer` section or a `mysql` section")
     for name in ENDPOINTS:
         sslmode = (values.get(name) or {}).get("sslmode")
         if sslmode is not None and sslmode not in SSLMODES:

@@ -1,4 +1,4 @@
-"""Known connection error signatures: one table, matched by SQLSTATE first, then by text."""
+"""Known connection error signatures: one table, matched by MySQL error number or SQLSTATE first, then by text."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class Signature(NamedTuple):
     sqlstates: tuple[str, ...]
     pattern: re.Pattern[str] | None
     advice: str
+    errnos: tuple[int, ...] = ()  # MySQL and MariaDB client or server error numbers
 
 
 def _re(text: str) -> re.Pattern[str]:
@@ -24,7 +25,44 @@ def _re(text: str) -> re.Pattern[str]:
 
 # Order matters: the first row whose SQLSTATE and text both fit wins; a row with SQLSTATEs
 # also matches an error without SQLSTATE (a log line) on its text alone.
+# MySQL rows come first: their texts carry the error number, "(1040, 'Too many connections')",
+# or words PostgreSQL never uses, so a PostgreSQL text never matches them.
 TABLE: tuple[Signature, ...] = (
+    Signature(
+        "mysql_too_many_connections", Status.CRITICAL, (),
+        _re(r"\b1040\b[^\n]{0,12}too many connections|ER_CON_COUNT_ERROR|\[(?:ERROR|Warning)\].*too many connections"),
+        "MySQL reached max_connections and refuses new clients (1040). Find the user or host holding "
+        "connections (leaks, CONN_MAX_AGE=None with many threads), close them, or raise max_connections.",
+        (1040,),
+    ),
+    Signature(
+        "mysql_server_gone", Status.WARNING, (),
+        _re(r"server has gone away|lost connection to (?:mysql |mariadb )?server (?:during query|at )"),
+        "The MySQL server closed the connection (2006, 2013): most often a persistent connection idle past "
+        "wait_timeout. Keep CONN_MAX_AGE below wait_timeout and set CONN_HEALTH_CHECKS=True; "
+        "else look for restarts or max_allowed_packet.",
+        (2006, 2013, 4031),
+    ),
+    Signature(
+        "mysql_access_denied", Status.CRITICAL, (),
+        _re(r"access denied for user"),
+        "MySQL refused the credentials (1045): check USER and PASSWORD, and the user's host part "
+        "('app'@'%' or 'app'@'10.0.0.%').",
+        (1045,),
+    ),
+    Signature(
+        "mysql_unknown_database", Status.CRITICAL, (),
+        _re(r"unknown database '"),
+        "The database does not exist on the MySQL server (1049): check NAME, or create it.",
+        (1049,),
+    ),
+    Signature(
+        "mysql_cannot_connect", Status.CRITICAL, (),
+        _re(r"can't connect to (?:mysql |mariadb )?server|can't connect to local (?:mysql |mariadb )?server"),
+        "Nothing accepts connections at that address (2003): check that MySQL runs and listens on that "
+        "host and port (bind-address, skip-networking, firewall).",
+        (2003, 2002),
+    ),
     Signature(
         "reserved_slots", Status.CRITICAL, ("53300",),
         _re(r"remaining connection slots are reserved"),
@@ -112,8 +150,12 @@ UNKNOWN = Signature(
 BY_NAME = {s.name: s for s in (*TABLE, UNKNOWN)}
 
 
-def classify(text: str, sqlstate: str | None = None) -> Signature:
-    """The signature of an error: SQLSTATE rows first, then any row whose text matches."""
+def classify(text: str, sqlstate: str | None = None, errno: int | None = None) -> Signature:
+    """The signature of an error: its MySQL error number, SQLSTATE rows, then any row whose text matches."""
+    if errno:
+        for signature in TABLE:
+            if errno in signature.errnos:
+                return signature
     if sqlstate:
         with_state = [s for s in TABLE if sqlstate in s.sqlstates]
         for signature in with_state:
@@ -137,17 +179,38 @@ def match_text(text: str) -> Signature | None:
 PGBOUNCER_TWIN = re.compile(r"\bC-0x[0-9a-f]+: \S+ closing because: ")
 
 
+# A Python traceback of a chained exception shows one error twice: the driver's
+# (pymysql.err.OperationalError: (1040, ...)) and, after this line, Django's wrapping of it.
+CHAINED = "The above exception was the direct cause of the following exception"
+
+
 def count_log_lines(lines: Iterable[str]) -> Counter[str]:
-    """Signature names found in log lines, counted."""
+    """Signature names found in log lines, counted; a chained traceback's repeat is counted once."""
     found: Counter[str] = Counter()
+    last: str | None = None
+    repeat: str | None = None
     for line in lines:
         if PGBOUNCER_TWIN.search(line):
             continue
+        if CHAINED in line:
+            repeat = last
+            continue
         signature = match_text(line)
         if signature is not None:
+            if signature.name == repeat:
+                repeat = None
+                continue
             found[signature.name] += 1
+            last = signature.name
     return found
 
 
+def mysql_errno(error: BaseException) -> int | None:
+    """The error number of a PyMySQL error (its first argument), told apart without importing the driver."""
+    if type(error).__module__.startswith("pymysql") and error.args and isinstance(error.args[0], int):
+        return error.args[0]
+    return None
+
+
 def classify_error(error: BaseException) -> Signature:
-    return classify(str(error), getattr(error, "sqlstate", None))
+    return classify(str(error), getattr(error, "sqlstate", None), mysql_errno(error))

@@ -1,0 +1,245 @@
+"""MySQL and MariaDB records to metrics, findings and alignment rules. No I/O.
+
+MySQL has no application_name: connections are attributed by user, database and client host.
+The `group_by` dimensions map onto those: `db` and `user` as named, `app` and `client_addr`
+both to the client host (the nearest MySQL has to an application's name).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from ..config import Settings
+from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
+from .health import level
+from .model import Finding, Metric, Status, tag_value
+
+PREFIX = "django_db.mysql."
+OTHER = "other"
+DIMENSION_OF = {"db": "db", "user": "user", "app": "client_host", "client_addr": "client_host"}
+STATUS_RATES = (
+    ("aborted_clients", "aborted_clients"),
+    ("aborted_connects", "aborted_connects"),
+    ("connections_opened", "connections"),
+)
+
+
+def dimensions(group_by: Iterable[str]) -> tuple[str, ...]:
+    """The process list dimensions the `group_by` option asks for, in its order, each once."""
+    found: list[str] = []
+    for name in group_by:
+        dimension = DIMENSION_OF[name]
+        if dimension not in found:
+            found.append(dimension)
+    return tuple(found)
+
+
+def select(groups: Iterable[ProcessGroup], settings: Settings) -> list[ProcessGroup]:
+    """The groups of the databases the user asked to see."""
+    return [g for g in groups if settings.databases.allows(g.db)]
+
+
+def fold(
+    groups: list[ProcessGroup], names: Iterable[str], limit: int
+) -> tuple[list[ProcessGroup], dict[str, list[str]]]:
+    """Keep the ``limit`` largest values of each dimension; the rest become ``other``."""
+    folded: dict[str, list[str]] = {}
+    for name in names:
+        sizes: Counter[str] = Counter()
+        for group in groups:
+            sizes[getattr(group, name)] += group.count
+        if len(sizes) <= limit:
+            continue
+        ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
+        kept = set(ranked[:limit])
+        folded[name] = sorted(ranked[limit:])
+        groups = [g if getattr(g, name) in kept else replace(g, **{name: OTHER}) for g in groups]  # type: ignore[arg-type]
+    return groups, folded
+
+
+def _tags(group: ProcessGroup, names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f"{name}:{tag_value(getattr(group, name))}" for name in names)
+
+
+def utilization(snapshot: MysqlSnapshot) -> float:
+    """Threads_connected (the check's own included) over max_connections.
+
+    The server admits one client more than max_connections, for a user with SUPER or
+    CONNECTION_ADMIN; that extra connection is not counted as capacity, so while it is
+    taken utilisation is above 1.
+    """
+    limit = snapshot.variables.max_connections
+    return snapshot.status.threads_connected / limit if limit else 1.0
+
+
+@dataclass
+class MysqlHistory:
+    """Connections opened between runs, on the server's own clock (Uptime)."""
+
+    previous: tuple[float, int] | None = None  # (Uptime, Connections)
+
+    def churn_per_minute(self, snapshot: MysqlSnapshot) -> float | None:
+        """New connections a minute since the previous run; None on the first run and after a restart."""
+        now = (snapshot.status.uptime, snapshot.status.connections)
+        previous, self.previous = self.previous, now
+        if previous is None or now[0] <= previous[0] or now[1] < previous[1]:
+            return None
+        return (now[1] - previous[1]) * 60.0 / (now[0] - previous[0])
+
+
+def mysql_metrics(snapshot: MysqlSnapshot, settings: Settings) -> tuple[list[Metric], dict[str, list[str]]]:
+    """The MySQL metrics of one snapshot, and the values folded into ``other``."""
+    assert settings.mysql is not None
+    base = (settings.mysql.tag, *settings.tags)
+    variables, status = snapshot.variables, snapshot.status
+    metrics: list[Metric] = []
+
+    def gauge(name: str, value: float, tags: tuple[str, ...] = ()) -> None:
+        metrics.append(Metric("gauge", PREFIX + name, value, base + tags))
+
+    gauge("max_connections", variables.max_connections)
+    gauge("connections_available", max(0, variables.max_connections - status.threads_connected))
+    gauge("connection_utilization", utilization(snapshot))
+    gauge("threads_running", status.threads_running)
+    gauge("max_used_connections", status.max_used_connections)
+    for name, field in STATUS_RATES:
+        metrics.append(Metric("rate", PREFIX + name, getattr(status, field), base))
+
+    names = dimensions(settings.group_by)
+    groups, folded = fold(select(snapshot.groups, settings), ("db", "user", "client_host"), settings.max_tag_values)
+    sums: dict[tuple[str, ...], float] = defaultdict(float)
+    ages: dict[tuple[str, ...], float] = defaultdict(float)
+    for g in groups:
+        sums[("connections", f"state:{g.state}", *_tags(g, names))] += g.count
+        sums[("leaked_connections", *_tags(g, ("db", "user", "client_host")))] += g.leaked
+        usage = "idle" if g.state == "idle" else "used"
+        sums[("otel", f"state:{usage}", f"pool.name:{settings.mysql.server_tag}/{tag_value(g.db)}")] += g.count
+        key = _tags(g, ("db", "user"))
+        ages[("idle.max_age", *key)] = max(ages[("idle.max_age", *key)], g.max_idle)
+        ages[("transaction.max_age", *key)] = max(ages[("transaction.max_age", *key)], g.max_transaction_age)
+    for (name, *tags), value in sums.items():
+        if name == "otel":
+            if settings.emit_otel_metrics:
+                metrics.append(Metric("gauge", "db.client.connections.usage", value, base + tuple(tags)))
+        else:
+            gauge(name, value, tuple(tags))
+    for (name, *tags), value in ages.items():
+        gauge(name, value, tuple(tags))
+    return metrics, folded
+
+
+def _by(counts: Counter[str], key: str, limit: int = 3) -> str:
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{key}={value or 'none'} {n}" for value, n in ranked[:limit])
+
+
+def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: float | None) -> list[Finding]:
+    assert settings.mysql is not None
+    t = settings.thresholds
+    variables, status = snapshot.variables, snapshot.status
+    findings = []
+    by_user: Counter[str] = Counter()
+    for g in snapshot.groups:
+        by_user[g.user] += g.count
+    ratio = utilization(snapshot)
+    used, limit = status.threads_connected, variables.max_connections
+    most = f"; most: {_by(by_user, 'user', 1)}" if by_user else ""
+    text = f"{used} of {limit} MySQL connections in use ({ratio:.0%} of max_connections{most})"
+    if used > limit:
+        text = (
+            f"{used} MySQL connections for max_connections={limit} ({ratio:.0%}{most}): past the limit only "
+            "one more, for SUPER / CONNECTION_ADMIN, is admitted; other clients are refused (1040)"
+        )
+    findings.append(Finding(level(ratio, t.utilization), text))
+
+    groups = select(snapshot.groups, settings)
+    leaked: Counter[str] = Counter()
+    in_tx: Counter[str] = Counter()
+    oldest: ProcessGroup | None = None
+    for g in groups:
+        leaked[g.user] += g.leaked
+        if g.state == "idle_in_transaction":
+            in_tx[g.user] += g.count
+        if g.max_transaction_age > 0 and (oldest is None or g.max_transaction_age > oldest.max_transaction_age):
+            oldest = g
+    leaked = +leaked
+    total_leaked = sum(leaked.values())
+    if total_leaked:
+        text = f"{total_leaked} MySQL connections idle for over {settings.leak_idle_seconds:g} s (leaked): "
+        findings.append(Finding(level(total_leaked, t.leaked_connections), text + _by(leaked, "user")))
+    total_tx = sum(in_tx.values())
+    if total_tx:
+        findings.append(
+            Finding(
+                level(total_tx, t.idle_in_transaction_count),
+                f"{total_tx} MySQL connections idle in transaction ({_by(in_tx, 'user')})",
+            )
+        )
+    if oldest is not None:
+        findings.append(
+            Finding(
+                level(oldest.max_transaction_age, t.idle_in_transaction_seconds),
+                f"the oldest MySQL transaction, of user={oldest.user or 'none'} on db={oldest.db or 'none'} "
+                f"from {oldest.client_host or 'unknown'}, has been open for {oldest.max_transaction_age:.0f} s",
+            )
+        )
+    if churn is not None:
+        findings.append(
+            Finding(level(churn, t.churn_per_minute), f"{churn:.0f} new MySQL connections a minute (churn)")
+        )
+    if not snapshot.sees_all_threads:
+        findings.append(
+            Finding(
+                Status.WARNING,
+                "the monitoring user sees only its own MySQL threads: "
+                f"GRANT PROCESS ON *.* TO '{settings.mysql.username}'@'%'",
+            )
+        )
+    return findings
+
+
+_INIT_WAIT_TIMEOUT = re.compile(r"\bwait_timeout\s*(?::=|=)\s*(\d+)", re.IGNORECASE)
+
+
+def applied_wait_timeout(variables: MysqlVariables) -> tuple[int, str]:
+    """The wait_timeout an application's session starts with, and where it comes from.
+
+    init_connect runs at the login of every user without SUPER or CONNECTION_ADMIN, which is
+    what an application's user should be: a wait_timeout it sets wins over the global one.
+    """
+    found = _INIT_WAIT_TIMEOUT.findall(variables.init_connect or "")
+    if found:
+        return int(found[-1]), "init_connect"
+    return variables.wait_timeout, "global"
+
+
+def mysql_alignment(settings: Settings, snapshot: MysqlSnapshot) -> list[str]:
+    """CONN_MAX_AGE longer than the timeouts after which the server closes idle connections."""
+    age = settings.conn_max_age
+    if age is not None and age <= 0:
+        return []  # Django closes the connection after each request
+    assert settings.mysql is not None
+    variables = snapshot.variables
+    users = sorted({g.user for g in snapshot.groups if g.user and g.user != settings.mysql.username})
+    who = f" for user {', '.join(users[:3])}" + (f" and {len(users) - 3} more" if len(users) > 3 else "")
+    who = who if users else ""
+    wait_timeout, source = applied_wait_timeout(variables)
+    if wait_timeout <= 0 or (age is not None and age <= wait_timeout):
+        return []
+    described = "conn_max_age=None (persistent)" if age is None else f"conn_max_age={age:g} s"
+    origin = " set by init_connect" if source == "init_connect" else ""
+    interactive = variables.interactive_timeout
+    also = (
+        f"; interactive_timeout={interactive} s, for clients that connect as interactive, is shorter too"
+        if interactive > 0 and (age is None or age > interactive)
+        else ""
+    )
+    return [
+        f"{described} is longer than MySQL's wait_timeout={wait_timeout} s{origin}{who}, which applies to "
+        f"non-interactive clients such as Django: the server closes the idle connection first and the next "
+        f"query fails with (2006, 'MySQL server has gone away'); keep CONN_MAX_AGE below wait_timeout and "
+        f"set CONN_HEALTH_CHECKS=True{also}"
+    ]

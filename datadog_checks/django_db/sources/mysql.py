@@ -1,0 +1,210 @@
+"""MySQL and MariaDB source: one persistent PyMySQL connection, one snapshot of plain data per run.
+
+PyMySQL is imported when the source is made, that is only when a `mysql` section is configured.
+Every step is bounded on the client side: ``connect_timeout`` for the TCP connection,
+``query_timeout`` as PyMySQL's read and write timeouts for the handshake and every statement.
+A connection the server closed since the previous run (``wait_timeout``, a restart) is found
+broken on its first statement, opened again and the snapshot retried once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..config import Endpoint
+from ..connection import APPLICATION_NAME, ClientTimeout
+from ..records import MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup
+
+VARIABLES_SQL = (
+    "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('version', 'max_connections', 'wait_timeout', "
+    "'interactive_timeout', 'init_connect', 'performance_schema')"
+)
+STATUS_SQL = (
+    "SHOW GLOBAL STATUS WHERE Variable_name IN ('Uptime', 'Threads_connected', 'Threads_running', "
+    "'Max_used_connections', 'Aborted_clients', 'Aborted_connects', 'Connections')"
+)
+# Without PROCESS, the process list shows the monitoring user's own threads only.
+PRIVILEGES_SQL = "SELECT COUNT(*) FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE IN ('PROCESS', 'SUPER')"
+
+# Client threads grouped in the server: the port is cut from HOST so clients of one host fold
+# together; background threads ('system user', Daemon) take no connection slot and are left out.
+PROCESSLIST_SQL = """
+SELECT p.COMMAND,
+       t.trx_mysql_thread_id IS NOT NULL AS in_transaction,
+       COALESCE(p.USER, '') AS user,
+       COALESCE(p.DB, '') AS db,
+       IF(p.HOST LIKE '%%:%%',
+          LEFT(p.HOST, CHAR_LENGTH(p.HOST) - CHAR_LENGTH(SUBSTRING_INDEX(p.HOST, ':', -1)) - 1),
+          COALESCE(p.HOST, '')) AS client_host,
+       COUNT(*) AS n,
+       SUM(p.COMMAND = 'Sleep' AND t.trx_mysql_thread_id IS NULL AND p.TIME >= %(leak)s) AS leaked,
+       MAX(IF(p.COMMAND = 'Sleep', p.TIME, 0)) AS max_idle,
+       COALESCE(MAX(TIMESTAMPDIFF(SECOND, t.trx_started, NOW())), 0) AS max_transaction_age
+FROM {processlist} p
+LEFT JOIN information_schema.INNODB_TRX t ON t.trx_mysql_thread_id = p.ID
+WHERE p.ID <> CONNECTION_ID() AND p.COMMAND <> 'Daemon' AND COALESCE(p.USER, '') <> 'system user'
+GROUP BY 1, 2, 3, 4, 5
+"""
+
+INFORMATION_SCHEMA = "information_schema.PROCESSLIST"
+PERFORMANCE_SCHEMA = "performance_schema.processlist"  # MySQL 8.0.22 and later, without the global mutex
+
+# Errors of a connection the server closed: gone away, lost during query, closed for inactivity (MySQL 8).
+BROKEN = (2006, 2013, 4031)
+
+
+class ProcessRow(NamedTuple):
+    command: str
+    in_transaction: int
+    user: str
+    db: str
+    client_host: str
+    n: int
+    leaked: Any  # SUM() comes back as a Decimal
+    max_idle: Any
+    max_transaction_age: Any
+
+
+def processlist_table(version: str, performance_schema: str) -> str:
+    """``performance_schema.processlist`` on MySQL 8.0.22 and later with performance_schema on."""
+    if "mariadb" in version.lower() or performance_schema.upper() not in ("ON", "1"):
+        return INFORMATION_SCHEMA
+    numbers = []
+    for part in version.split("-")[0].split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits or 0))
+    return PERFORMANCE_SCHEMA if tuple(numbers) >= (8, 0, 22) else INFORMATION_SCHEMA
+
+
+def state_of(command: str, in_transaction: bool) -> str:
+    """The thread's state as a tag value: idle, idle_in_transaction, active, or its command."""
+    if command == "Sleep":
+        return "idle_in_transaction" if in_transaction else "idle"
+    if command in ("Query", "Execute", "Fetch"):
+        return "active"
+    return command.strip().lower().replace(" ", "_") or "unknown"
+
+
+class MysqlSource:
+    def __init__(self, endpoint: Endpoint, leak_idle_seconds: float):
+        import pymysql  # only here: a PostgreSQL-only Agent never needs the driver
+
+        self.pymysql = pymysql
+        self.endpoint = endpoint
+        self.leak_idle_seconds = leak_idle_seconds
+        self.conn: Any = None
+        self.sees_all_threads = True
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - a broken connection may fail to close; it is dropped either way
+                pass
+
+    def snapshot(self) -> MysqlSnapshot:
+        """Read the server; any failure closes the connection, to be opened again next run."""
+        try:
+            return self._snapshot()
+        except BaseException:
+            self.close()
+            raise
+
+    def _snapshot(self) -> MysqlSnapshot:
+        new = self.conn is None
+        if new:
+            self._connect()
+        try:
+            return self._read(new)
+        except self.pymysql.err.Error as e:
+            if new or not self._broken(e):
+                raise self._timeout(e) from None
+        # The server closed the connection while it sat idle between runs: once more, on a new one.
+        self.close()
+        self._connect()
+        try:
+            return self._read(True)
+        except self.pymysql.err.Error as e:
+            raise self._timeout(e) from None
+
+    def _connect(self) -> None:
+        endpoint = self.endpoint
+        try:
+            self.conn = self.pymysql.connect(
+                host=endpoint.host,
+                port=endpoint.port,
+                user=endpoint.username,
+                password=endpoint.password,
+                connect_timeout=endpoint.connect_timeout,
+                read_timeout=endpoint.query_timeout,
+                write_timeout=endpoint.query_timeout,
+                autocommit=True,
+                charset="utf8mb4",
+                program_name=APPLICATION_NAME,
+            )
+            with self.conn.cursor() as cursor:
+                cursor.execute(PRIVILEGES_SQL)
+                self.sees_all_threads = bool(cursor.fetchone()[0])
+        except self.pymysql.err.Error as e:
+            self.close()
+            raise self._timeout(e, "connect_timeout") from None
+
+    def _broken(self, error: Exception) -> bool:
+        if isinstance(error, self.pymysql.err.InterfaceError):
+            return True  # PyMySQL found its socket closed
+        code = error.args[0] if error.args else None
+        return code in BROKEN and "timed out" not in str(error)
+
+    def _timeout(self, error: Exception, what: str = "query_timeout") -> Exception:
+        """A socket timeout as ClientTimeout, so it reads as one; any other error as it came."""
+        if "timed out" in str(error):
+            seconds = self.endpoint.connect_timeout if what == "connect_timeout" else self.endpoint.query_timeout
+            if error.args and error.args[0] == 2013:
+                what, seconds = "query_timeout", self.endpoint.query_timeout
+            return ClientTimeout(what, seconds)
+        return error
+
+    def _read(self, new: bool) -> MysqlSnapshot:
+        with self.conn.cursor() as cursor:
+            cursor.execute(VARIABLES_SQL)
+            variables = {str(name): str(value) for name, value in cursor.fetchall()}
+            cursor.execute(STATUS_SQL)
+            status = {str(name): str(value) for name, value in cursor.fetchall()}
+            table = processlist_table(variables.get("version", ""), variables.get("performance_schema", "OFF"))
+            cursor.execute(PROCESSLIST_SQL.format(processlist=table), {"leak": self.leak_idle_seconds})
+            rows = [ProcessRow(*row) for row in cursor.fetchall()]
+        groups = tuple(
+            ProcessGroup(
+                state=state_of(str(r.command or ""), bool(r.in_transaction)),
+                user=str(r.user),
+                db=str(r.db),
+                client_host=str(r.client_host),
+                count=int(r.n),
+                leaked=int(r.leaked or 0),
+                max_idle=float(r.max_idle or 0),
+                max_transaction_age=max(0.0, float(r.max_transaction_age or 0)),
+            )
+            for r in rows
+        )
+        return MysqlSnapshot(
+            variables=MysqlVariables(
+                version=variables.get("version", ""),
+                max_connections=int(variables.get("max_connections", 0)),
+                wait_timeout=int(variables.get("wait_timeout", 28800)),
+                interactive_timeout=int(variables.get("interactive_timeout", 28800)),
+                init_connect=variables.get("init_connect", ""),
+            ),
+            status=MysqlStatus(
+                uptime=float(status.get("Uptime", 0)),
+                threads_connected=int(status.get("Threads_connected", 0)),
+                threads_running=int(status.get("Threads_running", 0)),
+                max_used_connections=int(status.get("Max_used_connections", 0)),
+                aborted_clients=int(status.get("Aborted_clients", 0)),
+                aborted_connects=int(status.get("Aborted_connects", 0)),
+                connections=int(status.get("Connections", 0)),
+            ),
+            groups=groups,
+            new_connection=new,
+            sees_all_threads=self.sees_all_threads,
+        )
