@@ -269,6 +269,7 @@ def test_mysql_demo_on_mariadb():
     code, output, err, _ = demo.finish(180)
     assert code == 0, err
     assert "health     CRITICAL" in output
+    output = " ".join(output.split())  # findings are wrapped
     assert "mysql_too_many_connections seen" in output
     assert "the oldest MySQL transaction, of user=shop on db=shop" in output
     assert "conn_max_age=60 s is longer than MySQL's wait_timeout=30 s for user shop" in output

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..mariadb import MariaDB
-from .live import FINDING_SEPARATOR, LINE, Figures
+from .live import Figures, findings, wrap
 
 APP_USER = "shop"
 APP_PASSWORD = "shop-demo-secret"  # noqa: S105 - a throwaway local server
@@ -75,14 +75,14 @@ def _render(run: Figures) -> list[str]:
     ]
     health = run.service_checks.get("django_db.connection_health")
     if health is not None and health.message:
-        for part in [p.strip() for p in FINDING_SEPARATOR.split(health.message) if p.strip()][:5]:
-            lines.append(f"             {part[:LINE]}")
+        for part in findings(health.message):
+            lines += wrap(part)
     alignment = run.service_checks.get("django_db.config_alignment")
     lines.append(f"  alignment  {run.status('django_db.config_alignment')}")
     if alignment is not None and alignment.message:
-        lines.append(f"             {alignment.message[:LINE]}")
+        lines += wrap(alignment.message)
     if run.error:
-        lines.append(f"  check error: {run.error[:LINE]}")
+        lines += wrap(f"check error: {run.error}", indent="  ")
     return lines
 
 
