@@ -145,6 +145,8 @@ def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
         check.cancel()
     status = aggregator.service_checks("django_db.connection_health")[-1]
     return status.status, status.message or ""
+
+
 @pytest.fixture(scope="session")
 def mariadb() -> Iterator[MariaDB]:
     """One throwaway MariaDB for the MySQL tests, with an application user and database."""

@@ -159,6 +159,13 @@ def test_conn_max_age_against_wait_timeout(conn_max_age, wait_timeout, init_conn
         assert "datadog" not in failure  # the monitoring user is no application
 
 
+def test_an_app_profile_with_its_own_conn_max_age_is_checked_too():
+    s = settings(conn_max_age=60, apps=[{"match": "^reports", "name": "reports", "conn_max_age": None}])
+    (failure,) = mysql_alignment(s, snapshot(wait_timeout=300))
+    assert failure.startswith("app=reports: conn_max_age=None (persistent) is longer than MySQL's wait_timeout=300 s")
+    assert mysql_alignment(settings(conn_max_age=60, apps=[{"match": "^web"}]), snapshot(wait_timeout=300)) == []
+
+
 def test_interactive_timeout_is_named_only_beside_a_wait_timeout_failure():
     short_interactive = snapshot(wait_timeout=300, interactive_timeout=100)
     (failure,) = mysql_alignment(settings(conn_max_age=600), short_interactive)

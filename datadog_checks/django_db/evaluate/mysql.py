@@ -217,15 +217,22 @@ def applied_wait_timeout(variables: MysqlVariables) -> tuple[int, str]:
 
 
 def mysql_alignment(settings: Settings, snapshot: MysqlSnapshot) -> list[str]:
-    """CONN_MAX_AGE longer than the timeouts after which the server closes idle connections."""
-    age = settings.conn_max_age
-    if age is not None and age <= 0:
-        return []  # Django closes the connection after each request
+    """CONN_MAX_AGE longer than the wait_timeout after which the server closes an idle connection: once for
+    the instance's conn_max_age, then for each application profile that gives its own, named after it."""
     assert settings.mysql is not None
-    variables = snapshot.variables
     users = sorted({g.user for g in snapshot.groups if g.user and g.user != settings.mysql.username})
     who = f" for user {', '.join(users[:3])}" + (f" and {len(users) - 3} more" if len(users) > 3 else "")
-    who = who if users else ""
+    failures = wait_timeout_rule(settings.conn_max_age, snapshot.variables, who if users else "")
+    for profile in settings.apps:
+        if profile.conn_max_age != settings.conn_max_age:
+            own = wait_timeout_rule(profile.conn_max_age, snapshot.variables, "")
+            failures += [f"app={profile.name}: {failure}" for failure in own]
+    return failures
+
+
+def wait_timeout_rule(age: float | None, variables: MysqlVariables, who: str) -> list[str]:
+    if age is not None and age <= 0:
+        return []  # Django closes the connection after each request
     wait_timeout, source = applied_wait_timeout(variables)
     if wait_timeout <= 0 or (age is not None and age <= wait_timeout):
         return []
