@@ -216,12 +216,13 @@ class Postgres:
         self.binaries = PgBinaries(linked / self.bindir.relative_to(source), env)
         self.bindir = self.binaries.bindir
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
         if self.datadir.exists():
-            self._cmd("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop", check=False)
+            self._cmd("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop", check=False)
 
-    def restart(self) -> None:
-        self._cmd("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60", "start")
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart -m fast|smart|immediate``, or a start after ``stop``: accepting connections on return."""
+        self._cmd("pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-m", mode, "-w", "-t", "60", "restart")
 
     def dsn(self, user: str = SUPERUSER, password: str = SUPERUSER_PASSWORD, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user={user} password={password} dbname={dbname}"

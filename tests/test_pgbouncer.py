@@ -172,9 +172,13 @@ def test_each_side_reports_while_the_other_is_down(aggregator, dd_run_check, own
     aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.CRITICAL)
     aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
     assert metric_values(aggregator, "django_db.pgbouncer.max_client_conn") == [100]
-    (error,) = aggregator.metrics("django_db.errors")
-    assert f"postgres_server:127.0.0.1:{own_sandbox.postgres.port}" in error.tags
-    assert "source:postgres" in error.tags
+    # The loss of the kept connection and the refusal of a new one: each once, on the server they came from.
+    errors = aggregator.metrics("django_db.errors")
+    assert len(errors) == 2
+    for error in errors:
+        assert f"postgres_server:127.0.0.1:{own_sandbox.postgres.port}" in error.tags
+        assert "source:postgres" in error.tags
+    assert any("signature:connection_refused" in error.tags for error in errors)
     check.cancel()
 
 

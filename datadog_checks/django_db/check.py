@@ -20,7 +20,7 @@ from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, w
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.postgres import SessionHistory, postgres_metrics
-from .evaluate.signatures import classify_error, count_log_lines
+from .evaluate.signatures import classify, classify_error, count_log_lines
 from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import redact
 from .sources.django_metrics import DjangoMetricsSource
@@ -107,8 +107,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             findings += self.collect_django(self.django)
         findings += signature_findings((signature, source) for signature, source, _ in seen)
         for signature, source, server in seen:
-            tags = [server, f"signature:{signature}", f"source:{source}", *self.settings.tags]
-            self.count("django_db.errors", 1, tags=tags)
+            self.count_error(signature, source, server)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
         if (pg is not None and pgb is not None) or my is not None:
             failures = alignment_failures(self.settings, pg, pgb) if pg is not None and pgb is not None else []
@@ -123,6 +122,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             snapshot = source.snapshot(self._last_server_time, self.settings.report_leak_queries)
         except Exception as e:
             return None, [], [self.report_error(e, "PostgreSQL", source.endpoint, POSTGRES_CAN_CONNECT, tags)]
+        finally:
+            self.count_lost(source, "PostgreSQL")
         self.service_check(POSTGRES_CAN_CONNECT, Status.OK, tags=tags)
         self._last_server_time = snapshot.server_time
         if snapshot.new_connection and not self.pgbouncer:
@@ -144,6 +145,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             snapshot = source.snapshot()
         except Exception as e:
             return None, [], [self.report_error(e, "PgBouncer", source.endpoint, PGBOUNCER_CAN_CONNECT, tags)]
+        finally:
+            self.count_lost(source, "PgBouncer")
         self.service_check(PGBOUNCER_CAN_CONNECT, Status.OK, tags=tags)
         if snapshot.new_connection and snapshot.version:
             self.set_metadata("version", snapshot.version)
@@ -194,6 +197,26 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                 self.warning("Cannot read log file %s: %s", path, problem)
         self._log_problems = dict(logs.problems)
         return seen
+
+    def count_lost(self, source: PostgresSource | PgBouncerSource, label: str) -> None:
+        """Count the error that broke the connection kept from the previous run, once.
+
+        The run went on over a new connection: the error is a fact for django_db.errors and the log,
+        not a finding, since a server that restarted and came back is healthy.
+        """
+        if source.lost is None:
+            return
+        endpoint = source.endpoint
+        signature = classify(source.lost.message, source.lost.sqlstate)
+        self.log.warning(
+            "%s %s: the server closed the connection kept from the previous run (%s: %s); connecting again",
+            label, endpoint.server_tag, signature.name, " ".join(redact(source.lost.text).split()),
+        )  # fmt: skip
+        self.count_error(signature.name, endpoint.kind, endpoint.tag)
+
+    def count_error(self, signature: str, source: str, server: str) -> None:
+        tags = [server, f"signature:{signature}", f"source:{source}", *self.settings.tags]
+        self.count("django_db.errors", 1, tags=tags)
 
     def report_error(
         self, error: Exception, label: str, endpoint: config.Endpoint, check: str, tags: list[str]

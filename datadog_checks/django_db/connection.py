@@ -19,22 +19,26 @@ import itertools
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
 from .config import Endpoint
+from .records import Failure
 
 APPLICATION_NAME = "datadog-django-db"
 MAX_DEADLINE = 24 * 3600.0  # seconds; the configuration allows an hour at most
 _WAIT_SLICE = 60.0  # the longest single wait of the watchdog thread
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ClientTimeout(Exception):
@@ -153,6 +157,80 @@ def connect(endpoint: Endpoint, **kwargs: Any) -> psycopg.Connection:
         **kwargs,
     }
     return psycopg.connect(autocommit=True, **params)
+
+
+class Reconnecting:
+    """A source's one connection to its server: opened when needed, closed on any failure.
+
+    A connection kept from the previous run may have been closed by the server since (a restart,
+    pg_terminate_backend, a PgBouncer restart): its first statement then fails at once, although the
+    server may well be back. ``read`` tells that apart from a server that is down.
+    """
+
+    endpoint: Endpoint
+    conn: psycopg.Connection[Any] | None = None
+    lost: Failure | None = None  # what broke the kept connection during the last read
+    _farewell: Failure | None = None  # the server's last word before it closed the connection
+
+    def open(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        self.conn = conn = connect(self.endpoint, **kwargs)
+        self._farewell = None
+        conn.add_notice_handler(self._on_notice)
+        return conn
+
+    def _on_notice(self, diag: psycopg.errors.Diagnostic) -> None:
+        # A server closing a connection says why (57P01 and its kin); libpq hands that over as a
+        # notice when no statement's result was awaited, as in a pipeline.
+        sqlstate = diag.sqlstate or ""
+        if sqlstate.startswith("57P") or diag.severity_nonlocalized in ("FATAL", "PANIC"):
+            primary = diag.message_primary or ""
+            self._farewell = Failure(primary, sqlstate or None, primary)
+
+    def close(self) -> None:
+        close_quietly(self.conn)
+        self.conn = None
+
+    def read(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``, and once more on a new connection when the kept one was found broken.
+
+        Only a connection error that left a kept connection broken is retried: never a timeout of
+        our own (a hung server) nor a failure of a new connection, so the retry costs no wait
+        beyond the bounds of one new connection. Whatever fails closes the connection and is raised.
+        """
+        self.lost = None
+        kept = self.conn is not None and not self.conn.closed
+        try:
+            return attempt()
+        except BaseException as e:
+            broken = kept and isinstance(e, psycopg.OperationalError) and self.conn is not None and self.conn.broken
+            self.close()
+            if not broken:
+                raise
+            self.lost = self._farewell or describe(e)
+        try:
+            return attempt()
+        except BaseException:
+            self.close()
+            raise
+
+
+# libpq's words before the reason a connection failed, and the server's own message within them.
+_ADDRESS = re.compile(r'^(?:connection failed: )?connection to server (?:at|on socket) "[^"]*".*? failed: ')
+_SERVER_MESSAGE = re.compile(r"\b(?:FATAL|ERROR|PANIC):\s+(.+)")
+
+
+def describe(error: BaseException) -> Failure:
+    """An error as plain values: the driver's SQLSTATE and the server's message, our own timeout by its type."""
+    text = str(error)
+    if isinstance(error, (ClientTimeout, psycopg.errors.ConnectionTimeout)):
+        return Failure(text, None, text, timeout=True)
+    if not isinstance(error, psycopg.Error):
+        return Failure(text, None, text)
+    message = error.diag.message_primary
+    if not message:
+        found = _SERVER_MESSAGE.search(text)
+        message = found.group(1) if found else _ADDRESS.sub("", text)
+    return Failure(text, error.sqlstate, message.strip())
 
 
 def close_quietly(conn: psycopg.Connection | None) -> None:

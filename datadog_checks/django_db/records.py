@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# -- Errors ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An error met on a connection to a server, in plain values."""
+
+    text: str  # as the client library words it
+    sqlstate: str | None = None
+    message: str = ""  # the server's primary message; else the client library's own words, without the address
+    timeout: bool = False  # the check's own deadline, or connect_timeout, ran out
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 

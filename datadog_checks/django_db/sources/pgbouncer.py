@@ -14,7 +14,7 @@ from typing import Any, LiteralString
 import psycopg
 
 from ..config import Endpoint
-from ..connection import close_quietly, connect, deadline
+from ..connection import Reconnecting, deadline
 from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbPool, PgbSnapshot, PgbStats
 
 PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS")
@@ -198,34 +198,24 @@ def snapshot_from_results(results: dict[str, Result], new_connection: bool = Fal
     )
 
 
-class PgBouncerSource:
+class PgBouncerSource(Reconnecting):
     def __init__(self, endpoint: Endpoint):
         self.endpoint = endpoint
-        self.conn: psycopg.Connection[Any] | None = None
         self.cached: dict[str, Result] = {}
         self.notices: list[str] = []
 
-    def close(self) -> None:
-        close_quietly(self.conn)
-        self.conn = None
-
     def snapshot(self) -> PgbSnapshot:
-        """Read the console; any failure closes the connection, to be opened again next run."""
-        try:
-            return self._snapshot()
-        except BaseException:
-            self.close()
-            raise
+        """Read the console; a connection found broken is opened again at once, any other failure next run."""
+        return self.read(self._snapshot)
 
     def _snapshot(self) -> PgbSnapshot:
-        new = self.conn is None or self.conn.closed
-        if new:
-            # The console speaks the simple query protocol only: client-side binding, no prepares.
-            self.conn = connect(self.endpoint, cursor_factory=psycopg.ClientCursor, prepare_threshold=None)
-            self.notices = []
-            self.conn.add_notice_handler(lambda diag: self.notices.append(diag.message_primary or ""))
         conn = self.conn
-        assert conn is not None
+        new = conn is None or conn.closed
+        if conn is None or new:
+            # The console speaks the simple query protocol only: client-side binding, no prepares.
+            conn = self.open(cursor_factory=psycopg.ClientCursor, prepare_threshold=None)
+            self.notices = []
+            conn.add_notice_handler(lambda diag: self.notices.append(diag.message_primary or ""))
         results: dict[str, Result] = {}
         with deadline(conn, self.endpoint.query_timeout):
             if new:

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from ..config import Endpoint
-from ..connection import close_quietly, connect, deadline
+from ..connection import Reconnecting, deadline
 from ..patterns import NamePattern
 from ..records import ActivityGroup, DatabaseSessions, LeakSuspect, PgSnapshot, ServerSettings
 
@@ -98,7 +98,7 @@ class ActivityRow(NamedTuple):
     now: float
 
 
-class PostgresSource:
+class PostgresSource(Reconnecting):
     def __init__(
         self,
         endpoint: Endpoint,
@@ -118,28 +118,18 @@ class PostgresSource:
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
         self.activity_sql = ACTIVITY_SQL.format(extra=extra, client_backends=CLIENT_BACKENDS, leaked=leaked)
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
-        self.conn: psycopg.Connection | None = None
         self.settings: ServerSettings | None = None
         self.names: dict[tuple[str, int | None], str] = {}  # ("db" or "user", oid): name
         self.pipeline = psycopg.Pipeline.is_supported()
 
-    def close(self) -> None:
-        close_quietly(self.conn)
-        self.conn = None
-
     def snapshot(self, since: float | None, want_suspects: bool = False) -> PgSnapshot:
-        """Read the server; any failure closes the connection, to be opened again next run."""
-        try:
-            return self._snapshot(since, want_suspects)
-        except BaseException:
-            self.close()
-            raise
+        """Read the server; a connection found broken is opened again at once, any other failure next run."""
+        return self.read(lambda: self._snapshot(since, want_suspects))
 
     def _snapshot(self, since: float | None, want_suspects: bool) -> PgSnapshot:
         new = self.conn is None or self.conn.closed
         if new:
-            self.conn = connect(self.endpoint)
-            self.settings = self._read_settings(self.conn)
+            self.settings = self._read_settings(self.open())
         assert self.conn is not None and self.settings is not None
         conn = self.conn
         timeout = self.endpoint.query_timeout + 1  # the server's statement_timeout normally answers first
