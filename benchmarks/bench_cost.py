@@ -1,0 +1,579 @@
+"""What one run of the check costs, each figure beside its target.
+
+- Series per run on a small stack: PostgreSQL with 20 client connections of 3 applications
+  (shop-web 12, shop-worker 6, shop-beat 2) over 2 databases, and PgBouncer with 3 pools, both
+  sections on their defaults; and series per PgBouncer pool at 10 and 200 pools.
+- Run time of the PostgreSQL side at 100, 1,000 and 2,000 idle clients beside a bare
+  `SELECT count(*) FROM pg_stat_activity`, and of the PgBouncer side at 10 and 200 pools beside bare
+  `SHOW POOLS` + `SHOW STATS`, each on an open connection. The check runs with its submissions going
+  nowhere (its own cost), and again with the datadog stub aggregator for reference; the three are
+  interleaved in one process (check, bare, check with the stub, check, bare, ...) after warm-up
+  rounds, so that the machine's noise falls on all of them alike. Medians and p90; ratios of medians.
+- Peak Python memory of one run (tracemalloc, after a warm-up run) at 10 and 200 pools.
+- Round trips per run after the first, from libpq's trace of the check's own connections, and the
+  connections the servers saw the check open.
+
+Usage: python benchmarks/bench_cost.py [--runs N] [--warmup N] [--clients 100,1000,2000] [--pools 10,200] [--series]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
+
+from datadog_checks.base.stubs import aggregator
+
+from datadog_checks.django_db import DjangoDbCheck
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
+
+# Targets.
+SMALL_STACK_SERIES = 80
+SERIES_PER_POOL = 10.0
+POSTGRES_RATIO_FIRST = 2.0  # at the fewest idle clients (100 by default)
+POSTGRES_RATIO_LAST = 1.3  # at the most (2,000 by default)
+PGBOUNCER_RATIO_LAST = 3.0  # at the most pools (200 by default)
+MEMORY_RATIO = 2.0  # the peak at the most pools over the peak at the fewest
+POSTGRES_ROUND_TRIPS = 1
+PGBOUNCER_ROUND_TRIPS = 4
+
+TRACED_RUNS = 3
+SHOP_PASSWORD = "shop-secret"
+# The small stack: (application_name, connections, database, role); the first connection of each
+# application goes through PgBouncer (one pool each), the others straight to PostgreSQL.
+SHOP = (
+    ("shop-web", 12, "shop", "shop"),
+    ("shop-worker", 6, "shop_jobs", "shop"),
+    ("shop-beat", 2, "shop_jobs", "shop_beat"),
+)
+IDLE_APPS = ("shop-web",) * 6 + ("shop-worker",) * 3 + ("shop-beat",)
+
+
+class BenchmarkBroken(RuntimeError):
+    """The benchmark can no longer measure what it says: fix the benchmark, not the figures."""
+
+
+# -- the check, with and without an aggregator ---------------------------------------------------
+def _nothing(self: object, *args: object, **kwargs: object) -> None:
+    return None
+
+
+class SilentCheck(DjangoDbCheck):
+    """The check with every submission method doing nothing: a run's time is the check's own."""
+
+    gauge = rate = count = monotonic_count = service_check = set_metadata = _nothing
+
+
+def checks(instance: dict[str, Any]) -> tuple[DjangoDbCheck, DjangoDbCheck]:
+    """A silent check and one submitting to the stub aggregator; fails if the silent one submits anything."""
+    silent, stub = SilentCheck("django_db", {}, [instance]), DjangoDbCheck("django_db", {}, [instance])
+    aggregator.reset()
+    silent.check(None)
+    leaked = [*aggregator.metric_names, *aggregator.service_check_names, *(str(e) for e in aggregator.events)]
+    if leaked:
+        raise BenchmarkBroken(f"the check submits past the no-op methods of SilentCheck: {sorted(set(leaked))[:5]}")
+    return silent, stub
+
+
+def stub_run(check: DjangoDbCheck) -> None:
+    aggregator.reset()
+    check.check(None)
+
+
+def series() -> set[tuple[str, tuple[str, ...], str, Any]]:
+    """Every distinct series the stub aggregator holds: metric name, tags, host, device."""
+    return {
+        (name, tuple(sorted(m.tags)), m.hostname, m.device)
+        for name in aggregator.metric_names
+        for m in aggregator.metrics(name)
+    }
+
+
+def counted_connections() -> float:
+    return sum(m.value for m in aggregator.metrics("django_db.postgres.connections"))
+
+
+# -- timing -----------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    name: str
+    action: Callable[[], object]
+    before: Callable[[], object] | None = None  # untimed
+
+
+def interleaved(steps: Sequence[Step], runs: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps taking turns: after ``warmup`` rounds, ``runs`` rounds."""
+    times: dict[str, list[float]] = {step.name: [] for step in steps}
+    clock = time.perf_counter
+    for round_ in range(warmup + runs):
+        for step in steps:
+            if step.before is not None:
+                step.before()
+            start = clock()
+            step.action()
+            elapsed = clock() - start
+            if round_ >= warmup:
+                times[step.name].append(elapsed)
+    return times
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def p90_ms(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0] * 1000
+    return statistics.quantiles(values, n=10, method="inclusive")[-1] * 1000
+
+
+def ms(values: list[float]) -> str:
+    return f"{median_ms(values):.2f} ms (p90 {p90_ms(values):.2f})"
+
+
+def peak_memory(run: Callable[[], object], before: Callable[[], object] | None = None, samples: int = 3) -> float:
+    """Median of the tracemalloc peak of one run, in bytes above what was held before it; after a warm-up run."""
+    peaks = []
+    tracemalloc.start()
+    try:
+        run()
+        for _ in range(samples):
+            if before is not None:
+                before()
+            gc.collect()
+            tracemalloc.reset_peak()
+            held = tracemalloc.get_traced_memory()[0]
+            run()
+            peaks.append(tracemalloc.get_traced_memory()[1] - held)
+    finally:
+        tracemalloc.stop()
+    return statistics.median(peaks)
+
+
+# -- round trips --------------------------------------------------------------------------------------
+def kept_connection(check: DjangoDbCheck, section: str) -> psycopg.Connection[Any]:
+    """The connection the check keeps to a server between runs (``check.<section>.conn``)."""
+    source = getattr(check, section, None)
+    conn = getattr(source, "conn", None)
+    if not isinstance(conn, psycopg.Connection) or conn.closed:
+        raise BenchmarkBroken(
+            f"DjangoDbCheck.{section}.conn is no longer the check's open {section} connection: the round trips"
+            " are counted on it; point kept_connection() in benchmarks/bench_cost.py at where the check keeps it now"
+        )
+    return conn
+
+
+@contextmanager
+def traced(conn: psycopg.Connection[Any]) -> Iterator[list[str]]:
+    """libpq's trace of ``conn`` over the block: one line per protocol message, F(rontend) or B(ackend) first."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as handle:
+        conn.pgconn.trace(handle.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield lines
+        finally:
+            conn.pgconn.untrace()  # flushes libpq's buffer into the file
+            handle.seek(0)
+            lines += handle.read().splitlines()
+
+
+@dataclass
+class Exchanges:
+    round_trips: int  # the client sent, then waited for the server's answer
+    sync_or_query: int  # Sync and Query messages sent
+
+
+def exchanges(lines: list[str]) -> Exchanges:
+    trips = requests = 0
+    previous = ""
+    for line in lines:
+        fields = line.split("\t", 3)
+        if len(fields) < 3 or fields[0] not in ("F", "B"):
+            continue  # the rest of a message spread over lines (a query's text)
+        if fields[0] == "F" and fields[2] in ("Sync", "Query"):
+            requests += 1
+        if fields[0] == "B" and previous == "F":
+            trips += 1
+        previous = fields[0]
+    return Exchanges(trips, requests)
+
+
+def postgres_sessions(probe: psycopg.Connection[Any], application_name: str) -> set[tuple[Any, ...]]:
+    """The server's view: (pid, backend_start) of every backend with the check's application_name."""
+    query = "SELECT pid, backend_start FROM pg_stat_activity WHERE application_name = %s"
+    return set(probe.execute(query, (application_name,)).fetchall())
+
+
+def pgbouncer_sessions(admin: psycopg.Connection[Any], application_name: str) -> set[tuple[Any, ...]]:
+    """The console's view: (addr, port, connect_time) of each console client with the check's application_name."""
+    cursor = admin.execute("SHOW CLIENTS")
+    columns = [c.name for c in cursor.description or ()]
+    wanted = ("database", "application_name", "addr", "port", "connect_time")
+    if not set(wanted) <= set(columns):
+        raise BenchmarkBroken(f"SHOW CLIENTS lacks one of {wanted}: {columns}")
+    at = {name: columns.index(name) for name in wanted}
+    return {
+        (row[at["addr"]], row[at["port"]], row[at["connect_time"]])
+        for row in cursor.fetchall()
+        if row[at["database"]] == "pgbouncer" and row[at["application_name"]] == application_name
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------
+class Report:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def section(self, title: str) -> None:
+        print(f"\n{title}", flush=True)
+
+    def line(self, label: str, value: str, target: str | None = None, ok: bool | None = None) -> None:
+        """A figure, its value, its target and PASS or FAIL; a figure without a target is reported only."""
+        if ok is None:
+            status, target = "-", target or "-"
+        else:
+            status = "PASS" if ok else "FAIL"
+            self.passed += ok
+            self.failed += not ok
+        print(f"  {label:<47} {value:<66} {target:<8} {status}", flush=True)
+
+
+# -- servers and clients --------------------------------------------------------------------------------
+def raise_open_files(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def connect(port: int, dbname: str, user: str, password: str, app: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host="127.0.0.1", port=port, dbname=dbname, user=user, password=password, application_name=app,
+        autocommit=True, connect_timeout=10, **kwargs,
+    )  # fmt: skip
+
+
+def console(box: Sandbox, app: str) -> psycopg.Connection[Any]:
+    """A connection to PgBouncer's admin console, which speaks the simple query protocol only."""
+    return connect(
+        box.pgbouncer.port, "pgbouncer", Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD, app,
+        cursor_factory=psycopg.ClientCursor, prepare_threshold=None,
+    )  # fmt: skip
+
+
+def shop_stack(box: Sandbox) -> list[psycopg.Connection[Any]]:
+    for role in ("shop", "shop_beat"):
+        box.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{SHOP_PASSWORD}'")
+    box.psql("CREATE DATABASE shop OWNER shop")
+    box.psql("CREATE DATABASE shop_jobs OWNER shop")
+    box.pgbouncer.users.update(shop=SHOP_PASSWORD, shop_beat=SHOP_PASSWORD)
+    box.pgbouncer.reload()
+    clients = []
+    for app, count, dbname, role in SHOP:
+        # Through PgBouncer: the pool's server connection carries the application's name to PostgreSQL.
+        pooled = connect(box.pgbouncer.port, dbname, role, SHOP_PASSWORD, app, prepare_threshold=None)
+        pooled.execute("SELECT 1").fetchall()
+        clients.append(pooled)
+        clients += [connect(box.postgres.port, dbname, role, SHOP_PASSWORD, app) for _ in range(count - 1)]
+    return clients
+
+
+def make_pools(box: Sandbox, count: int) -> None:
+    """``count`` aliases of one database in PgBouncer, each with a pool: a client has been through it."""
+    names = [f"alias{i:04d}" for i in range(count)]
+    added = [name for name in names if name not in box.pgbouncer.databases]
+    for name in added:
+        box.pgbouncer.databases[name] = f"host=127.0.0.1 port={box.postgres.port} dbname=postgres"
+    box.pgbouncer.reload()
+    for name in added:
+        with connect(box.pgbouncer.port, name, SUPERUSER, SUPERUSER_PASSWORD, "shop-web", prepare_threshold=None) as c:
+            c.execute("SELECT 1").fetchall()
+
+
+def open_idle_clients(box: Sandbox, clients: list[psycopg.Connection[Any]], level: int) -> None:
+    """Idle sessions up to ``level``, over the server's socket (no password hashing: 2,000 open quickly)."""
+    while len(clients) < level:
+        conn = psycopg.connect(
+            host=str(box.postgres.socket_dir), port=box.postgres.port, user=SUPERUSER, dbname="postgres",
+            application_name=IDLE_APPS[len(clients) % len(IDLE_APPS)], autocommit=True, connect_timeout=10,
+        )  # fmt: skip
+        clients.append(conn)
+
+
+def close_all(conns: Sequence[psycopg.Connection[Any] | None]) -> None:
+    for conn in conns:
+        if conn is not None:
+            conn.close()
+
+
+# -- the measurements ----------------------------------------------------------------------------------
+def small_stack(report: Report, show_series: bool) -> None:
+    report.section("Small stack: PostgreSQL, 20 clients of 3 applications over 2 databases; PgBouncer, 3 pools")
+    with Sandbox() as box:
+        clients = shop_stack(box)
+        check = DjangoDbCheck("django_db", {}, [box.instance(True)])
+        probe = admin = None
+        try:
+            check.check(None)  # the first run opens the connections and reads what is read once
+            stub_run(check)
+            found = series()
+            counted = counted_connections()
+            if counted < 20:
+                raise BenchmarkBroken(f"the check counted {counted:.0f} PostgreSQL client connections, 20 are open")
+            report.line(
+                "series per run (metric name + tags)",
+                f"{len(found)} ({counted:.0f} client connections counted)",
+                f"<= {SMALL_STACK_SERIES}",
+                len(found) <= SMALL_STACK_SERIES,
+            )
+            if show_series:
+                for name, n in sorted(Counter(s[0] for s in found).items(), key=lambda item: (-item[1], item[0])):
+                    print(f"      {n:>4}  {name}")
+
+            probe = connect(box.postgres.port, "postgres", SUPERUSER, SUPERUSER_PASSWORD, "bench-probe")
+            admin = console(box, "bench-probe")
+            pg_conn, pgb_conn = kept_connection(check, "postgres"), kept_connection(check, "pgbouncer")
+            app = pg_conn.info.get_parameters().get("application_name", "")
+            pgb_app = pgb_conn.info.get_parameters().get("application_name", "")
+            pg_before, pgb_before = postgres_sessions(probe, app), pgbouncer_sessions(admin, pgb_app)
+            pg_runs, pgb_runs, reopened = [], [], []
+            for _ in range(TRACED_RUNS):
+                pg_conn, pgb_conn = kept_connection(check, "postgres"), kept_connection(check, "pgbouncer")
+                aggregator.reset()
+                with traced(pg_conn) as pg_lines, traced(pgb_conn) as pgb_lines:
+                    check.check(None)
+                pg_runs.append(exchanges(pg_lines))
+                pgb_runs.append(exchanges(pgb_lines))
+                for section, conn in (("postgres", pg_conn), ("pgbouncer", pgb_conn)):
+                    if kept_connection(check, section) is not conn:
+                        reopened.append(section)
+            pg_new = len(postgres_sessions(probe, app) - pg_before)
+            pgb_new = len(pgbouncer_sessions(admin, pgb_app) - pgb_before)
+        finally:
+            check.cancel()
+            close_all([probe, admin, *clients])
+
+    if any(run.round_trips == 0 for run in pg_runs + pgb_runs):
+        raise BenchmarkBroken("libpq's trace of the check's connection shows a run without a round trip")
+    where = f"most in {TRACED_RUNS} runs after the first, libpq trace"
+    for label, runs, target, section in (
+        ("round trips per run to PostgreSQL", pg_runs, POSTGRES_ROUND_TRIPS, "postgres"),
+        ("round trips per run to PgBouncer", pgb_runs, PGBOUNCER_ROUND_TRIPS, "pgbouncer"),
+    ):
+        most = max(run.round_trips for run in runs)
+        requests = max(run.sync_or_query for run in runs)
+        note = "; the check reconnected, some were not traced" if section in reopened else ""
+        report.line(
+            label,
+            f"{most} ({where}; {requests} Sync/Query sent{note})",
+            f"{'==' if target == 1 else '<='} {target}",
+            (most == target if target == 1 else most <= target) and section not in reopened,
+        )
+    report.line(
+        f"new PostgreSQL connections in {TRACED_RUNS} runs",
+        f"{pg_new} (server's pg_stat_activity: backend pid and start)",
+        "0",
+        pg_new == 0,
+    )
+    report.line(
+        f"new PgBouncer connections in {TRACED_RUNS} runs",
+        f"{pgb_new} (console's SHOW CLIENTS: port and connect time)",
+        "0",
+        pgb_new == 0,
+    )
+
+
+def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int) -> None:
+    report.section(
+        "PgBouncer side (pgbouncer section only): aliases of one database, one pool each;"
+        " bare = SHOW POOLS + SHOW STATS on an open console connection"
+    )
+    memory: dict[int, tuple[float, float]] = {}
+    most = max(levels)
+    box = Sandbox(max_connections=most + 50, max_client_conn=most + 100, default_pool_size=5).start()
+    made: list[DjangoDbCheck] = []
+    bare = None
+    try:
+        bare = console(box, "bench-bare")
+        made += checks({"pgbouncer": box.pgbouncer.instance(Sandbox.MONITOR_USER)})
+        silent, stub = made
+        for level in levels:
+            make_pools(box, level)
+            pools = sum(1 for row in bare.execute("SHOW POOLS").fetchall() if row[0] != "pgbouncer")
+            if pools < level:
+                raise BenchmarkBroken(f"PgBouncer shows {pools} pools, {level} were made")
+            stub.check(None)
+            stub_run(stub)
+            found = series()
+            pooled = [s for s in found if any(tag.startswith("pgbouncer_db:") for tag in s[1])]
+            named = {tag for s in pooled for tag in s[1] if tag.startswith("pgbouncer_db:")}
+            per_pool, total = len(pooled) / level, len(found) / level
+            report.line(
+                f"{level} pools: series with pgbouncer_db / pools",
+                f"{per_pool:.1f} ({len(pooled)} series naming {len(named)} pools)",
+                f"<= {SERIES_PER_POOL:g}",
+                per_pool <= SERIES_PER_POOL,
+            )
+            report.line(
+                f"{level} pools: all series / pools",
+                f"{total:.1f} ({len(found)} series)",
+                f"<= {SERIES_PER_POOL:g}",
+                total <= SERIES_PER_POOL,
+            )
+
+            def show_pools_and_stats() -> None:
+                assert bare is not None
+                bare.execute("SHOW POOLS").fetchall()
+                bare.execute("SHOW STATS").fetchall()
+
+            times = interleaved(
+                [
+                    Step("check", lambda: silent.check(None)),
+                    Step("bare", show_pools_and_stats),
+                    Step("stub", lambda: stub.check(None), before=aggregator.reset),
+                ],
+                runs,
+                warmup,
+            )
+            bare_median = median_ms(times["bare"])
+            ratio = median_ms(times["check"]) / bare_median
+            last = level == levels[-1] and len(levels) > 1
+            report.line(
+                f"{level} pools: run time, no-op aggregator",
+                f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
+                f"<= {PGBOUNCER_RATIO_LAST:g}x" if last else None,
+                ratio <= PGBOUNCER_RATIO_LAST if last else None,
+            )
+            report.line(
+                f"{level} pools: run time, stub aggregator",
+                f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
+            )
+            memory[level] = (
+                peak_memory(lambda: silent.check(None)),
+                peak_memory(lambda: stub.check(None), before=aggregator.reset),
+            )
+    finally:
+        for check in made:
+            check.cancel()
+        close_all([bare])
+        box.close()
+
+    report.section("Peak Python memory of one run (tracemalloc, after a warm-up run; pgbouncer section only)")
+    first = levels[0]
+    for level in levels:
+        quiet, stubbed = memory[level]
+        compared = level != first
+        ratio = quiet / memory[first][0]
+        report.line(
+            f"{level} pools: no-op aggregator",
+            f"{quiet / 1024:.0f} KiB" + (f" = {ratio:.1f}x the {first}-pool peak" if compared else ""),
+            f"<= {MEMORY_RATIO:g}x" if compared else None,
+            ratio <= MEMORY_RATIO if compared else None,
+        )
+        report.line(f"{level} pools: stub aggregator", f"{stubbed / 1024:.0f} KiB")
+
+
+def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int) -> None:
+    report.section(
+        "PostgreSQL side (postgres section only): idle clients of 3 applications;"
+        " bare = SELECT count(*) FROM pg_stat_activity on an open connection"
+    )
+    box = Sandbox(max_connections=max(levels) + 50).start(with_pgbouncer=False)
+    clients: list[psycopg.Connection[Any]] = []
+    made: list[DjangoDbCheck] = []
+    bare = None
+    try:
+        made += checks(box.instance(False))
+        silent, stub = made
+        bare = connect(box.postgres.port, "postgres", Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD, "bench-bare")
+        for i, level in enumerate(levels):
+            open_idle_clients(box, clients, level)
+            stub_run(stub)
+            if counted_connections() < level:
+                raise BenchmarkBroken(f"the check counted {counted_connections():.0f} connections, {level} are open")
+
+            def count_sessions() -> None:
+                assert bare is not None
+                bare.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
+
+            times = interleaved(
+                [
+                    Step("check", lambda: silent.check(None)),
+                    Step("bare", count_sessions),
+                    Step("stub", lambda: stub.check(None), before=aggregator.reset),
+                ],
+                runs,
+                warmup,
+            )
+            bare_median = median_ms(times["bare"])
+            ratio = median_ms(times["check"]) / bare_median
+            target = POSTGRES_RATIO_FIRST if i == 0 else POSTGRES_RATIO_LAST if i == len(levels) - 1 else None
+            report.line(
+                f"{level} idle clients: run time, no-op aggregator",
+                f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
+                f"<= {target:g}x" if target else None,
+                ratio <= target if target else None,
+            )
+            report.line(
+                f"{level} idle clients: run time, stub aggregator",
+                f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
+            )
+    finally:
+        for check in made:
+            check.cancel()
+        close_all([bare, *clients])
+        box.close()
+
+
+def levels_of(text: str) -> list[int]:
+    levels = sorted({int(part) for part in text.split(",") if part.strip()})
+    if not levels or levels[0] < 1:
+        raise argparse.ArgumentTypeError(f"levels are positive whole numbers, comma-separated: {text!r}")
+    return levels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40, help="interleaved rounds per level (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds before them (default 5)")
+    parser.add_argument("--clients", type=levels_of, default=[100, 1000, 2000], help="idle PostgreSQL clients")
+    parser.add_argument("--pools", type=levels_of, default=[10, 200], help="PgBouncer pools")
+    parser.add_argument("--series", action="store_true", help="list the small stack's series by metric name")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be 1 or more, --warmup 0 or more")
+    raise_open_files(max(args.clients) + max(args.pools) + 500)
+
+    started = time.monotonic()
+    print(
+        f"django_db cost: {args.runs} interleaved rounds per level (check with a no-op aggregator, bare query,"
+        f" check with the stub aggregator) after {args.warmup} warm-up rounds; times are median (p90)"
+    )
+    report = Report()
+    small_stack(report, args.series)
+    pgbouncer_side(report, args.pools, args.runs, args.warmup)
+    postgres_side(report, args.clients, args.runs, args.warmup)
+    print(f"\n{report.passed} of {report.passed + report.failed} figures meet their target")
+    print(f"total {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
