@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from datadog_checks.django_db.config import parse
+from datadog_checks.django_db.evaluate.model import Status
 from datadog_checks.django_db.evaluate.postgres import (
     SessionHistory,
     fold,
@@ -131,11 +134,39 @@ def test_sessions_from_pg_stat_database_from_14():
     assert {m.kind for m in metrics if "sessions" in m.name} == {"monotonic_count"}
 
 
-def test_churn_per_minute():
+def test_churn_is_what_was_opened_and_did_not_stay_over_a_minute():
     history = SessionHistory()
-    assert history.churn_per_minute(1000.0, 50) is None
-    assert history.churn_per_minute(1030.0, 110) == 120.0
-    assert history.churn_per_minute(1060.0, 5) is None  # statistics reset
+
+    def run(time, opened, *groups, **sources):
+        snap = snapshot(groups, databases=(DatabaseSessions("app", opened, 0, 0, 0),))
+        history.opened_by_db(snap)
+        return history.churn(replace(snap, server_time=time), sources)
+
+    assert run(1000.0, 50, group(count=2)) is None
+    assert run(1030.0, 90, group(count=42, opened=40)) is None  # a burst; and less than a minute of history
+    burst = run(1061.0, 90, group(count=42))
+    assert (burst.per_minute, burst.opened, burst.growth, burst.seconds) == (0.0, 40, 40, 61.0)
+    # CONN_MAX_AGE=0 under load: 600 opened and closed within the next minute, the log names who
+    churn = run(1121.0, 690, group(count=42), log={"web": 540, "beat": 60})
+    assert churn.per_minute == 600.0 and churn.seconds == 60.0
+    assert churn.by_app == (("web", 540.0, "log"), ("beat", 60.0, "log"))
+    assert run(1130.0, 5, group(count=42)) is None  # statistics reset: a new window
+
+
+def test_churn_by_app_takes_each_application_from_its_best_source_once():
+    from datadog_checks.django_db.evaluate.churn import ChurnWindow, Sample
+
+    window = ChurnWindow()
+    window.add(Sample(0.0, 0, 10, {"web": 5, "worker": 5}))
+    churn = window.add(
+        Sample(
+            60.0, 300, 30, {"web": 5, "worker": 25},
+            {"log": {"web": 200}, "django": {"web": 180, "api": 40}, "sampled": {"worker": 20, "web": 1}},
+        )
+    )  # fmt: skip
+    # web from the log only; api from django; worker's 20 sampled ones stayed (grew by 20): no churn
+    assert churn.by_app == (("web", 200.0, "log"), ("api", 40.0, "django"))
+    assert churn.per_minute == 280.0  # 300 opened, 20 stayed
 
 
 def test_pgbouncer_database_limit_falls_back_to_the_global_one_and_0_is_none():
@@ -145,3 +176,39 @@ def test_pgbouncer_database_limit_falls_back_to_the_global_one_and_0_is_none():
     assert database_limit(0, 20) == 20
     assert database_limit(0, 0) is None
     assert database_limit(None, None) is None
+
+
+def test_the_churn_finding_names_applications_with_their_share():
+    from datadog_checks.django_db.evaluate.churn import Churn, churn_finding
+
+    settings = parse({"postgres": PG, "apps": [{"match": "^api$", "pooled": True}]})
+    threshold = settings.thresholds.churn_per_minute
+    churn = Churn(600.0, 75.0, 750, 0, (("web", 540.0, "log"), ("beat", 60.0, "log")))
+    finding = churn_finding(churn, settings, threshold)
+    assert finding.status == Status.WARNING
+    assert finding.text == (
+        "600 connections a minute opened and closed again (churn, over 75 s): app=web 540 (90%), "
+        "app=beat 60 (10%), by the PostgreSQL log; their connections do not outlive requests: "
+        "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or pool"
+    )
+    mixed = churn_finding(Churn(200.0, 60.0, 200, 0, (("api", 150.0, "django"), ("web", 50.0, "log"))), settings,
+                          threshold)  # fmt: skip
+    assert "app=api 150 (75%, the processes' counters), app=web 50 (25%, the PostgreSQL log)" in mixed.text
+    assert "a pool that replaces its connections" in mixed.text
+    unnamed = churn_finding(Churn(300.0, 60.0, 300, 0), settings, threshold)
+    assert "no application named; to name them, turn on log_connections" in unnamed.text
+    assert churn_finding(Churn(3.0, 60.0, 3, 0), settings, threshold).status == Status.OK
+
+
+def test_postgres_connection_lines_give_the_application():
+    from datadog_checks.django_db.evaluate.churn import authorized_apps
+
+    lines = [
+        "2026-12-02 17:36:58.761 UTC [11156] LOG:  connection authorized: user=app database=shop application_name=web",
+        "2026-12-02 17:36:58.762 UTC [11157] LOG:  connection authorized: user=app database=shop "
+        "application_name=celery beat SSL enabled (protocol=TLSv1.3, cipher=TLS_AES_256_GCM_SHA384, bits=256)",
+        "2026-12-02 17:36:58.763 UTC [11158] LOG:  connection authorized: user=app database=shop",  # via PgBouncer
+        "2026-12-02 17:36:58.764 UTC [11159] LOG:  replication connection authorized: user=rep application_name=w",
+        "2026-12-02 17:36:58.765 UTC [11160] LOG:  connection received: host=127.0.0.1 port=5000",
+    ]
+    assert authorized_apps(lines) == {"web": 1, "celery beat": 1, "": 1}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from datadog_checks.django_db import config
+from datadog_checks.django_db.evaluate.churn import Churn
 from datadog_checks.django_db.evaluate.model import Status
 from datadog_checks.django_db.evaluate.mysql import (
     MysqlHistory,
@@ -116,22 +119,32 @@ def test_leaks_by_user_long_transactions_churn_and_a_missing_privilege():
         ProcessGroup("idle", "reports", "appdb", "10.0.0.9", 1, leaked=1),
         ProcessGroup("idle_in_transaction", "app", "appdb", "10.0.0.7", 1, max_transaction_age=400),
     )
-    found = mysql_findings(snapshot(groups, threads_connected=8, sees_all_threads=False), settings(), 150.0)
+    churn = Churn(per_minute=150.0, seconds=75.0, opened=190, growth=2)
+    found = mysql_findings(snapshot(groups, threads_connected=8, sees_all_threads=False), settings(), churn)
     texts = {f.text: f.status for f in found}
     assert texts["4 MySQL connections idle for over 300 s (leaked): user=app 3, user=reports 1"] == Status.WARNING
     assert texts["1 MySQL connections idle in transaction (user=app 1)"] == Status.OK
     oldest = "the oldest MySQL transaction, of user=app on db=appdb from 10.0.0.7, has been open for 400 s"
     assert texts[oldest] == Status.CRITICAL
-    assert texts["150 new MySQL connections a minute (churn)"] == Status.WARNING
+    assert texts["150 MySQL connections a minute opened and closed again (churn, over 75 s)"] == Status.WARNING
     assert texts["the monitoring user sees only its own MySQL threads: GRANT PROCESS ON *.* TO 'datadog'@'%'"]
 
 
-def test_churn_on_the_server_clock_and_none_after_a_restart():
+def test_churn_over_a_minute_on_the_server_clock_and_none_after_a_restart():
     history = MysqlHistory()
-    assert history.churn_per_minute(snapshot(uptime=100, connections=10)) is None
-    assert history.churn_per_minute(snapshot(uptime=130, connections=70)) == 120
-    assert history.churn_per_minute(snapshot(uptime=5, connections=3)) is None  # restarted
-    assert history.churn_per_minute(snapshot(uptime=65, connections=13)) == 10
+
+    def churn(uptime, connections, threads=1, aborted=4):
+        status = MysqlStatus(uptime, threads, 2, 40, 3, aborted, connections)
+        return history.churn(replace(snapshot(), status=status))
+
+    assert churn(100, 10) is None
+    assert churn(130, 70) is None  # less than a minute of history: no verdict
+    assert churn(160, 130).per_minute == 120  # 120 opened in 60 s, none kept
+    assert churn(5, 3) is None  # restarted
+    assert churn(35, 13, threads=11) is None
+    # 40 threads that connect at once and stay: a burst, no churn; failed attempts are no connections
+    assert churn(65, 48, threads=41, aborted=9).per_minute == 0
+    assert churn(100, 78, threads=41, aborted=9).per_minute == pytest.approx(30 * 60 / 65)
 
 
 @pytest.mark.parametrize(

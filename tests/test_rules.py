@@ -58,11 +58,10 @@ def test_postgres_findings_name_the_application():
         ActivityGroup("idle in transaction", "app", "u", "worker", "", 2, max_age=320),
         ActivityGroup(None, "app", "other", "cron", "", 5),
     ]
-    text = message(postgres_findings(pg(groups), settings, churn=150.0))
+    text = message(postgres_findings(pg(groups), settings))
     assert text.startswith("CRITICAL: 38 of 40 usable slots in use (95%; most: app=web 30)")
     assert "CRITICAL: 2 connections idle in transaction (app=worker 2), the oldest for 320 s (app=worker)" in text
     assert "WARNING: 6 connections of app=web idle for over 600 s (leaked)" in text
-    assert "WARNING: 150 new connections a minute (churn)" in text
     assert "WARNING: 5 backends are hidden from the monitoring role: GRANT pg_monitor TO datadog" in text
     # One finding for the sessions idle in a transaction, not one for their count and one for the oldest.
     assert text.count("idle in transaction") == 1
@@ -72,10 +71,10 @@ def test_leak_suspects_only_when_asked_and_without_literals():
     groups = [ActivityGroup("idle", "app", "u", "web", "", 1, leaked=1)]
     suspect = LeakSuspect("web", "10.1.2.3", "app", "u", 700.0,
                           "SELECT * FROM page WHERE page_id = 12 AND owner = 'alice@example.com'")  # fmt: skip
-    quiet = message(postgres_findings(pg(groups, suspects=[suspect]), parse({"postgres": PG}), None))
+    quiet = message(postgres_findings(pg(groups, suspects=[suspect]), parse({"postgres": PG})))
     assert "SELECT" not in quiet and "alice" not in quiet
     loud = message(
-        postgres_findings(pg(groups, suspects=[suspect]), parse({"postgres": PG, "report_leak_queries": True}), None)
+        postgres_findings(pg(groups, suspects=[suspect]), parse({"postgres": PG, "report_leak_queries": True}))
     )
     assert (
         "suspects: app=web from 10.1.2.3 idle 700 s, last query: SELECT * FROM page WHERE page_id = ? AND owner = ?"
@@ -109,7 +108,9 @@ def test_pgbouncer_findings():
 
 
 def test_signature_findings_count_sources():
-    findings = signature_findings([("too_many_clients", "log"), ("too_many_clients", "log"), ("unknown", "postgres")])
+    log = "log_file:/var/log/postgresql/postgresql.log"
+    findings = signature_findings([("too_many_clients", "log", log), ("too_many_clients", "log", log),
+                                   ("unknown", "postgres", "postgres_server:db:5432")])  # fmt: skip
     text = message(findings)
     assert text.startswith("CRITICAL: too_many_clients seen (2 from log): PostgreSQL reached max_connections")
     assert "WARNING: unknown seen (1 from postgres)" in text
@@ -162,3 +163,48 @@ def test_timeouts_by_role_and_database():
         "statement_timeout and idle_in_transaction_session_timeout are both unset for web@otherdb: a stuck request "
         "holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
     ]
+
+
+def test_one_failure_in_two_logs_is_counted_per_log_not_added_up():
+    django, bouncer = "log_file:/var/log/shop/django.log", "log_file:/var/log/postgresql/pgbouncer.log"
+    seen = [("query_wait_timeout", "log", django)] * 30 + [("query_wait_timeout", "log", bouncer)] * 30
+    (finding,) = signature_findings(seen)
+    assert finding.text.startswith(
+        "query_wait_timeout seen (30 in django.log, 30 in pgbouncer.log; a failure can show in each log): "
+    )
+    assert "60" not in finding.text
+
+
+def test_query_wait_timeout_advice_follows_the_pool_mode():
+    seen = [("query_wait_timeout", "log", "log_file:/var/log/pgbouncer.log")]
+    generic = message(signature_findings(seen))
+    assert "use transaction pool mode" in generic
+    waiting = {"database": "app", "user": "u", "cl_waiting": 3, "maxwait": 2, "pool_mode": "transaction"}
+    transaction = message(signature_findings(seen, pg([ActivityGroup("idle", "app", "u", "web", "", 6)]),
+                                             pgb([waiting], config={"default_pool_size": "2"})))  # fmt: skip
+    assert "transaction pool mode" not in transaction
+    assert "the pool is saturated (app/u transaction pool_size 2)" in transaction
+    assert "The pools are in transaction mode already: shorten transactions" in transaction
+    assert "raise pool_size within PostgreSQL's free slots; PostgreSQL has 33 free slots of 40" in transaction
+    session = message(signature_findings(seen, None, pgb([{**waiting, "pool_mode": "session"}])))
+    assert "In session mode each Django connection holds a server connection" in session
+    assert "use transaction pool mode" in session
+
+
+def test_slots_advice_behind_pgbouncer_does_not_ask_for_pgbouncer():
+    seen = [("too_many_clients", "log", "log_file:/var/log/postgresql/postgresql.log")]
+    assert "pool through PgBouncer" in message(signature_findings(seen))
+    pools = [{"database": "app", "user": "u", "pool_mode": "transaction"}]
+    text = message(signature_findings(seen, pg([]), pgb(pools, config={"default_pool_size": "20"})))
+    assert "pool through PgBouncer" not in text
+    assert "PgBouncer is in front already (app/u transaction pool_size 20; its pools may open 20 server" in text
+    assert "within max_connections=" in text
+
+
+def test_pool_exhaustion_advice_gives_the_servers_free_slots():
+    seen = [("pool_timeout", "log", "log_file:/var/log/shop/django.log")] * 3
+    (finding,) = signature_findings(seen, pg([ActivityGroup("idle", "app", "u", "web", "", 6)]))
+    assert finding.status == Status.CRITICAL
+    assert finding.text.startswith("pool_timeout seen (3 from log): Requests got no connection from the ")
+    assert "max_size" in finding.text and "gunicorn --threads" in finding.text
+    assert finding.text.endswith("PostgreSQL has 33 free slots of 40")

@@ -6,7 +6,15 @@ import pytest
 
 from datadog_checks.django_db.connection import ClientTimeout
 from datadog_checks.django_db.evaluate.model import Status
-from datadog_checks.django_db.evaluate.signatures import TABLE, UNKNOWN, classify, classify_error, match_text
+from datadog_checks.django_db.evaluate.signatures import (
+    TABLE,
+    UNKNOWN,
+    LogRecords,
+    classify,
+    classify_error,
+    count_log_lines,
+    match_text,
+)
 
 CASES = [
     # (text, sqlstate, signature)
@@ -44,6 +52,15 @@ CASES = [
     ("ERROR:  query_wait_timeout", "08P01", "query_wait_timeout"),
     ("pooler error: query_wait_timeout", None, "query_wait_timeout"),
     ("ERROR:  pgbouncer cannot connect to server", "08P01", "server_login_retry"),
+    # client-side pools, as Django logs their exhaustion
+    ("psycopg_pool.PoolTimeout: couldn't get a connection after 1.00 sec", None, "pool_timeout"),
+    ("django.db.utils.OperationalError: couldn't get a connection after 30.00 sec", None, "pool_timeout"),
+    (
+        "sqlalchemy.exc.TimeoutError: QueuePool limit of size 2 overflow 0 reached, connection timed out, "
+        "timeout 1.00 (Background on this error at: https://sqlalche.me/e/20/3o7r)",
+        None,
+        "queuepool_limit",
+    ),
     ('ERROR:  password authentication failed for user "app" (server_login_retry)', None, "server_login_retry"),
     (
         "server closed the connection unexpectedly\n\tThis probably means the server terminated abnormally",
@@ -95,3 +112,72 @@ def test_log_lines_without_a_signature_are_not_errors():
 def test_client_side_timeout_is_a_timeout():
     assert classify_error(ClientTimeout("query_timeout", 5)).name == "connect_timeout"
     assert "query_timeout (5 s)" in str(ClientTimeout("query_timeout", 5))
+
+
+POOL_TRACEBACK = """\
+2026-12-02 17:37:03,971 ERROR django.request 11174: Internal Server Error: /sleep/
+Traceback (most recent call last):
+  File "/venv/lib/python3.13/site-packages/django/db/backends/postgresql/base.py", line 330, in get_new_connection
+    connection = self.pool.getconn()
+  File "/venv/lib/python3.13/site-packages/psycopg_pool/pool.py", line 218, in getconn
+    raise PoolTimeout(
+        f"couldn't get a connection after {timeout:.2f} sec"
+    ) from None
+psycopg_pool.PoolTimeout: couldn't get a connection after 0.50 sec
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File "/venv/lib/python3.13/site-packages/django/core/handlers/exception.py", line 55, in inner
+    response = get_response(request)
+  File "/venv/lib/python3.13/site-packages/psycopg_pool/pool.py", line 218, in getconn
+    raise PoolTimeout(
+        f"couldn't get a connection after {timeout:.2f} sec"
+    ) from None
+django.db.utils.OperationalError: couldn't get a connection after 0.50 sec
+"""
+
+HANDLING = """\
+Traceback (most recent call last):
+  File "/app/shop/views.py", line 12, in order
+psycopg.errors.ProtocolViolation: query_wait_timeout
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "/app/shop/views.py", line 14, in order
+django.db.utils.OperationalError: query_wait_timeout
+    detail on a second line: query_wait_timeout
+"""
+
+
+def test_a_traceback_with_its_chained_parts_is_one_record():
+    lines = (POOL_TRACEBACK * 3).splitlines()
+    assert count_log_lines(lines) == {"pool_timeout": 3}
+    assert count_log_lines((HANDLING + POOL_TRACEBACK + HANDLING).splitlines()) == {
+        "query_wait_timeout": 2,
+        "pool_timeout": 1,
+    }
+
+
+def test_lines_of_code_in_frames_are_never_matched():
+    frames_only = [line for line in POOL_TRACEBACK.splitlines() if line.startswith(" ")]
+    assert count_log_lines(["Traceback (most recent call last):", *frames_only]) == {}
+
+
+def test_a_record_cut_between_two_runs_is_counted_once():
+    lines = POOL_TRACEBACK.splitlines()
+    records = LogRecords()
+    for cut in (3, 9, 12):
+        first, second = records.feed(lines[:cut]), records.feed(lines[cut:])
+        assert first + second == {"pool_timeout": 1}, cut
+
+
+def test_ordinary_log_lines_are_each_a_record():
+    lines = [
+        "2026-12-02 17:37:00.782 UTC [11157] WARNING C-0x5: appdb/app@127.0.0.1:40126 pooler error: query_wait_timeout",
+        "2026-12-02 17:37:00.782 UTC [11157] WARNING C-0x6: appdb/app@127.0.0.1:40132 pooler error: query_wait_timeout",
+        "server closed the connection unexpectedly",
+        "\tThis probably means the server terminated abnormally: timed out",
+    ]
+    assert count_log_lines(lines) == {"query_wait_timeout": 2, "server_closed": 1}

@@ -6,7 +6,8 @@ functions: metrics, findings, alignment) -> submission.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from datadog_checks.base import AgentCheck, ConfigurationError
@@ -14,13 +15,14 @@ from datadog_checks.base import AgentCheck, ConfigurationError
 from . import config
 from .evaluate.alignment import alignment_failures
 from .evaluate.apps import app_metrics, budget_findings, excuse_pools
-from .evaluate.django_metrics import DjangoHistory, django_findings, django_metrics, failure_text
+from .evaluate.churn import authorized_apps, churn_finding
+from .evaluate.django_metrics import DjangoHistory, DjangoRun, django_findings, django_metrics, failure_text
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
 from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.postgres import SessionHistory, postgres_metrics
-from .evaluate.signatures import classify, classify_error, count_log_lines
+from .evaluate.signatures import LogRecords, classify, classify_error
 from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import redact
 from .sources.django_metrics import DjangoMetricsSource
@@ -72,6 +74,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.sessions = SessionHistory()
         self._last_server_time: float | None = None
         self._log_problems: dict[str, str] = {}
+        self._log_records: dict[str, LogRecords] = {}  # per file: a record cut between runs goes on in the next
+        self._authorized: Counter[str] = Counter()  # this run's connections PostgreSQL logged, by application
         self._submitters: dict[Kind, Callable[..., None]] = {
             "gauge": self.gauge,
             "rate": self.rate,
@@ -103,9 +107,14 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             seen += errors
         if self.logs is not None:
             seen += self.collect_logs(self.logs)
-        if self.django is not None:
-            findings += self.collect_django(self.django)
-        findings += signature_findings((signature, source) for signature, source, _ in seen)
+        run = self.collect_django(self.django) if self.django is not None else None
+        named: set[str] = set()
+        if pg is not None:
+            found, named = self.churn_findings(pg, run)
+            findings += found
+        if run is not None:
+            findings += django_findings(run, self.settings.thresholds.churn_per_minute, named)
+        findings += signature_findings(seen, pg, pgb)
         for signature, source, server in seen:
             self.count_error(signature, source, server)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
@@ -135,9 +144,23 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
         self.submit(metrics)
         self.submit(app_metrics(snapshot, self.settings))
-        churn = self.sessions.churn_per_minute(snapshot.server_time, sum(opened.values()))
-        findings = postgres_findings(snapshot, self.settings, churn) + budget_findings(snapshot, self.settings)
+        findings = postgres_findings(snapshot, self.settings) + budget_findings(snapshot, self.settings)
         return snapshot, findings, []
+
+    def churn_findings(self, snapshot: PgSnapshot, run: DjangoRun | None) -> tuple[list[Finding], set[str]]:
+        """The churn verdict, once a minute of runs is behind it; and the applications it names."""
+        opened_by_app: dict[str, Mapping[str, float]] = {"log": self._authorized}
+        if run is not None:
+            django: dict[str, float] = defaultdict(float)
+            for interval in run.intervals:
+                for growth in interval.growth.values():
+                    django[interval.app] += growth.opened
+            opened_by_app["django"] = django
+        churn = self.sessions.churn(snapshot, opened_by_app)
+        if churn is None:
+            return [], set()
+        finding = churn_finding(churn, self.settings, self.settings.thresholds.churn_per_minute)
+        return [finding], {app for app, _, _ in churn.by_app}
 
     def collect_pgbouncer(self, source: PgBouncerSource) -> tuple[PgbSnapshot | None, list[Finding], Seen]:
         tags = [source.endpoint.tag, *self.settings.tags]
@@ -153,7 +176,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(pgbouncer_metrics(snapshot, self.settings))
         return snapshot, pgbouncer_findings(snapshot, self.settings), []
 
-    def collect_django(self, source: DjangoMetricsSource) -> list[Finding]:
+    def collect_django(self, source: DjangoMetricsSource) -> DjangoRun:
         """The processes' own view. A failed endpoint shows in its own service check and in
         django_db.errors (source:django), never in connection_health: the servers' view stands."""
         run = self.django_history.update(source.read())
@@ -166,7 +189,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             self.service_check(DJANGO_CAN_SCRAPE, Status.CRITICAL, tags=tags, message=text)
             self.count("django_db.errors", 1, tags=[f"signature:{failure.problem}", "source:django", *tags])
         self.submit(django_metrics(run, self.settings.tags))
-        return django_findings(run, self.settings.thresholds.churn_per_minute)
+        return run
 
     def django_tags(self, url: str, app: str) -> list[str]:
         return [f"django_endpoint:{url}", f"app:{tag_value(app)}", *self.settings.tags]
@@ -184,14 +207,17 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         for dimension, values in folded.items():
             self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
         self.submit(metrics)
-        churn = self.mysql_history.churn_per_minute(snapshot)
+        churn = self.mysql_history.churn(snapshot)
         return snapshot, mysql_findings(snapshot, self.settings, churn), []
 
     def collect_logs(self, logs: LogFollower) -> Seen:
         seen: Seen = []
+        self._authorized = Counter()
         for path, lines in logs.poll().items():
-            for name, count in count_log_lines(lines).items():
+            records = self._log_records.setdefault(path, LogRecords())
+            for name, count in records.feed(lines).items():
                 seen += [(name, "log", f"log_file:{path}")] * count
+            self._authorized += authorized_apps(lines)
         for path, problem in logs.problems.items():
             if self._log_problems.get(path) != problem:
                 self.warning("Cannot read log file %s: %s", path, problem)

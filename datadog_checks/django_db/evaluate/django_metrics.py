@@ -8,7 +8,7 @@ counters back to zero) never gives a negative rate. Findings look at the last mi
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from ..config import Level
@@ -185,8 +185,10 @@ def _n(value: float) -> str:
     return f"{value:.0f}"
 
 
-def django_findings(run: DjangoRun, churn_per_minute: Level) -> list[Finding]:
-    """Churn and failed connections per application over the last minute; pool waits and timeouts."""
+def django_findings(run: DjangoRun, churn_per_minute: Level, named: Collection[str] = ()) -> list[Finding]:
+    """Churn and failed connections per application over the last minute; pool waits and timeouts.
+
+    ``named``: applications the server's churn verdict names already: their churn is not told twice."""
     findings = []
     by_app: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     pooled: set[str] = set()
@@ -207,16 +209,20 @@ def django_findings(run: DjangoRun, churn_per_minute: Level) -> list[Finding]:
         span = end[app] - start[app]
         # A count over the last minute: bursts shorter than a minute are not stretched into a rate.
         per_minute = figures["opened"] * WINDOW / max(span, WINDOW)
-        if app in pooled:
-            advice = "the pool replaces its connections too often: raise max_idle and max_lifetime, or min_size"
-        else:
-            advice = "its connections do not outlive requests: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or use a pool"
-        findings.append(
-            Finding(
-                _level(per_minute, churn_per_minute),
-                f"app={app} opened {_n(per_minute)} new connections a minute, by its processes' own counters: {advice}",
+        if app not in named:
+            if app in pooled:
+                advice = "the pool replaces its connections too often: raise max_idle and max_lifetime, or min_size"
+            else:
+                advice = (
+                    "its connections do not outlive requests: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or use a pool"
+                )
+            findings.append(
+                Finding(
+                    _level(per_minute, churn_per_minute),
+                    f"app={app} opened {_n(per_minute)} new connections a minute, by its processes' own counters: "
+                    f"{advice}",
+                )
             )
-        )
         if figures["failed"]:
             findings.append(
                 Finding(

@@ -12,7 +12,7 @@ from .model import Finding, Status
 from .pgbouncer import client_utilization
 from .postgres import client_backends, select, utilization
 from .queries import normalize_query
-from .signatures import BY_NAME
+from .signatures import BY_NAME, Signature
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 
@@ -42,20 +42,92 @@ def _of_apps(counts: Counter[str]) -> str:
     return ""
 
 
-def signature_findings(seen: Iterable[tuple[str, str]]) -> list[Finding]:
-    """One finding per signature seen this run, from any source (postgres, pgbouncer, log)."""
+def signature_findings(
+    seen: Iterable[tuple[str, str, str]], pg: PgSnapshot | None = None, pgb: PgbSnapshot | None = None
+) -> list[Finding]:
+    """One finding per signature seen this run, from any source (postgres, pgbouncer, log), with advice that
+    takes the servers' known settings into account.
+
+    ``seen``: (signature, source, server tag: ``log_file:<path>`` for a log). A failure may show in several
+    logs (the application's and PgBouncer's): counts are given per log, never added up across logs."""
     by_name: dict[str, Counter[str]] = defaultdict(Counter)
-    for name, source in seen:
+    logs: dict[str, Counter[str]] = defaultdict(Counter)
+    for name, source, server in seen:
         by_name[name][source] += 1
+        if source == "log":
+            logs[name][server.removeprefix("log_file:")] += 1
     findings = []
     for name, sources in by_name.items():
         signature = BY_NAME[name]
-        where = ", ".join(f"{n} from {source}" for source, n in sorted(sources.items()))
-        findings.append(Finding(signature.status, f"{name} seen ({where}): {signature.advice.rstrip('.')}"))
+        where = []
+        for source, n in sorted(sources.items()):
+            if source == "log" and len(logs[name]) > 1:
+                files = sorted(logs[name].items(), key=_by_file_name)
+                where += [f"{count} in {_file_name(path)}" for path, count in files]
+            else:
+                where.append(f"{n} from {source}")
+        also = "; a failure can show in each log" if len(logs[name]) > 1 else ""
+        text = f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb).rstrip('.')}"
+        findings.append(Finding(signature.status, text))
     return findings
 
 
-def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | None) -> list[Finding]:
+def _by_file_name(item: tuple[str, int]) -> tuple[str, str]:
+    return _file_name(item[0]), item[0]
+
+
+def _file_name(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] or path
+
+
+def free_slots(pg: PgSnapshot) -> int:
+    return max(0, pg.settings.usable_slots - client_backends(pg))
+
+
+def _pools(pgb: PgbSnapshot, limit: int = 3) -> str:
+    """The pools clients wait at (else every pool), with their mode and size."""
+    pools = [p for p in pgb.pools if p.cl_waiting or p.maxwait] or list(pgb.pools)
+    shown = ", ".join(
+        f"{p.db}/{p.user} {p.pool_mode}" + (f" pool_size {p.pool_size:g}" if p.pool_size is not None else "")
+        for p in pools[:limit]
+    )
+    return shown + (f" and {len(pools) - limit} more" if len(pools) > limit else "")
+
+
+def advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None) -> str:
+    """The signature's advice, told for the stack as the run found it where its settings change the answer."""
+    free = f"; PostgreSQL has {free_slots(pg)} free slots of {pg.settings.usable_slots}" if pg is not None else ""
+    if signature.name == "query_wait_timeout" and pgb is not None and pgb.pools:
+        modes = {p.pool_mode for p in pgb.pools}
+        head = (
+            "Clients waited at PgBouncer longer than query_wait_timeout for a server connection: "
+            f"the pool is saturated ({_pools(pgb)})"
+        )
+        if modes == {"transaction"} or modes == {"statement"}:
+            return (
+                f"{head}. The pools are in {modes.pop()} mode already: shorten transactions (no slow calls "
+                f"inside atomic()), or raise pool_size within PostgreSQL's free slots{free}."
+            )
+        return (
+            f"{head}. In session mode each Django connection holds a server connection for its whole life: "
+            f"use transaction pool mode (with DISABLE_SERVER_SIDE_CURSORS), shorten transactions, or raise "
+            f"pool_size{free}."
+        )
+    if signature.name in ("too_many_clients", "reserved_slots") and pgb is not None and pgb.pools:
+        sizes = [p.pool_size for p in pgb.pools if p.pool_size is not None]
+        head = signature.advice.split(". ")[0]
+        return (
+            f"{head}. PgBouncer is in front already ({_pools(pgb)}; its pools may open "
+            f"{sum(sizes):g} server connections): keep the sum of pool sizes, and what connects directly, "
+            f"within max_connections={pg.settings.max_connections if pg is not None else 'unknown'}; "
+            f"close idle or leaked connections."
+        )
+    if signature.name in ("pool_timeout", "queuepool_limit") and pg is not None:
+        return f"{signature.advice.rstrip('.')}{free}."
+    return signature.advice
+
+
+def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]:
     t = settings.thresholds
     findings = []
     used, usable = client_backends(snapshot), snapshot.settings.usable_slots
@@ -115,8 +187,6 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings, churn: float | N
             "a task that never commits); set idle_in_transaction_session_timeout"
         )
         findings.append(Finding(status, text))
-    if churn is not None:
-        findings.append(Finding(level(churn, t.churn_per_minute), f"{churn:.0f} new connections a minute (churn)"))
     if hidden:
         findings.append(
             Finding(

@@ -11,9 +11,11 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from dataclasses import field as _field
 
 from ..config import Settings
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
+from .churn import Churn, ChurnWindow, Sample
 from .health import level
 from .model import Finding, Metric, Status, tag_value
 
@@ -77,17 +79,16 @@ def utilization(snapshot: MysqlSnapshot) -> float:
 
 @dataclass
 class MysqlHistory:
-    """Connections opened between runs, on the server's own clock (Uptime)."""
+    """Connections opened between runs, on the server's own clock (Uptime), over a window of runs."""
 
-    previous: tuple[float, int] | None = None  # (Uptime, Connections)
+    window: ChurnWindow = _field(default_factory=ChurnWindow)
 
-    def churn_per_minute(self, snapshot: MysqlSnapshot) -> float | None:
-        """New connections a minute since the previous run; None on the first run and after a restart."""
-        now = (snapshot.status.uptime, snapshot.status.connections)
-        previous, self.previous = self.previous, now
-        if previous is None or now[0] <= previous[0] or now[1] < previous[1]:
-            return None
-        return (now[1] - previous[1]) * 60.0 / (now[0] - previous[0])
+    def churn(self, snapshot: MysqlSnapshot) -> Churn | None:
+        """Connections opened and closed again over at least a minute of runs; None until then, and again
+        after a restart. Failed attempts (Aborted_connects) are no connections."""
+        status = snapshot.status
+        opened = status.connections - status.aborted_connects
+        return self.window.add(Sample(status.uptime, opened, status.threads_connected))
 
 
 def mysql_metrics(snapshot: MysqlSnapshot, settings: Settings) -> tuple[list[Metric], dict[str, list[str]]]:
@@ -136,7 +137,7 @@ def _by(counts: Counter[str], key: str, limit: int = 3) -> str:
     return ", ".join(f"{key}={value or 'none'} {n}" for value, n in ranked[:limit])
 
 
-def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: float | None) -> list[Finding]:
+def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | None) -> list[Finding]:
     assert settings.mysql is not None
     t = settings.thresholds
     variables, status = snapshot.variables, snapshot.status
@@ -188,7 +189,11 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: float | N
         )
     if churn is not None:
         findings.append(
-            Finding(level(churn, t.churn_per_minute), f"{churn:.0f} new MySQL connections a minute (churn)")
+            Finding(
+                level(churn.per_minute, t.churn_per_minute),
+                f"{churn.per_minute:.0f} MySQL connections a minute opened and closed again "
+                f"(churn, over {churn.seconds:.0f} s)",
+            )
         )
     if not snapshot.sees_all_threads:
         findings.append(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..config import Settings
 from ..records import ActivityGroup, PgSnapshot
+from .churn import Churn, ChurnWindow, Sample
 from .model import Metric, tag_value
 
 PREFIX = "django_db.postgres."
@@ -75,24 +76,34 @@ def utilization(snapshot: PgSnapshot) -> float:
 
 @dataclass
 class SessionHistory:
-    """Opened sessions over runs: the cumulative count below PostgreSQL 14, and churn."""
+    """Opened sessions over runs: the cumulative count below PostgreSQL 14, and churn over a window of runs."""
 
     legacy_opened: Counter[str] = field(default_factory=Counter)
-    previous: tuple[float, int] | None = None  # (server time, sessions opened so far)
+    window: ChurnWindow = field(default_factory=ChurnWindow)
+    opened_total: int = 0  # sessions opened so far on every database, as the last opened_by_db counted them
 
     def opened_by_db(self, snapshot: PgSnapshot) -> dict[str, int]:
         if snapshot.databases is not None:
-            return {d.db: d.opened for d in snapshot.databases}
-        for group in snapshot.groups:
-            self.legacy_opened[group.db] += group.opened
-        return dict(self.legacy_opened)
+            found = {d.db: d.opened for d in snapshot.databases}
+        else:
+            for group in snapshot.groups:
+                self.legacy_opened[group.db] += group.opened
+            found = dict(self.legacy_opened)
+        self.opened_total = sum(found.values())
+        return found
 
-    def churn_per_minute(self, server_time: float, opened_total: int) -> float | None:
-        """New sessions a minute since the previous run; None on the first run."""
-        previous, self.previous = self.previous, (server_time, opened_total)
-        if previous is None or server_time <= previous[0] or opened_total < previous[1]:
-            return None
-        return (opened_total - previous[1]) * 60.0 / (server_time - previous[0])
+    def churn(self, snapshot: PgSnapshot, opened_by_app: Mapping[str, Mapping[str, float]]) -> Churn | None:
+        """Connections opened and closed again over at least a minute of runs (None until then), with what
+        each application opened by source (``log``, ``django``; backends seen started since the previous run
+        are added as ``sampled``)."""
+        connections: Counter[str] = Counter()
+        sampled: Counter[str] = Counter()
+        for group in snapshot.groups:
+            connections[group.app] += group.count
+            sampled[group.app] += group.opened
+        sources = {**opened_by_app, "sampled": +sampled}
+        sample = Sample(snapshot.server_time, self.opened_total, sum(connections.values()), connections, sources)
+        return self.window.add(sample)
 
 
 def postgres_metrics(

@@ -130,6 +130,24 @@ TABLE: tuple[Signature, ...] = (
         "firewall closing idle connections (align CONN_MAX_AGE with its timeouts).",
     ),
     Signature(
+        "pool_timeout", Status.CRITICAL, (),
+        _re(r"couldn't get a connection after [\d.]+ sec|\bPoolTimeout\b"),
+        "Requests got no connection from the application's own pool (psycopg_pool, Django's "
+        "OPTIONS['pool']) within its timeout: every connection of the pool was busy. Give the pool "
+        "max_size at least the threads that query at once in each process (gunicorn --threads), within "
+        "the server's free slots for all processes (workers x max_size), or shorten what holds "
+        "connections; OPTIONS['pool']['timeout'] is how long a request waits before it fails.",
+    ),
+    Signature(
+        "queuepool_limit", Status.CRITICAL, (),
+        _re(r"QueuePool limit of size \d+ overflow -?\d+ reached"),
+        "Requests got no connection from django-db-connection-pool's QueuePool (SQLAlchemy) within its "
+        "TIMEOUT: POOL_SIZE + MAX_OVERFLOW connections were all busy. Give each process POOL_SIZE + "
+        "MAX_OVERFLOW at least its threads that query at once (gunicorn --threads), within the server's "
+        "free slots for all processes (workers x (POOL_SIZE + MAX_OVERFLOW)), or shorten what holds "
+        "connections; POOL_OPTIONS' TIMEOUT is how long a request waits before it fails.",
+    ),
+    Signature(
         "connect_timeout", Status.CRITICAL, (),
         _re(r"timeout expired|timed out"),
         "The server did not answer in time (connect_timeout or query_timeout): "
@@ -179,30 +197,70 @@ def match_text(text: str) -> Signature | None:
 PGBOUNCER_TWIN = re.compile(r"\bC-0x[0-9a-f]+: \S+ closing because: ")
 
 
-# A Python traceback of a chained exception shows one error twice: the driver's
-# (pymysql.err.OperationalError: (1040, ...)) and, after this line, Django's wrapping of it.
-CHAINED = "The above exception was the direct cause of the following exception"
+# A Python traceback: its head, the lines that chain one exception to the next, and a frame's lines
+# (indented: "  File ...", the source line, carets). Frame lines quote code, which may hold the very
+# words of an error (psycopg_pool's `raise PoolTimeout(f"couldn't get a connection after ...")`): they
+# are never matched.
+TRACEBACK = "Traceback (most recent call last):"
+CHAIN_MARKERS = (
+    "The above exception was the direct cause of the following exception",
+    "During handling of the above exception, another exception occurred",
+)
+
+
+class LogRecords:
+    """Counts each log record once: one line, or a line with what continues it.
+
+    A record goes on over indented lines (a message's second line, a traceback's frames), a Python
+    traceback and its chained parts ("The above exception was the direct cause ...", "During handling
+    of the above exception ..."), which show one failure two or three times: the driver's exception and
+    Django's re-raise of it. A record counts the first signature found in it, once. Keep one per file:
+    a record cut between two runs goes on in the next.
+    """
+
+    def __init__(self) -> None:
+        self.state = "start"  # start: no record yet (lines that continue one before are skipped); line: after an
+        # ordinary line; frames: inside a traceback; raised: after the traceback's exception
+        self.counted = True  # the current record's signature was counted, or there is no record yet
+
+    def feed(self, lines: Iterable[str]) -> Counter[str]:
+        found: Counter[str] = Counter()
+        for line in lines:
+            if PGBOUNCER_TWIN.search(line):
+                continue
+            if not self._continues(line):
+                self.counted = False  # a new record
+            if self.counted or (self.state == "frames" and line[:1].isspace()):
+                continue
+            signature = match_text(line)
+            if signature is not None:
+                found[signature.name] += 1
+                self.counted = True
+        return found
+
+    def _continues(self, line: str) -> bool:
+        """Whether ``line`` belongs to the current record; moves through a traceback's parts."""
+        text = line.strip()
+        state = self.state
+        if text.startswith(TRACEBACK):
+            self.state = "frames"
+            # a message's own traceback (Django's "Internal Server Error: /path"), a chained one, or a new record
+            return state in ("line", "frames")
+        if any(text.startswith(marker) for marker in CHAIN_MARKERS):
+            self.state = "frames"  # the next traceback of the chain follows
+            return True
+        if not text or line[:1].isspace():
+            return True
+        if state == "frames":
+            self.state = "raised"  # the exception's own line, unindented, ends the frames
+            return True
+        self.state = "line"
+        return False
 
 
 def count_log_lines(lines: Iterable[str]) -> Counter[str]:
-    """Signature names found in log lines, counted; a chained traceback's repeat is counted once."""
-    found: Counter[str] = Counter()
-    last: str | None = None
-    repeat: str | None = None
-    for line in lines:
-        if PGBOUNCER_TWIN.search(line):
-            continue
-        if CHAINED in line:
-            repeat = last
-            continue
-        signature = match_text(line)
-        if signature is not None:
-            if signature.name == repeat:
-                repeat = None
-                continue
-            found[signature.name] += 1
-            last = signature.name
-    return found
+    """Signature names found in log lines, one per record (see LogRecords)."""
+    return LogRecords().feed(lines)
 
 
 def mysql_errno(error: BaseException) -> int | None:
