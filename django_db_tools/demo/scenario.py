@@ -410,16 +410,16 @@ class Demo:
         health = figures.service_checks.get(live.HEALTH)
         found = live.findings(health.message if health is not None else "")
         self.remember(phase.name, found)
-        if any(finding.endswith("(churn)") for finding in found) and phase.name not in self.explained:
+        if any("(churn" in finding for finding in found) and phase.name not in self.explained:
             self.explained.add(phase.name)
-            opened = figures.total("django_db.postgres.sessions.opened")
-            count = f"{live.plural(opened, 'connection')} opened" if opened is not None else "new connections"
             self.say(
                 *live.wrap(
-                    f"why churn: {count} since the previous run, {self.interval:g} s ago here, counted per minute. "
+                    "why churn: connections opened and closed again over the last minute of the check's runs "
+                    "(sessions opened less the growth of the connection count): a burst of connections that "
+                    "stay is not counted. "
                     + (
-                        f"Most are the {REPORT_THREADS} report threads, which connected at once and keep their "
-                        "connections: a burst of connections that stay, not connections opened and closed again."
+                        f"The {REPORT_THREADS} report threads keep theirs; what churns is named, where a "
+                        "source names it (the PostgreSQL log with log_connections, or the processes' counters)."
                         if phase.name == "leak"
                         else "PgBouncer opens server connections for a burst of requests and closes them after "
                         f"server_idle_timeout ({self.server_idle_timeout} s here)."
@@ -446,8 +446,6 @@ class Demo:
             found = sorted(self.found.get(phase.name, {}).values(), key=lambda item: -RANK[item[0]])
             lines.append(f"{phase.name:<11} {found[0][0] if found else 'OK: nothing to report'}")
             for level, text in found[:SUMMARY_FINDINGS]:
-                if text.endswith("(churn)") and phase.name in self.explained and phase.name == "leak":
-                    text += ": the report threads connecting at once, a burst (see above)"
                 lines += live.wrap(f"{level}: {text}", indent=indent)
             if len(found) > SUMMARY_FINDINGS:
                 lines.append(f"{indent}and {live.plural(len(found) - SUMMARY_FINDINGS, 'more finding')}")
