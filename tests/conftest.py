@@ -144,6 +144,7 @@ def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
     finally:
         check.cancel()
     status = aggregator.service_checks("django_db.connection_health")[-1]
+    print(f"\n[{status.status}] {status.message}")  # shown with -s: what an operator reads
     return status.status, status.message or ""
 
 
