@@ -12,9 +12,11 @@ from datadog_checks.django_db.evaluate.signatures import (
     LogRecords,
     classify,
     classify_error,
+    classify_failure,
     count_log_lines,
     match_text,
 )
+from datadog_checks.django_db.records import Failure
 
 CASES = [
     # (text, sqlstate, signature)
@@ -78,6 +80,29 @@ CASES = [
     ("FATAL:  terminating connection due to administrator command", "57P01", "admin_shutdown"),
     ("FATAL:  memory quota exceeded", None, "memory_quota"),
     ('ERROR:  relation "x" does not exist', "42P01", "unknown"),
+    (
+        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        "server does not support SSL, but SSL was required",
+        None,
+        "ssl_unavailable",
+    ),
+    (
+        'connection failed: connection to server at "127.0.0.1", port 6432 failed: FATAL:  not allowed',
+        None,
+        "console_not_allowed",
+    ),
+    ("not allowed", "08P01", "console_not_allowed"),
+    (
+        "2026-11-21 05:00:00.000 UTC [9] WARNING C-0x55: pgbouncer/app@127.0.0.1:4000 pooler error: not allowed",
+        None,
+        "console_not_allowed",
+    ),
+    # Named by the SQLSTATE's class when no row names the code
+    ("server rejected the connection", "08004", "connection_failed"),
+    ("a PgBouncer error without known words", "08P01", "connection_failed"),
+    ("could not extend file: No space left on device", "53100", "insufficient_resources"),
+    ("out of memory", "53200", "memory_quota"),
+    ("the database system is starting up", "57P03", "admin_shutdown"),
     # MySQL and MariaDB, as Django logs them (more in test_mysql_evaluation.py)
     ("django.db.utils.OperationalError: (1040, 'Too many connections')", None, "mysql_too_many_connections"),
     ("django.db.utils.OperationalError: (2006, 'MySQL server has gone away')", None, "mysql_server_gone"),
@@ -181,3 +206,59 @@ def test_ordinary_log_lines_are_each_a_record():
         "\tThis probably means the server terminated abnormally: timed out",
     ]
     assert count_log_lines(lines) == {"query_wait_timeout": 2, "server_closed": 1}
+
+
+def test_the_sqlstate_wins_over_the_text():
+    # The text alone would say statement_timeout, server_closed, connection_refused.
+    assert classify("canceling statement due to statement timeout", "57P01").name == "admin_shutdown"
+    assert classify("server closed the connection unexpectedly", "53300").name == "too_many_clients"
+    assert classify("connection refused", "3D000").name == "database_missing"
+
+
+def test_the_sqlstate_class_comes_before_the_text():
+    assert classify("server closed the connection unexpectedly", "53100").name == "insufficient_resources"
+    assert classify("timeout expired", "08P01").name == "connection_failed"
+    assert classify("too many clients already", "57P04").name == "admin_shutdown"
+    assert classify("role is not permitted to log in", "28000").name == "auth_failed"
+    assert classify("no such role", "28XYZ").name == "auth_failed"
+
+
+def test_the_text_picks_only_among_the_rows_of_the_sqlstate():
+    assert classify("no more connections allowed (max_client_conn)", "08P01").name == "max_client_conn"
+    assert classify("query_wait_timeout", "08P01").name == "query_wait_timeout"
+    # A text naming a row of another SQLSTATE does not pull the error there.
+    assert classify("canceling statement due to statement timeout", "08P01").name == "connection_failed"
+
+
+def test_the_mysql_error_number_comes_first():
+    assert classify("sorry, too many clients already", "53300", 2006).name == "mysql_server_gone"
+    assert classify("canceling statement due to statement timeout", None, 1040).name == "mysql_too_many_connections"
+
+
+def test_the_checks_own_timeout_is_known_by_its_flag_not_its_words():
+    assert classify_failure(Failure("no answer", None, "no answer", timeout=True)).name == "connect_timeout"
+    # A flagged timeout wins over a SQLSTATE and over words that name something else.
+    assert classify("server closed the connection unexpectedly", "08006", timeout=True).name == "connect_timeout"
+    # Words alone: a statement the server cancelled is no timeout of the check's.
+    assert classify_failure(Failure("x", "57014", "canceling statement due to statement timeout")).name == (
+        "statement_timeout"
+    )
+
+
+def test_a_client_timeout_is_known_by_its_type():
+    class Reworded(ClientTimeout):
+        def __str__(self) -> str:
+            return "the server said nothing"
+
+    assert classify_error(Reworded("query_timeout", 5)).name == "connect_timeout"
+    assert classify_error(RuntimeError("the server said nothing")).name == "unknown"
+
+
+def test_a_failure_is_matched_on_the_servers_primary_message():
+    failure = Failure(
+        'connection failed: connection to server at "h", port 1 failed: FATAL:  sorry, too many clients already',
+        None,
+        "sorry, too many clients already",
+    )
+    assert classify_failure(failure).name == "too_many_clients"
+    assert classify_failure(Failure("server closed the connection unexpectedly", None, "")).name == "server_closed"

@@ -13,6 +13,7 @@ from typing import Any
 from datadog_checks.base import AgentCheck, ConfigurationError
 
 from . import config
+from .connection import describe
 from .evaluate.alignment import alignment_failures
 from .evaluate.apps import app_metrics, budget_findings, excuse_pools
 from .evaluate.churn import authorized_apps, churn_finding
@@ -22,7 +23,7 @@ from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, w
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.postgres import SessionHistory, postgres_metrics
-from .evaluate.signatures import LogRecords, classify, classify_error
+from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
 from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import redact
 from .sources.django_metrics import DjangoMetricsSource
@@ -233,7 +234,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         if source.lost is None:
             return
         endpoint = source.endpoint
-        signature = classify(source.lost.message, source.lost.sqlstate)
+        signature = classify_failure(source.lost)
         self.log.warning(
             "%s %s: the server closed the connection kept from the previous run (%s: %s); connecting again",
             label, endpoint.server_tag, signature.name, " ".join(redact(source.lost.text).split()),
@@ -248,7 +249,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self, error: Exception, label: str, endpoint: config.Endpoint, check: str, tags: list[str]
     ) -> tuple[str, str, str]:
         """CRITICAL for the endpoint's can_connect, with the signature and its advice; returns what was seen."""
-        signature = classify_error(error)
+        signature = classify_failure(describe(error), mysql_errno(error))
         detail = " ".join(redact(str(error)).split())
         text = f"{label} {endpoint.server_tag}: {signature.name}: {detail}. {signature.advice}"
         self.log.warning("%s", text)

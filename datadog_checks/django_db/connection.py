@@ -44,6 +44,8 @@ T = TypeVar("T")
 class ClientTimeout(Exception):
     """The server sent no answer within the client-side bound."""
 
+    timeout = True  # what the signatures recognise it by, rather than its words
+
     def __init__(self, what: str, seconds: float):
         super().__init__(f"timeout expired: no answer within {what} ({seconds:g} s)")
 

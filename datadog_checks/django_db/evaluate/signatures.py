@@ -1,4 +1,9 @@
-"""Known connection error signatures: one table, matched by MySQL error number or SQLSTATE first, then by text."""
+"""Known connection error signatures: one table.
+
+An error is named by what it is before what it says: its MySQL error number, the check's own
+timeout (by its type or flag), its SQLSTATE (the text only picks among rows that share one),
+the SQLSTATE's class; and only then by the server's primary message (or a log line's text).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from ..records import Failure
 from .model import Status
 
 
@@ -23,8 +29,10 @@ def _re(text: str) -> re.Pattern[str]:
     return re.compile(text, re.IGNORECASE)
 
 
-# Order matters: the first row whose SQLSTATE and text both fit wins; a row with SQLSTATEs
-# also matches an error without SQLSTATE (a log line) on its text alone.
+# A row's SQLSTATEs name it by themselves; where several rows share one (53300, PgBouncer's 08P01),
+# the text picks among them. Order matters for text: the first row whose text matches wins, and a
+# row with SQLSTATEs also matches an error without SQLSTATE (a log line, a connection refused at
+# login, for which libpq hands over no SQLSTATE) on its text alone.
 # MySQL rows come first: their texts carry the error number, "(1040, 'Too many connections')",
 # or words PostgreSQL never uses, so a PostgreSQL text never matches them.
 TABLE: tuple[Signature, ...] = (
@@ -76,22 +84,29 @@ TABLE: tuple[Signature, ...] = (
         "Close idle or leaked connections, pool through PgBouncer, or raise max_connections.",
     ),
     Signature(
-        "max_client_conn", Status.CRITICAL, (),
+        "max_client_conn", Status.CRITICAL, ("08P01",),
         _re(r"no more connections allowed \(max_client_conn\)"),
         "PgBouncer reached max_client_conn and refuses new clients. "
         "Find the application holding client connections (leaks, CONN_MAX_AGE=None) or raise max_client_conn.",
     ),
     Signature(
-        "query_wait_timeout", Status.CRITICAL, (),
+        "query_wait_timeout", Status.CRITICAL, ("08P01",),
         _re(r"query_wait_timeout"),
         "Clients waited at PgBouncer longer than query_wait_timeout for a server connection: "
         "the pool is saturated. Shorten transactions, use transaction pool mode, or raise the pool size.",
     ),
     Signature(
-        "server_login_retry", Status.CRITICAL, (),
+        "server_login_retry", Status.CRITICAL, ("08P01",),
         _re(r"server_login_retry|pgbouncer cannot connect to server"),
         "PgBouncer cannot log in to PostgreSQL: check that PostgreSQL is up, has free slots, "
         "and accepts PgBouncer's credentials.",
+    ),
+    Signature(
+        "console_not_allowed", Status.CRITICAL, ("08P01",),
+        _re(r"(?:^|FATAL:\s+|ERROR:\s+|(?:pooler|login) error: |failed: )not allowed\s*$"),
+        "PgBouncer accepted the password but refused the user on its admin console (\"not allowed\"): "
+        "add the user to stats_users (or admin_users) in pgbouncer.ini and reload PgBouncer "
+        "(RELOAD on the console, or SIGHUP).",
     ),
     Signature(
         "auth_failed", Status.CRITICAL, ("28P01", "28000"),
@@ -101,7 +116,7 @@ TABLE: tuple[Signature, ...] = (
         "and PgBouncer's auth_file.",
     ),
     Signature(
-        "database_missing", Status.CRITICAL, ("3D000",),
+        "database_missing", Status.CRITICAL, ("3D000", "08P01"),
         _re(r"database \"[^\"]*\" does not exist|no such database"),
         "The database does not exist: check dbname, or PgBouncer's [databases] section.",
     ),
@@ -117,7 +132,7 @@ TABLE: tuple[Signature, ...] = (
         "clients must reconnect, with CONN_HEALTH_CHECKS on.",
     ),
     Signature(
-        "memory_quota", Status.CRITICAL, (),
+        "memory_quota", Status.CRITICAL, ("53200",),
         _re(r"memory quota exceeded|out of memory"),
         "The server ran out of memory for connections: each costs about 10 MB. "
         "Lower the number of connections or give the server more memory.",
@@ -148,6 +163,13 @@ TABLE: tuple[Signature, ...] = (
         "connections; POOL_OPTIONS' TIMEOUT is how long a request waits before it fails.",
     ),
     Signature(
+        "ssl_unavailable", Status.CRITICAL, (),
+        _re(r"server does not support SSL, but SSL was required"),
+        "sslmode asks for SSL (require, verify-ca or verify-full) but the server does not offer it: "
+        "turn ssl on at PostgreSQL (or client_tls_sslmode at PgBouncer), or lower sslmode to prefer "
+        "where the network is trusted.",
+    ),
+    Signature(
         "connect_timeout", Status.CRITICAL, (),
         _re(r"timeout expired|timed out"),
         "The server did not answer in time (connect_timeout or query_timeout): "
@@ -160,7 +182,27 @@ TABLE: tuple[Signature, ...] = (
         "Nothing accepts connections at that address: check that the server runs and listens "
         "on that host and port.",
     ),
+    # Named by the SQLSTATE's class alone, when no row above names the error (see FALLBACK).
+    Signature(
+        "connection_failed", Status.CRITICAL, (), None,
+        "The connection failed or broke (SQLSTATE class 08) for a reason without a signature of its own: "
+        "read the error's text and the log of the server or PgBouncer.",
+    ),
+    Signature(
+        "insufficient_resources", Status.CRITICAL, (), None,
+        "The server lacks a resource (SQLSTATE class 53: disk full, out of memory, a configured limit): "
+        "read the server's log.",
+    ),
 )  # fmt: skip
+
+# When no row names an error with a SQLSTATE: the code's own choice, else its class's, longest first.
+FALLBACK: tuple[tuple[str, str], ...] = (
+    ("53300", "too_many_clients"),
+    ("57P", "admin_shutdown"),
+    ("08", "connection_failed"),
+    ("28", "auth_failed"),
+    ("53", "insufficient_resources"),
+)
 
 UNKNOWN = Signature(
     "unknown", Status.WARNING, (), None, "An error without a known signature: read its text and the server's log."
@@ -168,20 +210,32 @@ UNKNOWN = Signature(
 BY_NAME = {s.name: s for s in (*TABLE, UNKNOWN)}
 
 
-def classify(text: str, sqlstate: str | None = None, errno: int | None = None) -> Signature:
-    """The signature of an error: its MySQL error number, SQLSTATE rows, then any row whose text matches."""
+def classify(text: str, sqlstate: str | None = None, errno: int | None = None, timeout: bool = False) -> Signature:
+    """The signature of an error: its MySQL error number, the check's own timeout, its SQLSTATE (the
+    text picking among rows that share it), its SQLSTATE's class, and only then its text."""
     if errno:
         for signature in TABLE:
             if errno in signature.errnos:
                 return signature
+    if timeout:
+        return BY_NAME["connect_timeout"]
     if sqlstate:
         with_state = [s for s in TABLE if sqlstate in s.sqlstates]
+        if len(with_state) == 1:
+            return with_state[0]
         for signature in with_state:
             if signature.pattern is not None and signature.pattern.search(text):
                 return signature
-        if with_state:
-            return with_state[-1]
+        for prefix, name in FALLBACK:
+            if sqlstate.startswith(prefix):
+                return BY_NAME[name]
     return match_text(text) or UNKNOWN
+
+
+def classify_failure(failure: Failure, errno: int | None = None) -> Signature:
+    """The signature of a failure as a source describes it: by its flag and SQLSTATE first, then by the
+    server's primary message (the client library's own words where the server said nothing)."""
+    return classify(failure.message or failure.text, failure.sqlstate, errno, failure.timeout)
 
 
 def match_text(text: str) -> Signature | None:
@@ -270,5 +324,17 @@ def mysql_errno(error: BaseException) -> int | None:
     return None
 
 
+def is_timeout(error: BaseException) -> bool:
+    """The check's own deadline (``connection.ClientTimeout``) or psycopg's connect timeout, by type."""
+    return any(
+        getattr(cls, "timeout", False) is True
+        or (cls.__name__ == "ConnectionTimeout" and cls.__module__.startswith("psycopg"))
+        for cls in type(error).__mro__
+    )
+
+
 def classify_error(error: BaseException) -> Signature:
-    return classify(str(error), getattr(error, "sqlstate", None), mysql_errno(error))
+    """An exception by its type and SQLSTATE, then its primary message: the driver's own where it has one."""
+    diag = getattr(error, "diag", None)
+    message = getattr(diag, "message_primary", None) or str(error)
+    return classify(message, getattr(error, "sqlstate", None), mysql_errno(error), is_timeout(error))
