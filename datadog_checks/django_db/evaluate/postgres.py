@@ -22,7 +22,8 @@ STATE_TAGS = {
     "idle in transaction (aborted)": "idle_in_transaction_aborted",
     "fastpath function call": "fastpath_function_call",
     "disabled": "disabled",
-    None: "unknown",
+    "starting": "starting",  # not yet ready for its first query; PostgreSQL 18 says so, older ones leave it NULL
+    None: "unknown",  # hidden from the monitoring role
 }
 
 

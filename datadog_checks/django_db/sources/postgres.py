@@ -68,6 +68,17 @@ UNION ALL
 SELECT 'user', oid, rolname FROM pg_roles
 """
 
+# Whose backends the monitoring role sees in full: every role's with pg_read_all_stats (pg_monitor) or
+# as a superuser, else those of the roles it has the privileges of. Read once per connection.
+VISIBILITY_SQL = """
+SELECT pg_has_role('pg_read_all_stats', 'USAGE'),
+       ARRAY(SELECT oid FROM pg_roles WHERE pg_has_role(oid, 'USAGE'))::oid[]
+"""
+
+# A backend the role sees in full but whose state is still NULL has not finished starting
+# (before its first ReadyForQuery): PostgreSQL 18 names that state itself.
+STARTING = "starting"
+
 LEAKED_SQL = (
     "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(leak{i})s)))"
 )
@@ -120,6 +131,8 @@ class PostgresSource(Reconnecting):
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
         self.settings: ServerSettings | None = None
         self.names: dict[tuple[str, int | None], str] = {}  # ("db" or "user", oid): name
+        self.sees_all = True  # the role sees every backend in full (pg_read_all_stats or superuser)
+        self.visible_roles: frozenset[int] = frozenset()  # else, the roles whose backends it sees in full
         self.pipeline = psycopg.Pipeline.is_supported()
 
     def snapshot(self, since: float | None, want_suspects: bool = False) -> PgSnapshot:
@@ -130,6 +143,7 @@ class PostgresSource(Reconnecting):
         new = self.conn is None or self.conn.closed
         if new:
             self.settings = self._read_settings(self.open())
+            self._read_visibility(self.conn)
         assert self.conn is not None and self.settings is not None
         conn = self.conn
         timeout = self.endpoint.query_timeout + 1  # the server's statement_timeout normally answers first
@@ -155,7 +169,7 @@ class PostgresSource(Reconnecting):
             server_time = rows[0].now if rows else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
         groups = tuple(
             ActivityGroup(
-                state=r.state,
+                state=self.state_of(r),
                 db=self.names.get(("db", r.datid), ""),
                 user=self.names.get(("user", r.usesysid), ""),
                 app=r.application_name or "",
@@ -169,6 +183,19 @@ class PostgresSource(Reconnecting):
             for i, r in enumerate(rows)
         )
         return PgSnapshot(self.settings, groups, databases, server_time, new, suspects)
+
+    def state_of(self, row: ActivityRow) -> str | None:
+        """The row's state; a NULL one is ``starting`` where the role sees the backend in full, else hidden."""
+        if row.state is None and (self.sees_all or row.usesysid in self.visible_roles):
+            return STARTING
+        return row.state
+
+    def _read_visibility(self, conn: psycopg.Connection | None) -> None:
+        assert conn is not None
+        with deadline(conn, self.endpoint.query_timeout):
+            row = conn.execute(VISIBILITY_SQL).fetchone()
+        assert row is not None
+        self.sees_all, self.visible_roles = bool(row[0]), frozenset(int(oid) for oid in row[1] or ())
 
     def leak_seconds(self, application_name: str) -> float:
         for pattern, seconds in self.leak_rules:
