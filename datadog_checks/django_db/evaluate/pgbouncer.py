@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import Settings
 from ..records import PgbSnapshot
 from .model import Metric, tag_value
+from .pgbouncer_fold import fold_pgbouncer
 
 PREFIX = "django_db.pgbouncer."
 
@@ -40,6 +41,7 @@ def database_limit(own: float | None, default: float | None) -> float | None:
 
 def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]:
     assert settings.pgbouncer is not None
+    snapshot, _ = fold_pgbouncer(snapshot, settings.max_tag_values)  # pgbouncer_db and user: at most max_tag_values
     base = (settings.pgbouncer.tag, *settings.tags)
     metrics: list[Metric] = []
 

@@ -1,0 +1,143 @@
+"""Bounded tag values on the PgBouncer side. No I/O.
+
+PgBouncer keeps a database entry (and its pools and stats rows) for every name a client asks
+for through a ``*`` entry, even one the server then refuses: without a cap, any client could
+make as many ``pgbouncer_db`` tag values as it likes. As on the PostgreSQL side, the
+``max_tag_values`` largest values of each dimension are kept and the rest fold into ``other``,
+their rows merged into one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import fields, replace
+from typing import TypeVar
+
+from ..records import PgbConfig, PgbDatabase, PgbPool, PgbSnapshot, PgbStats
+
+OTHER = "other"
+
+# Connections a pool holds now, clients and servers alike: what ranks a database or a user.
+HELD = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
+
+R = TypeVar("R", PgbPool, PgbDatabase, PgbStats)
+
+
+def _n(value: float | None) -> float:
+    return value or 0.0
+
+
+def _kept(names: Iterable[str], *ranks: Mapping[str, float], limit: int) -> set[str] | None:
+    """The ``limit`` names ranked first (largest ranks, then by name), or None when all fit."""
+    unique = set(names)
+    if len(unique) <= limit:
+        return None
+    return set(sorted(unique, key=lambda name: (*(-rank.get(name, 0.0) for rank in ranks), name))[:limit])
+
+
+def _total(values: Sequence[float | None]) -> float | None:
+    return None if all(v is None for v in values) else sum(_n(v) for v in values)
+
+
+def _highest(values: Sequence[float | None]) -> float | None:
+    return None if all(v is None for v in values) else max(_n(v) for v in values)
+
+
+def _merge(rows: list[R], key: Callable[[R], tuple[str, ...]], merge: Callable[[list[R]], R]) -> tuple[R, ...]:
+    """Rows grouped by their folded key: a row alone under its own names is kept as it is."""
+    groups: dict[tuple[str, ...], list[R]] = defaultdict(list)
+    for row in rows:
+        groups[key(row)].append(row)
+    return tuple(merge(group) for group in groups.values())
+
+
+def _merge_pools(pools: list[PgbPool]) -> PgbPool:
+    first = pools[0]
+    counts = {
+        f.name: _total([getattr(p, f.name) for p in pools])
+        for f in fields(PgbPool)
+        if f.name not in ("db", "user", "pool_mode", "maxwait")
+    }
+    return replace(first, **counts, maxwait=_highest([p.maxwait for p in pools]))  # type: ignore[arg-type]
+
+
+def _merge_databases(databases: list[PgbDatabase], config: PgbConfig) -> PgbDatabase:
+    def size(own: float | None, default: float | None) -> float | None:
+        return default if own is None or own < 0 else own
+
+    limits = [d.max_connections or config.max_db_connections or None for d in databases]
+    modes = {d.pool_mode for d in databases}
+    return replace(
+        databases[0],
+        pool_mode=modes.pop() if len(modes) == 1 else None,
+        pool_size=_total([size(d.pool_size, config.default_pool_size) for d in databases]),
+        reserve_pool_size=_total([size(d.reserve_pool_size, config.reserve_pool_size) for d in databases]),
+        # Every one limited: the sum of their limits; any one unlimited: no limit (0, as PgBouncer says it).
+        max_connections=sum(_n(limit) for limit in limits) if all(limits) else 0.0,
+        current_connections=_total([d.current_connections for d in databases]),
+        paused=_highest([d.paused for d in databases]),
+        disabled=_highest([d.disabled for d in databases]),
+    )
+
+
+def _merge_stats(stats: list[PgbStats]) -> PgbStats:
+    totals = {f.name: _total([getattr(s, f.name) for s in stats]) for f in fields(PgbStats) if f.name != "db"}
+    return replace(stats[0], **totals)  # type: ignore[arg-type]
+
+
+def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict[str, list[str]]]:
+    """The snapshot with at most ``limit`` databases and users (plus ``other``) in its pools, databases
+    and stats rows, and the names folded away, by dimension.
+
+    Databases rank by the connections their pools and servers hold now, then by the transactions and
+    queries they served since PgBouncer started (a name a refused client asked for has none); users by
+    the connections their pools hold.
+    """
+    held_db: dict[str, float] = defaultdict(float)
+    held_user: dict[str, float] = defaultdict(float)
+    served: dict[str, float] = defaultdict(float)
+    for pool in snapshot.pools:
+        held = sum(_n(getattr(pool, column)) for column in HELD)
+        held_db[pool.db] += held
+        held_user[pool.user] += held
+    for database in snapshot.databases:
+        held_db[database.name] += _n(database.current_connections)
+    for stats in snapshot.stats:
+        served[stats.db] += _n(stats.transactions) + _n(stats.queries)
+    names = [p.db for p in snapshot.pools] + [d.name for d in snapshot.databases] + [s.db for s in snapshot.stats]
+    dbs = _kept(names, held_db, served, limit=limit)
+    users = _kept((p.user for p in snapshot.pools), held_user, limit=limit)
+    if dbs is None and users is None:
+        return snapshot, {}
+
+    def db(name: str) -> str:
+        return name if dbs is None or name in dbs else OTHER
+
+    def user(name: str) -> str:
+        return name if users is None or name in users else OTHER
+
+    def rename_pools(group: list[PgbPool]) -> PgbPool:
+        pool = group[0] if len(group) == 1 else _merge_pools(group)
+        return replace(pool, db=db(pool.db), user=user(pool.user))
+
+    def rename_databases(group: list[PgbDatabase]) -> PgbDatabase:
+        if len(group) == 1 and group[0].name == db(group[0].name):
+            return group[0]
+        return replace(_merge_databases(group, snapshot.config), name=db(group[0].name))
+
+    def rename_stats(group: list[PgbStats]) -> PgbStats:
+        stats = group[0] if len(group) == 1 else _merge_stats(group)
+        return replace(stats, db=db(stats.db))
+
+    folded = {}
+    if dbs is not None:
+        folded["pgbouncer_db"] = sorted(set(names) - dbs)
+    if users is not None:
+        folded["user"] = sorted({p.user for p in snapshot.pools} - users)
+    return replace(
+        snapshot,
+        pools=_merge(list(snapshot.pools), lambda p: (db(p.db), user(p.user), p.pool_mode), rename_pools),
+        databases=_merge(list(snapshot.databases), lambda d: (db(d.name),), rename_databases),
+        stats=_merge(list(snapshot.stats), lambda s: (db(s.db),), rename_stats),
+    ), folded
