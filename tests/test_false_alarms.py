@@ -6,11 +6,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import psycopg
+import pytest
 
 from datadog_checks.django_db import DjangoDbCheck
-from django_db_tools.sandbox import Sandbox
+from datadog_checks.django_db.config import parse
+from datadog_checks.django_db.evaluate.alignment import timeouts
+from datadog_checks.django_db.records import ActivityGroup, PgbConfig, PgbSnapshot, PgSnapshot, ServerSettings
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
 from .conftest import APP_PASSWORD, Clients, metric_values
 
@@ -82,3 +87,79 @@ def test_a_role_without_pg_monitor_counts_only_the_backends_really_hidden(
                 assert "WARNING: 2 backends are hidden from the monitoring role: GRANT pg_monitor TO plain" in text
     finally:
         check.cancel()
+
+
+# -- Settings judged where they apply ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timeouts_box() -> Iterator[Sandbox]:
+    with Sandbox(max_connections=30) as box:
+        box.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+        box.psql("CREATE DATABASE appdb OWNER app")
+        yield box
+
+
+def timeout_rules(aggregator, dd_run_check, box: Sandbox, user: str, password: str) -> str:
+    """The config_alignment message of one run while `app` holds a connection to `appdb`."""
+    with psycopg.connect(host="127.0.0.1", port=box.postgres.port, user="app", password=APP_PASSWORD, dbname="appdb"):
+        aggregator.reset()
+        instance = {"postgres": box.postgres.instance(user, password), "pgbouncer": box.pgbouncer.instance()}
+        check = DjangoDbCheck("django_db", {}, [instance])
+        try:
+            dd_run_check(check)
+        finally:
+            check.cancel()
+    message = aggregator.service_checks("django_db.config_alignment")[-1].message or ""
+    return "; ".join(part for part in message.split("; ") if "timeout" in part and "app@appdb" in part)
+
+
+def test_the_monitoring_roles_own_statement_timeout_does_not_silence_the_rule(aggregator, dd_run_check, timeouts_box):
+    box, monitor = timeouts_box, (Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD)
+    assert "both unset for app@appdb" in timeout_rules(aggregator, dd_run_check, box, *monitor)
+    box.psql("ALTER ROLE datadog SET statement_timeout = '30s'")
+    try:
+        # pg_monitor may not read pg_file_settings: the server's value cannot be known, and the rule says so.
+        text = timeout_rules(aggregator, dd_run_check, box, *monitor)
+        assert text.startswith("cannot tell whether statement_timeout or idle_in_transaction_session_timeout")
+        assert "statement_timeout (source user)" in text and "ALTER ROLE datadog RESET statement_timeout" in text
+        assert "both unset" not in text
+        # The application's own role setting is what applies to it.
+        box.psql("ALTER ROLE app SET statement_timeout = '10s'")
+        assert timeout_rules(aggregator, dd_run_check, box, *monitor) == ""
+    finally:
+        box.psql("ALTER ROLE datadog RESET statement_timeout")
+        box.psql("ALTER ROLE app RESET statement_timeout")
+
+
+def test_a_superuser_reads_the_servers_value_past_its_own(aggregator, dd_run_check, timeouts_box):
+    box, superuser = timeouts_box, (SUPERUSER, SUPERUSER_PASSWORD)
+    box.psql(f"ALTER ROLE {SUPERUSER} SET idle_in_transaction_session_timeout = '1min'")
+    box.psql(f"ALTER ROLE {SUPERUSER} SET statement_timeout = '30s'")
+    try:
+        assert "both unset for app@appdb" in timeout_rules(aggregator, dd_run_check, box, *superuser)
+        box.psql("ALTER SYSTEM SET statement_timeout = '20s'")
+        box.psql("SELECT pg_reload_conf()")
+        assert timeout_rules(aggregator, dd_run_check, box, *superuser) == ""
+    finally:
+        box.psql("ALTER SYSTEM RESET statement_timeout")
+        box.psql("SELECT pg_reload_conf()")
+        box.psql(f"ALTER ROLE {SUPERUSER} RESET ALL")
+
+
+def test_an_unknown_server_value_is_said_not_guessed():
+    settings = parse({"postgres": {"host": "h", "username": "datadog", "dbname": "postgres"}, "pgbouncer": {}})
+    masked = ServerSettings(
+        150000, "15.0", 100, 3, 0, 30000, 0,
+        role_settings=(("", "datadog", {"statement_timeout": "30s"}), ("", "worker", {"statement_timeout": "5s"})),
+        masked=(("statement_timeout", "user"),),
+    )  # fmt: skip
+    groups = [ActivityGroup("idle", "appdb", user, "web", "", 1) for user in ("app", "worker")]
+    pgb = PgbSnapshot((), (), (), {}, PgbConfig(), None)
+    [text] = timeouts(settings, PgSnapshot(masked, tuple(groups), None, 0.0, False), pgb)
+    assert text.startswith("cannot tell whether") and "for app@appdb:" in text and "worker" not in text
+    known = replace(masked, masked=())
+    assert timeouts(settings, PgSnapshot(known, tuple(groups), None, 0.0, False), pgb) == []
+    unset = replace(masked, statement_timeout_ms=0, masked=())
+    [text] = timeouts(settings, PgSnapshot(unset, tuple(groups), None, 0.0, False), pgb)
+    assert "both unset for app@appdb:" in text

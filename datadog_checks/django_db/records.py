@@ -35,6 +35,10 @@ class ServerSettings:
     idle_in_transaction_timeout_ms: int
     # (database or '', role or '', {setting: value}) from ALTER ROLE / ALTER DATABASE ... SET
     role_settings: tuple[tuple[str, str, dict[str, str]], ...] = ()
+    # (setting, pg_settings.source) of the timeouts whose server-wide value the monitoring session could
+    # not read: its own role or database setting masks it, and pg_file_settings is closed to it. The
+    # *_ms fields above then hold nothing but the session's value, which says nothing of other roles.
+    masked: tuple[tuple[str, str], ...] = ()
 
     @property
     def usable_slots(self) -> int:

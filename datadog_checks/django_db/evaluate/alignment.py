@@ -84,8 +84,9 @@ def slots(pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
     ]
 
 
-def effective(server: ServerSettings, db: str, role: str, name: str, server_value: int) -> int:
-    """A setting as a session of ``role`` on ``db`` gets it: role and database, role, database, server."""
+def effective(server: ServerSettings, db: str, role: str, name: str, server_value: int | None) -> int | None:
+    """A setting as a session of ``role`` on ``db`` gets it: role and database, role, database, server
+    (None where the server's value is not known and nothing closer sets it)."""
     found: dict[tuple[bool, bool], str] = {}
     for set_db, set_role, config in server.role_settings:
         if name in config and set_db in ("", db) and set_role in ("", role):
@@ -113,21 +114,51 @@ def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> lis
     if not pairs and pgb is not None:
         pairs = {(pool.db, pool.user) for pool in pgb.pools}
     server = pg.settings
-    unset = []
+    masked = dict(server.masked)
+    statement_server = None if "statement_timeout" in masked else server.statement_timeout_ms
+    idle_tx_server = None if "idle_in_transaction_session_timeout" in masked else server.idle_in_transaction_timeout_ms
+    unset: list[str] = []
+    untold: list[str] = []
     for db, role in sorted(pairs):
-        statement = effective(server, db, role, "statement_timeout", server.statement_timeout_ms)
-        idle_tx = effective(
-            server, db, role, "idle_in_transaction_session_timeout", server.idle_in_transaction_timeout_ms
+        statement = effective(server, db, role, "statement_timeout", statement_server)
+        idle_tx = effective(server, db, role, "idle_in_transaction_session_timeout", idle_tx_server)
+        if (statement or 0) > 0 or (idle_tx or 0) > 0:
+            continue
+        (untold if statement is None or idle_tx is None else unset).append(f"{role}@{db}")
+    failures = []
+    if unset:
+        failures.append(
+            f"statement_timeout and idle_in_transaction_session_timeout are both unset for {_some(unset)}"
+            ": a stuck request holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
         )
-        if statement <= 0 and idle_tx <= 0:
-            unset.append(f"{role}@{db}")
-    if not unset:
-        return []
-    return [
-        f"statement_timeout and idle_in_transaction_session_timeout are both unset for {', '.join(unset[:5])}"
-        + (f" and {len(unset) - 5} more" if len(unset) > 5 else "")
-        + ": a stuck request holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
-    ]
+    if untold:
+        monitor = settings.postgres.username if settings.postgres else "the monitoring role"
+        hidden = ", ".join(f"{name} (source {source})" for name, source in sorted(masked.items()))
+        reset = " and ".join(_reset(settings, name, source) for name, source in sorted(masked.items()))
+        failures.append(
+            f"cannot tell whether statement_timeout or idle_in_transaction_session_timeout is set for "
+            f"{_some(untold)}: they have no role or database setting of their own, and the server's value is "
+            f"hidden from {monitor} by its own session's {hidden} while pg_file_settings is closed to it: "
+            f"{reset} (the check bounds its own queries), or set the timeouts on the application's roles"
+        )
+    return failures
+
+
+def _reset(settings: Settings, name: str, source: str) -> str:
+    """How to take away the monitoring session's own value of a setting, by where it comes from."""
+    role = settings.postgres.username if settings.postgres else "<monitoring role>"
+    db = settings.postgres.dbname if settings.postgres else "<database>"
+    if source == "user":
+        return f"ALTER ROLE {role} RESET {name}"
+    if source == "database":
+        return f"ALTER DATABASE {db} RESET {name}"
+    if source == "database user":
+        return f"ALTER ROLE {role} IN DATABASE {db} RESET {name}"
+    return f"do not set {name} for the check's connection"
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def django_rules(settings: Settings, pgb: PgbSnapshot) -> list[str]:

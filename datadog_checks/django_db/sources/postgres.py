@@ -50,9 +50,21 @@ FROM pg_stat_database WHERE datname IS NOT NULL
 """
 
 SETTINGS_SQL = """
-SELECT name, setting FROM pg_settings
+SELECT name, setting, source, boot_val FROM pg_settings
 WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections',
                'server_version_num', 'server_version', 'statement_timeout', 'idle_in_transaction_session_timeout')
+"""
+
+# Settings judged for the application's roles, whose server-wide value the session's may hide.
+TIMEOUTS = ("statement_timeout", "idle_in_transaction_session_timeout")
+# pg_settings.source values that say the session has the server's own value; any other ('user',
+# 'database', 'database user', 'client') is this session's and masks it.
+SERVER_SOURCES = frozenset({"default", "configuration file", "command line", "environment variable", "override"})
+
+# The configuration files' values (postgresql.conf, postgresql.auto.conf): superusers only, unless granted.
+FILE_SETTINGS_READABLE_SQL = "SELECT has_table_privilege('pg_catalog.pg_file_settings', 'SELECT')"
+FILE_SETTINGS_SQL = """
+SELECT name, setting FROM pg_file_settings WHERE applied AND name = ANY(%(names)s) ORDER BY seqno
 """
 
 ROLE_SETTINGS_SQL = """
@@ -206,7 +218,16 @@ class PostgresSource(Reconnecting):
     def _read_settings(self, conn: psycopg.Connection) -> ServerSettings:
         timeout = self.endpoint.query_timeout
         with deadline(conn, timeout):
-            values: dict[str, str] = dict(conn.execute(SETTINGS_SQL).fetchall())
+            rows = conn.execute(SETTINGS_SQL).fetchall()
+            values: dict[str, str] = {name: setting for name, setting, _, _ in rows}
+            hidden = {
+                name: (source, boot)
+                for name, _, source, boot in rows
+                if name in TIMEOUTS and source not in SERVER_SOURCES
+            }
+            masked: tuple[tuple[str, str], ...] = ()
+            if hidden:
+                values, masked = self._server_values(conn, values, hidden)
             role_settings = tuple(
                 (db, role, _parse_setconfig(config)) for db, role, config in conn.execute(ROLE_SETTINGS_SQL).fetchall()
             )
@@ -221,12 +242,40 @@ class PostgresSource(Reconnecting):
             statement_timeout_ms=int(values["statement_timeout"]),
             idle_in_transaction_timeout_ms=int(values["idle_in_transaction_session_timeout"]),
             role_settings=role_settings,
+            masked=masked,
         )
         self.log.debug(
             "PostgreSQL %s: max_connections=%d, reserved=%d",
             settings.version, settings.max_connections, settings.reserved_slots,
         )  # fmt: skip
         return settings
+
+    @staticmethod
+    def _server_values(
+        conn: psycopg.Connection, values: dict[str, str], hidden: dict[str, tuple[str, str]]
+    ) -> tuple[dict[str, str], tuple[tuple[str, str], ...]]:
+        """The server-wide values of settings the session's own (its role's, its database's) hides: from
+        the configuration files where the role may read them, else the compiled-in default; or, where it
+        may not, the settings left ``masked`` with their source."""
+        if not _scalar(conn, FILE_SETTINGS_READABLE_SQL):
+            return values, tuple((name, source) for name, (source, _) in sorted(hidden.items()))
+        found: dict[str, str] = dict(conn.execute(FILE_SETTINGS_SQL, {"names": list(hidden)}).fetchall())
+        server = {
+            name: str(_milliseconds(found[name])) if name in found else boot for name, (_, boot) in hidden.items()
+        }
+        return {**values, **server}, ()
+
+
+def _milliseconds(value: str) -> int:
+    """A time setting as a configuration file writes it ('30s', '1min', '500'): milliseconds."""
+    units = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+    text = value.strip().strip("'").strip()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = text[len(number) :].strip() or "ms"
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        return 0
 
 
 def _scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
