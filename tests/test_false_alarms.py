@@ -75,18 +75,28 @@ def test_starting_backends_are_not_hidden_from_a_pg_monitor_role(aggregator, dd_
         check.cancel()
 
 
-def test_a_role_without_pg_monitor_counts_only_the_backends_really_hidden(
-    aggregator, dd_run_check, sandbox, clients: Clients
-):
-    # `plain` sees its own backends in full, starting ones included; `app`'s two are hidden from it.
-    clients.many(2, app="hidden-app")
-    check = DjangoDbCheck("django_db", {}, [{"postgres": sandbox.postgres.instance("plain", APP_PASSWORD)}])
+@pytest.fixture(scope="module")
+def quiet_box() -> Iterator[Sandbox]:
+    """A server of this module's own: no backend but those a test opens, none left over by other tests."""
+    with Sandbox(max_connections=30) as box:
+        box.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}';CREATE ROLE plain LOGIN PASSWORD '{APP_PASSWORD}';")
+        box.psql("CREATE DATABASE appdb OWNER app")
+        yield box
+
+
+def test_a_role_without_pg_monitor_counts_only_the_backends_really_hidden(aggregator, dd_run_check, quiet_box):
+    # `plain` sees its own backends in full, starting ones included; `app`'s two are hidden from it,
+    # and on this server they are the only backends of another role.
+    clients = Clients(quiet_box)
+    check = DjangoDbCheck("django_db", {}, [{"postgres": quiet_box.postgres.instance("plain", APP_PASSWORD)}])
     try:
-        with churn(sandbox, "plain", APP_PASSWORD):
+        clients.many(2, app="hidden-app")
+        with churn(quiet_box, "plain", APP_PASSWORD):
             for text in runs_under_churn(aggregator, dd_run_check, check):
                 assert "WARNING: 2 backends are hidden from the monitoring role: GRANT pg_monitor TO plain" in text
     finally:
         check.cancel()
+        clients.close()
 
 
 # -- Settings judged where they apply ---------------------------------------------------------

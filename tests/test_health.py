@@ -274,10 +274,16 @@ def test_session_mode_with_conn_max_age(aggregator, dd_run_check):
 
 
 def test_aligned_stack_is_ok(aggregator, dd_run_check, sandbox):
-    sandbox.psql("ALTER ROLE datadog SET statement_timeout = '30s'")
+    # The server's own statement_timeout applies to every role without one of its own.
+    sandbox.psql("ALTER SYSTEM SET statement_timeout = '30s'")
+    sandbox.psql("SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while sandbox.psql("SHOW statement_timeout").strip() != "30s" and time.monotonic() < deadline:
+        time.sleep(0.05)  # the reload reaches new sessions once the postmaster has read the file
     try:
         instance = {**sandbox.instance(), "conn_max_age": 60, "applications": {"include": ["^nothing$"]}}
         dd_run_check(DjangoDbCheck("django_db", {}, [instance]))
     finally:
-        sandbox.psql("ALTER ROLE datadog RESET statement_timeout")
+        sandbox.psql("ALTER SYSTEM RESET statement_timeout")
+        sandbox.psql("SELECT pg_reload_conf()")
     aggregator.assert_service_check("django_db.config_alignment", AgentCheck.OK)
