@@ -66,6 +66,8 @@ PG = {"host": "127.0.0.1", "port": 5432, "username": "datadog", "password": "s3c
         ({"postgres": PG, "tags": ["a", 3]}, "tags[1]"),
         ({"postgres": PG, "service": 5}, "service"),
         ({"postgres": PG, "debug_metrics": 5}, "debug_metrics"),
+        ({"postgres": PG, "extra_metrics": ["pgbouncer_stats", "pgbouncer_statz"]}, "extra_metrics[1]"),
+        ({"postgres": PG, "extra_metrics": "pgbouncer_stats"}, "extra_metrics"),
     ],
 )
 def test_bad_config_names_the_key(instance, key):
@@ -150,6 +152,15 @@ def test_defaults():
     assert settings.thresholds.idle_in_transaction_count.critical == 50
     assert settings.pgbouncer is None
     assert "s3cret" not in repr(settings)
+
+
+def test_a_wrong_metric_group_is_named_with_the_known_ones():
+    with pytest.raises(ConfigurationError) as error:
+        DjangoDbCheck("django_db", {}, [{"postgres": PG, "extra_metrics": ["connection_usage"]}])
+    assert "extra_metrics[0]" in str(error.value) and "'connection_usage'" in str(error.value)
+    assert "connections_usage" in str(error.value)
+    assert parse({"postgres": PG}).extra_metrics == frozenset()
+    assert parse({"postgres": PG, "extra_metrics": ["pgbouncer_lists"]}).extra_metrics == {"pgbouncer_lists"}
 
 
 def test_a_mysql_section_alone():

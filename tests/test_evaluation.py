@@ -87,7 +87,7 @@ def test_filters_pick_groups_but_not_server_figures():
 
 
 def test_leaks_and_ages_per_application():
-    settings = parse({"postgres": PG})
+    settings = parse({"postgres": PG, "extra_metrics": ["connections_usage"]})
     groups = [
         group(app="web", count=3, leaked=2, max_age=900),
         group(state="idle in transaction", app="web", count=1, max_age=40),
@@ -212,3 +212,26 @@ def test_postgres_connection_lines_give_the_application():
         "2026-12-02 17:36:58.765 UTC [11160] LOG:  connection received: host=127.0.0.1 port=5000",
     ]
     assert authorized_apps(lines) == {"web": 1, "celery beat": 1, "": 1}
+
+
+def test_connections_usage_only_when_asked_for():
+    """db.client.connections.usage says it by database; django_db.connections.usage repeats it by app."""
+    groups = [group(app="web", count=3), group(state="active", app="web", count=2)]
+    metrics, _ = postgres_metrics(snapshot(groups), parse({"postgres": PG}), {})
+    assert values(metrics, "django_db.connections.usage") == {}
+    assert values(metrics, "db.client.connections.usage") == {
+        ("state:idle", "pool.name:db:5432/app"): 3,
+        ("state:used", "pool.name:db:5432/app"): 2,
+    }
+    metrics, _ = postgres_metrics(snapshot(groups), parse({"postgres": PG, "extra_metrics": ["connections_usage"]}), {})
+    assert values(metrics, "django_db.connections.usage") == {
+        ("state:idle", "db:app", "app:web"): 3,
+        ("state:used", "db:app", "app:web"): 2,
+    }
+
+
+def test_backends_on_template_databases_take_a_slot_and_nothing_else():
+    snap = PgSnapshot(server(100, 3, 0), (group(count=10),), None, 1000.0, False, template_backends=5)
+    assert utilization(snap) == (10 + 5 + 1) / 97
+    metrics, _ = postgres_metrics(snap, parse({"postgres": PG}), {})
+    assert values(metrics, "django_db.postgres.connections_available") == {(): 97 - 16}

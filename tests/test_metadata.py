@@ -6,6 +6,7 @@ import pytest
 from datadog_checks.dev.utils import get_metadata_metrics
 
 from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.config import METRIC_GROUPS
 
 # The OpenTelemetry semantic-convention name lies outside the django_db. prefix, which
 # metadata.csv may not hold; its meaning is fixed by the convention and the README.
@@ -31,7 +32,8 @@ def traffic(sandbox, clients):
 
 def test_metrics_use_metadata(aggregator, dd_run_check, sandbox, traffic):
     apps = [{"match": "^meta-app$", "max_connections": 2}]
-    check = DjangoDbCheck("django_db", {}, [{**sandbox.instance(), "leak_idle_seconds": 1, "apps": apps}])
+    instance = {**sandbox.instance(), "leak_idle_seconds": 1, "apps": apps, "extra_metrics": list(METRIC_GROUPS)}
+    check = DjangoDbCheck("django_db", {}, [instance])
     dd_run_check(check)
     dd_run_check(check)
     check.cancel()

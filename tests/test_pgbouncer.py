@@ -52,7 +52,6 @@ def test_waiting_clients_and_saturated_pool(aggregator, dd_run_check, pools, cli
     assert _pool(aggregator, "sv_idle", "tiny") == 0
     assert _pool(aggregator, "maxwait", "tiny") >= 1.0
     assert _pool(aggregator, "server_utilization", "tiny") == 1.0
-    assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:tiny") == 1
     assert (
         one_value(aggregator, "django_db.pgbouncer.pools.cl_waiting", "pgbouncer_db:tiny", "pool_mode:transaction") == 1
     )
@@ -72,7 +71,20 @@ def test_database_limit_is_sent_only_when_there_is_one(aggregator, dd_run_check,
     assert one_value(aggregator, "django_db.pgbouncer.databases.max_connections", "pgbouncer_db:sess") == 3
     # No max_db_connections anywhere means no limit: no series, rather than a 0 that reads as "none allowed".
     assert metric_values(aggregator, "django_db.pgbouncer.databases.max_connections", "pgbouncer_db:tiny") == []
+    assert one_value(aggregator, "django_db.pgbouncer.databases.current_connections", "pgbouncer_db:tiny") >= 0
+    # The settings of each database are opt-in.
+    assert metric_values(aggregator, "django_db.pgbouncer.databases.pool_size") == []
+
+
+def test_database_settings_with_their_group(aggregator, dd_run_check, pools):
+    instance = {"pgbouncer": pools.pgbouncer.instance("datadog"), "extra_metrics": ["pgbouncer_databases"]}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    dd_run_check(check)
+    check.cancel()
     assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:tiny") == 1
+    assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:sess") == 3
+    assert one_value(aggregator, "django_db.pgbouncer.databases.paused", "pgbouncer_db:tiny") == 0
+    assert metric_values(aggregator, "django_db.pgbouncer.lists.used_clients") == []
 
 
 def test_session_mode_pins_server_connections(aggregator, dd_run_check, pools, clients):
@@ -99,11 +111,13 @@ def test_session_mode_pins_server_connections(aggregator, dd_run_check, pools, c
 
 def test_clients_against_max_client_conn(aggregator, dd_run_check, sandbox, clients):
     _through_pgbouncer(clients, sandbox, "appdb", 4)
-    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    instance = {"pgbouncer": sandbox.pgbouncer.instance("datadog"), "extra_metrics": ["pgbouncer_lists"]}
+    check = DjangoDbCheck("django_db", {}, [instance])
     dd_run_check(check)
     # Four application clients and the check's own console connection.
     assert one_value(aggregator, "django_db.pgbouncer.clients") == 5
     assert one_value(aggregator, "django_db.pgbouncer.lists.used_clients") == 5
+    assert one_value(aggregator, "django_db.pgbouncer.lists.pools") >= 1
     assert one_value(aggregator, "django_db.pgbouncer.max_client_conn") == 100
     assert one_value(aggregator, "django_db.pgbouncer.client_utilization") == pytest.approx(0.05)
     assert metric_values(aggregator, "django_db.pgbouncer.pools.cl_active", "pgbouncer_db:pgbouncer") == []
@@ -113,7 +127,8 @@ def test_clients_against_max_client_conn(aggregator, dd_run_check, sandbox, clie
 def test_stats_after_traffic(aggregator, dd_run_check, sandbox, clients):
     (conn,) = _through_pgbouncer(clients, sandbox, "otherdb", 1)
     conn.execute("SELECT 1")
-    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    instance = {"pgbouncer": sandbox.pgbouncer.instance("datadog"), "extra_metrics": ["pgbouncer_stats"]}
+    check = DjangoDbCheck("django_db", {}, [instance])
     dd_run_check(check)
     first = {
         name: one_value(aggregator, f"django_db.pgbouncer.stats.{name}", "pgbouncer_db:otherdb")

@@ -85,7 +85,7 @@ def test_the_metrics_carry_at_most_max_tag_values_per_dimension():
         [db("shop"), *(db(n) for n in names)],
         [stats("shop", 10), *(stats(n) for n in names)],
     )
-    metrics = pgbouncer_metrics(snap, parse({**PGB, "max_tag_values": 50}))
+    metrics = list(pgbouncer_metrics(snap, parse({**PGB, "max_tag_values": 50})))
     assert len(tag_values(metrics, "pgbouncer_db")) == 51 and "other" in tag_values(metrics, "pgbouncer_db")
     assert len(tag_values(metrics, "user")) == 51
     # One series per metric and tag set: merged rows, not duplicates the Agent would overwrite.
@@ -116,7 +116,11 @@ def probed():
 
 
 def test_eighty_refused_databases_make_at_most_max_tag_values(aggregator, dd_run_check, probed):
-    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": probed.pgbouncer.instance("datadog")}])
+    instance = {
+        "pgbouncer": probed.pgbouncer.instance("datadog"),
+        "extra_metrics": ["pgbouncer_stats", "pgbouncer_databases"],
+    }
+    check = DjangoDbCheck("django_db", {}, [instance])
     try:
         dd_run_check(check)
     finally:

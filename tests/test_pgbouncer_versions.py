@@ -73,8 +73,10 @@ def as_results(raw: dict[str, dict[str, list]]) -> dict[str, list[dict[str, Any]
     }
 
 
-def settings() -> config.Settings:
-    return config.parse({"pgbouncer": {"host": "127.0.0.1", "port": 6432}})
+def settings(*groups: str) -> config.Settings:
+    """Every metric group by default, so that each version's every column is checked."""
+    extra = list(groups or config.METRIC_GROUPS)
+    return config.parse({"pgbouncer": {"host": "127.0.0.1", "port": 6432}, "extra_metrics": extra})
 
 
 def snapshot(results: dict[str, list[dict[str, Any]]]) -> PgbSnapshot:
@@ -84,7 +86,7 @@ def snapshot(results: dict[str, list[dict[str, Any]]]) -> PgbSnapshot:
 
 def run(raw: dict[str, dict[str, list]] | dict[str, list[dict[str, Any]]], zipped: bool = False) -> list[Metric]:
     results = raw if zipped else as_results(raw)  # type: ignore[arg-type]
-    return pgbouncer_metrics(snapshot(results), settings())  # type: ignore[arg-type]
+    return list(pgbouncer_metrics(snapshot(results), settings()))  # type: ignore[arg-type]
 
 
 def names(metrics: list[Metric]) -> set[str]:
@@ -148,6 +150,41 @@ def test_columns_differ_by_version_as_pgbouncer_changed_them():
 def test_exactly_the_metrics_the_columns_allow(version):
     metrics = run(load(version))
     assert names(metrics) == EXPECTED_NAMES[version]
+
+
+# Sent without `extra_metrics`: who holds the connections, who waits, how near each limit, the load.
+DEFAULT = {
+    f"{P}pools.cl_active", f"{P}pools.cl_waiting", f"{P}pools.sv_active", f"{P}pools.sv_idle", f"{P}pools.maxwait",
+    f"{P}pools.server_utilization", f"{P}databases.current_connections", f"{P}databases.max_connections",
+    f"{P}stats.transactions", f"{P}stats.wait_time", f"{P}max_client_conn", f"{P}clients", f"{P}client_utilization",
+}  # fmt: skip
+GROUPS = {
+    "pgbouncer_cancel": CANCEL,
+    "pgbouncer_server_states": {f"{P}pools.sv_used", f"{P}pools.sv_tested", f"{P}pools.sv_login"},
+    "pgbouncer_databases": {f"{P}databases.{n}" for n in ("pool_size", "reserve_pool_size", "paused", "disabled")},
+    "pgbouncer_stats": {
+        f"{P}stats.{n}" for n in ("queries", "bytes_received", "bytes_sent", "xact_time", "query_time")
+    },
+    "pgbouncer_lists": LISTS,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_by_default_only_the_essential_metrics(version):
+    metrics = list(pgbouncer_metrics(snapshot(as_results(load(version))), config.parse({"pgbouncer": {}})))
+    assert names(metrics) == EXPECTED_NAMES[version] & DEFAULT
+    # Per pool (each database here has one): at most 10 series, max_connections only where a limit is set.
+    per_db = [m for m in metrics if "pgbouncer_db:appdb" in m.tags]
+    assert len(per_db) <= 10
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_each_group_adds_its_metrics_and_nothing_else(group):
+    results = as_results(load("1.25"))
+    default = names(pgbouncer_metrics(snapshot(results), config.parse({"pgbouncer": {}})))
+    extra = names(pgbouncer_metrics(snapshot(results), settings(group)))
+    assert extra - default == GROUPS[group]
+    assert set().union(*GROUPS.values()) | DEFAULT == EXPECTED_NAMES["1.25"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)

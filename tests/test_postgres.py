@@ -74,7 +74,7 @@ def known_states(sandbox, clients):
 
 
 def test_counts_each_state_exactly(aggregator, dd_run_check, pg_instance, known_states):
-    check = DjangoDbCheck("django_db", {}, [{**pg_instance, **known_states}])
+    check = DjangoDbCheck("django_db", {}, [{**pg_instance, **known_states, "extra_metrics": ["connections_usage"]}])
     dd_run_check(check)
     web = ("db:appdb", "user:app", f"app:{APP}")
     assert one_value(aggregator, "django_db.postgres.connections", "state:idle", *web) == 4
@@ -175,6 +175,26 @@ def test_sessions_opened_and_killed_between_runs(aggregator, dd_run_check, sandb
     dd_run_check(check)
     assert one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb") == opened + 3
     assert one_value(aggregator, "django_db.postgres.sessions.killed", "db:appdb") == killed + 3
+
+
+def test_template_databases_send_no_series_but_take_their_slot(aggregator, dd_run_check, pg_instance, clients):
+    check = DjangoDbCheck("django_db", {}, [pg_instance])
+    dd_run_check(check)
+    available = one_value(aggregator, "django_db.postgres.connections_available")
+    clients.connect(app="on-template", user="app", dbname="template1")
+    aggregator.reset()
+    dd_run_check(check)
+    check.cancel()
+    assert one_value(aggregator, "django_db.postgres.connections_available") == available - 1
+    on_templates = [
+        (name, tag)
+        for name in aggregator.metric_names
+        for m in aggregator.metrics(name)
+        for tag in m.tags
+        if tag in ("db:template0", "db:template1", "app:on-template") or tag.endswith(("/template0", "/template1"))
+    ]
+    assert on_templates == []
+    assert one_value(aggregator, "django_db.postgres.sessions.opened", "db:appdb") >= 0
 
 
 def test_backends_opened_since_previous_snapshot(sandbox, pg_instance, clients):

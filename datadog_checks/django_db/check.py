@@ -267,7 +267,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def submit(self, metrics: Iterable[Metric]) -> None:
         submitters = self._submitters
         for metric in metrics:
-            submitters[metric.kind](metric.name, metric.value, tags=list(metric.tags))
+            submitters[metric.kind](metric.name, metric.value, tags=metric.tags)  # the base class copies them
 
     def cancel(self) -> None:
         for resource in (self.postgres, self.pgbouncer, self.mysql, self.logs, self.django):

@@ -21,6 +21,7 @@ from .config_models.validators import (
     DEFAULT_TIMEOUT,
     DIMENSIONS,
     ENDPOINT_DEFAULTS,
+    METRIC_GROUPS,
 )
 from .patterns import NamePattern, compile_name_pattern
 from .profiles import AppProfile, profiles_from
@@ -28,6 +29,7 @@ from .redact import bare_url
 
 __all__ = [
     "DIMENSIONS",
+    "METRIC_GROUPS",
     "DjangoEndpoint",
     "Endpoint",
     "Level",
@@ -123,6 +125,7 @@ class Settings:
     report_leak_queries: bool
     emit_otel_metrics: bool
     tags: tuple[str, ...]
+    extra_metrics: frozenset[str] = frozenset()  # the opt-in metric groups asked for (METRIC_GROUPS)
     apps: tuple[AppProfile, ...] = ()
     django_metrics: tuple[DjangoEndpoint, ...] = ()
 
@@ -227,6 +230,7 @@ def settings_from(model: InstanceConfig) -> Settings:
         report_leak_queries=bool(model.report_leak_queries),
         emit_otel_metrics=_given(model.emit_otel_metrics, defaults.instance_emit_otel_metrics),
         tags=tuple(model.tags or ()),
+        extra_metrics=frozenset(model.extra_metrics or ()),
         apps=profiles_from(model.apps, conn_max_age, leak_idle_seconds, default_leak_idle_seconds),
         django_metrics=tuple(_django_endpoint(e) for e in model.django_metrics or ()),
     )

@@ -84,12 +84,16 @@ class LeakSuspect:
 
 @dataclass(frozen=True)
 class PgSnapshot:
+    """What one run read. Template databases (datistemplate) are left out of the groups and of
+    the sessions, as no application works in them; their backends count in utilisation only."""
+
     settings: ServerSettings
     groups: tuple[ActivityGroup, ...]
     databases: tuple[DatabaseSessions, ...] | None  # None before PostgreSQL 14
     server_time: float  # epoch seconds on the server when the snapshot was taken
     new_connection: bool
     leak_suspects: tuple[LeakSuspect, ...] = ()
+    template_backends: int = 0  # client backends on template databases, left out of the groups
 
 
 # -- PgBouncer -------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ DEFAULT_GROUP_BY = ("db", "user", "app")
 SSLMODES = ("allow", "disable", "prefer", "require", "verify-ca", "verify-full")
 ENDPOINTS = ("postgres", "pgbouncer", "mysql")
 NAME_FILTERS = ("applications", "databases")
+# Metric groups sent only when `extra_metrics` names them (see the spec for what each holds).
+METRIC_GROUPS = (
+    "connections_usage",
+    "pgbouncer_cancel",
+    "pgbouncer_server_states",
+    "pgbouncer_databases",
+    "pgbouncer_stats",
+    "pgbouncer_lists",
+)
 
 # Defaults of the options inside the endpoint sections; the generated defaults.py holds the
 # top-level ones. The PgBouncer console database is always `pgbouncer`; the MySQL connection
@@ -265,6 +274,9 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
                 checker.fail(f"group_by[{index}]", f"unknown dimension; use {', '.join(DIMENSIONS)}", dimension)
         if len(set(group_by)) != len(group_by):
             checker.fail("group_by", "names a dimension twice", ", ".join(group_by))
+    for index, group in enumerate(values.get("extra_metrics") or ()):
+        if group not in METRIC_GROUPS:
+            checker.fail(f"extra_metrics[{index}]", f"unknown metric group; use {', '.join(METRIC_GROUPS)}", group)
     for name in NAME_FILTERS:
         for part in ("include", "exclude"):
             for index, pattern in enumerate((values.get(name) or {}).get(part) or ()):

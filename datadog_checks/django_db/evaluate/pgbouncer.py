@@ -1,6 +1,12 @@
-"""PgBouncer records to metrics. No I/O."""
+"""PgBouncer records to metrics. No I/O.
+
+The metrics come as a generator, pool after pool, so that the check submits each one as it is made:
+nothing proportional to the number of pools is built besides the records themselves.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from ..config import Settings
 from ..records import PgbSnapshot
@@ -9,20 +15,29 @@ from .pgbouncer_fold import fold_pgbouncer
 
 PREFIX = "django_db.pgbouncer."
 
-POOL_GAUGES = (
-    "cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req",
-    "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login",
-    "maxwait",
-)  # fmt: skip
+# SHOW POOLS columns sent by default: who holds the server connections, who waits and for how long.
+POOL_GAUGES = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait")
+# Columns sent only when `extra_metrics` names their group.
+POOL_GROUPS = {
+    "pgbouncer_cancel": ("cl_active_cancel_req", "cl_waiting_cancel_req", "sv_active_cancel", "sv_being_canceled"),
+    "pgbouncer_server_states": ("sv_used", "sv_tested", "sv_login"),
+}
 
 # SHOW LISTS items (1.8 to 1.25); an item a later version adds is left out until it has a metadata row.
+# used_clients is sent by default as django_db.pgbouncer.clients; the items, with `pgbouncer_lists`.
 LIST_ITEMS = (
     "databases", "users", "pools", "free_clients", "used_clients", "login_clients",
     "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending",
 )  # fmt: skip
 
-DATABASE_GAUGES = ("pool_size", "reserve_pool_size", "max_connections", "current_connections", "paused", "disabled")
-STATS_RATES = ("transactions", "queries", "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time")
+# SHOW DATABASES: the server connections a database holds against its limit (max_connections is
+# sent only where a limit is set); the settings with `pgbouncer_databases`.
+DATABASE_GAUGES = ("current_connections", "max_connections")
+DATABASE_GROUP = ("pool_size", "reserve_pool_size", "paused", "disabled")
+
+# SHOW STATS: the load and the time clients waited; the rest with `pgbouncer_stats`.
+STATS_RATES = ("transactions", "wait_time")
+STATS_GROUP = ("queries", "bytes_received", "bytes_sent", "xact_time", "query_time")
 
 
 def client_utilization(snapshot: PgbSnapshot) -> float | None:
@@ -39,43 +54,54 @@ def database_limit(own: float | None, default: float | None) -> float | None:
     return own or default or None
 
 
-def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> list[Metric]:
+def _named(kind: str, columns: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(column, metric name) pairs, the names made once per run rather than once per row."""
+    return tuple((column, f"{PREFIX}{kind}.{column}") for column in columns)
+
+
+def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> Iterator[Metric]:
     assert settings.pgbouncer is not None
     snapshot, _ = fold_pgbouncer(snapshot, settings.max_tag_values)  # pgbouncer_db and user: at most max_tag_values
+    extra = settings.extra_metrics
     base = (settings.pgbouncer.tag, *settings.tags)
-    metrics: list[Metric] = []
 
+    pool_columns = POOL_GAUGES + tuple(c for group, cs in POOL_GROUPS.items() if group in extra for c in cs)
+    pool_names = _named("pools", pool_columns)
+    utilization_name = PREFIX + "pools.server_utilization"
     for pool in snapshot.pools:
         tags = (*base, f"pgbouncer_db:{tag_value(pool.db)}", f"user:{tag_value(pool.user)}",
                 f"pool_mode:{tag_value(pool.pool_mode)}")  # fmt: skip
-        for column in POOL_GAUGES:
+        for column, name in pool_names:
             if (value := getattr(pool, column)) is not None:
-                metrics.append(Metric("gauge", f"{PREFIX}pools.{column}", value, tags))
+                yield Metric("gauge", name, value, tags)
         if pool.pool_size and pool.sv_active is not None:
-            metrics.append(Metric("gauge", PREFIX + "pools.server_utilization", pool.sv_active / pool.pool_size, tags))
+            yield Metric("gauge", utilization_name, pool.sv_active / pool.pool_size, tags)
 
+    database_names = _named("databases", DATABASE_GAUGES + (DATABASE_GROUP if "pgbouncer_databases" in extra else ()))
+    default_limit = snapshot.config.max_db_connections
     for database in snapshot.databases:
         tags = (*base, f"pgbouncer_db:{tag_value(database.name)}")
-        for name in DATABASE_GAUGES:
-            value = getattr(database, name)
-            if name == "max_connections":
-                value = database_limit(value, snapshot.config.max_db_connections)
+        for column, name in database_names:
+            value = getattr(database, column)
+            if column == "max_connections":
+                value = database_limit(value, default_limit)
             if value is not None:
-                metrics.append(Metric("gauge", f"{PREFIX}databases.{name}", value, tags))
+                yield Metric("gauge", name, value, tags)
 
+    stats_names = _named("stats", STATS_RATES + (STATS_GROUP if "pgbouncer_stats" in extra else ()))
     for stats in snapshot.stats:
         tags = (*base, f"pgbouncer_db:{tag_value(stats.db)}")
-        for name in STATS_RATES:
-            if (value := getattr(stats, name)) is not None:
-                metrics.append(Metric("rate", f"{PREFIX}stats.{name}", value, tags))
+        for column, name in stats_names:
+            if (value := getattr(stats, column)) is not None:
+                yield Metric("rate", name, value, tags)
 
     if snapshot.config.max_client_conn is not None:
-        metrics.append(Metric("gauge", PREFIX + "max_client_conn", snapshot.config.max_client_conn, base))
+        yield Metric("gauge", PREFIX + "max_client_conn", snapshot.config.max_client_conn, base)
     if "used_clients" in snapshot.lists:
-        metrics.append(Metric("gauge", PREFIX + "clients", snapshot.lists["used_clients"], base))
+        yield Metric("gauge", PREFIX + "clients", snapshot.lists["used_clients"], base)
     if (utilization := client_utilization(snapshot)) is not None:
-        metrics.append(Metric("gauge", PREFIX + "client_utilization", utilization, base))
-    for item in LIST_ITEMS:
-        if (count := snapshot.lists.get(item)) is not None:
-            metrics.append(Metric("gauge", f"{PREFIX}lists.{item}", count, base))
-    return metrics
+        yield Metric("gauge", PREFIX + "client_utilization", utilization, base)
+    if "pgbouncer_lists" in extra:
+        for item in LIST_ITEMS:
+            if (count := snapshot.lists.get(item)) is not None:
+                yield Metric("gauge", f"{PREFIX}lists.{item}", count, base)

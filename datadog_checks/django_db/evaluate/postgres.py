@@ -65,8 +65,9 @@ def _tags(group: ActivityGroup, dimensions: Iterable[str]) -> tuple[str, ...]:
 
 
 def client_backends(snapshot: PgSnapshot) -> int:
-    """Every client backend; the groups leave out the check's own, which takes a slot all the same."""
-    return sum(g.count for g in snapshot.groups) + 1
+    """Every client backend; the groups leave out the check's own and those on template databases,
+    which take a slot all the same."""
+    return sum(g.count for g in snapshot.groups) + snapshot.template_backends + 1
 
 
 def utilization(snapshot: PgSnapshot) -> float:
@@ -128,15 +129,17 @@ def postgres_metrics(
     groups, folded = fold(
         select(snapshot.groups, settings), ("db", "user", "app", "client_addr"), settings.max_tag_values
     )
+    usage = "connections_usage" in settings.extra_metrics
 
     sums: dict[tuple[str, ...], float] = defaultdict(float)
     for g in groups:
         sums[("connections", f"state:{state_tag(g.state)}", *_tags(g, settings.group_by))] += g.count
         sums[("leaked_connections", *_tags(g, ("db", "user", "app")))] += g.leaked
         sums[("waiting_on_lock", *_tags(g, ("db", "app")))] += g.waiting_on_lock
-        usage = "idle" if g.state == "idle" else "used"
-        sums[("usage", f"state:{usage}", *_tags(g, ("db", "app")))] += g.count
-        sums[("otel", f"state:{usage}", f"pool.name:{settings.postgres.server_tag}/{tag_value(g.db)}")] += g.count
+        in_use = "idle" if g.state == "idle" else "used"
+        if usage:
+            sums[("usage", f"state:{in_use}", *_tags(g, ("db", "app")))] += g.count
+        sums[("otel", f"state:{in_use}", f"pool.name:{settings.postgres.server_tag}/{tag_value(g.db)}")] += g.count
     for (name, *tags), value in sums.items():
         if name == "usage":
             metrics.append(Metric("gauge", "django_db.connections.usage", value, base + tuple(tags)))

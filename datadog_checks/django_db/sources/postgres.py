@@ -44,9 +44,10 @@ WHERE {client_backends}
 GROUP BY 1, 2, 3, 4, 5
 """
 
+# Template databases (template0, template1) are left out: nobody's application works in them.
 DATABASE_SQL = """
 SELECT datname, sessions, sessions_abandoned, sessions_fatal, sessions_killed
-FROM pg_stat_database WHERE datname IS NOT NULL
+FROM pg_stat_database WHERE datid IN (SELECT oid FROM pg_database WHERE NOT datistemplate)
 """
 
 SETTINGS_SQL = """
@@ -75,9 +76,9 @@ LEFT JOIN pg_roles r ON r.oid = s.setrole
 """
 
 NAMES_SQL = """
-SELECT 'db', oid, datname FROM pg_database
+SELECT 'db', oid, datname, datistemplate FROM pg_database
 UNION ALL
-SELECT 'user', oid, rolname FROM pg_roles
+SELECT 'user', oid, rolname, false FROM pg_roles
 """
 
 # Whose backends the monitoring role sees in full: every role's with pg_read_all_stats (pg_monitor) or
@@ -145,6 +146,7 @@ class PostgresSource(Reconnecting):
         self.names: dict[tuple[str, int | None], str] = {}  # ("db" or "user", oid): name
         self.sees_all = True  # the role sees every backend in full (pg_read_all_stats or superuser)
         self.visible_roles: frozenset[int] = frozenset()  # else, the roles whose backends it sees in full
+        self.templates: frozenset[int] = frozenset()  # oids of the template databases
         self.pipeline = psycopg.Pipeline.is_supported()
 
     def snapshot(self, since: float | None, want_suspects: bool = False) -> PgSnapshot:
@@ -172,7 +174,9 @@ class PostgresSource(Reconnecting):
             databases = tuple(DatabaseSessions(*row) for row in sessions.fetchall()) if sessions else None
             oids = {("db", r.datid) for r in rows if r.datid} | {("user", r.usesysid) for r in rows if r.usesysid}
             if new or not oids <= self.names.keys():
-                self.names = {(kind, oid): name for kind, oid, name in conn.execute(NAMES_SQL).fetchall()}
+                names = conn.execute(NAMES_SQL).fetchall()
+                self.names = {(kind, oid): name for kind, oid, name, _ in names}
+                self.templates = frozenset(oid for kind, oid, _, template in names if template)
             suspects: tuple[LeakSuspect, ...] = ()
             leaked = [r.leaked[self.thresholds.index(self.leak_seconds(r.application_name or ""))] for r in rows]
             if want_suspects and any(leaked):
@@ -193,8 +197,10 @@ class PostgresSource(Reconnecting):
                 opened=r.opened,
             )
             for i, r in enumerate(rows)
+            if r.datid not in self.templates
         )
-        return PgSnapshot(self.settings, groups, databases, server_time, new, suspects)
+        on_templates = sum(r.n for r in rows if r.datid in self.templates)
+        return PgSnapshot(self.settings, groups, databases, server_time, new, suspects, on_templates)
 
     def state_of(self, row: ActivityRow) -> str | None:
         """The row's state; a NULL one is ``starting`` where the role sees the backend in full, else hidden."""

@@ -1,0 +1,139 @@
+"""What a run costs: distinct series (metric name and tag values), each billed as a custom metric.
+
+Against real servers of its own, so that nothing another test left open changes the count: the small
+stack of the README (PostgreSQL with 20 connections from 3 applications, PgBouncer with 3 pools), and
+PgBouncer with many pools. The README's figures are the formulas below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.config import METRIC_GROUPS
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
+
+os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
+
+PASSWORD = "series-secret"
+APPS = {"web": 10, "worker": 6, "cron": 4}
+POOLS = ("appdb", "postgres", "reports")  # the third an alias of appdb
+MANY = 40
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Sandbox]:
+    with Sandbox(max_connections=150, max_client_conn=200, default_pool_size=2) as box:
+        box.psql(f"CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")
+        box.psql("CREATE DATABASE appdb OWNER app")
+        box.pgbouncer.users["app"] = PASSWORD
+        box.pgbouncer.databases["reports"] = f"host=127.0.0.1 port={box.postgres.port} dbname=appdb"
+        box.pgbouncer.reload()
+        yield box
+
+
+def _connect(box: Sandbox, port: int, dbname: str, app: str) -> psycopg.Connection:
+    return psycopg.connect(
+        host="127.0.0.1", port=port, user="app", password=PASSWORD, dbname=dbname, application_name=app,
+        autocommit=True, prepare_threshold=None, connect_timeout=5,
+    )  # fmt: skip
+
+
+def series(aggregator, prefix: str = "") -> set[tuple[str, tuple[str, ...]]]:
+    return {
+        (name, tuple(sorted(m.tags)))
+        for name in aggregator.metric_names
+        if name.startswith(prefix)
+        for m in aggregator.metrics(name)
+    }
+
+
+def expected_postgres(found: set[tuple[str, tuple[str, ...]]]) -> int:
+    """The README's count for PostgreSQL: 4 per server, 4 per database (sessions), per application
+    (db, user, app) one per state it is in plus one (leaked), per (db, app) four (lock waits and the
+    three ages), and db.client.connections.usage per database and used/idle."""
+    tags = [dict(t.split(":", 1) for t in tags) for name, tags in found if name == "django_db.postgres.connections"]
+    apps = {(t["db"], t["user"], t["app"]) for t in tags}
+    per_db_app = {(db, app) for db, _, app in apps}
+    databases = {dict(t.split(":", 1) for t in tags)["db"] for name, tags in found if name.endswith("sessions.opened")}
+    otel = {tags for name, tags in found if name == "db.client.connections.usage"}
+    return 4 + 4 * len(databases) + len(tags) + len(apps) + 4 * len(per_db_app) + len(otel)
+
+
+def test_the_small_stack_sends_at_most_80_series(aggregator, stack):
+    held = [_connect(stack, stack.postgres.port, "appdb", app) for app, count in APPS.items() for _ in range(count)]
+    held[0].execute("BEGIN")
+    held[0].execute("SELECT 1")  # one web connection idle in a transaction
+    through = [_connect(stack, stack.pgbouncer.port, db, "web") for db in POOLS]
+    for conn in through:
+        conn.execute("SELECT 1")
+    check = DjangoDbCheck("django_db", {}, [stack.instance()])
+    try:
+        check.check(None)
+        aggregator.reset()
+        check.check(None)  # the second run: rates and counts as the Agent sends them from then on
+        found = series(aggregator)
+    finally:
+        check.cancel()
+        for conn in held + through:
+            conn.close()
+    postgres = {s for s in found if not s[0].startswith("django_db.pgbouncer.")}
+    pgbouncer = found - postgres
+    print(f"\n{len(found)} series: PostgreSQL {len(postgres)}, PgBouncer {len(pgbouncer)}")
+    assert len(found) <= 80
+    assert len(postgres) == expected_postgres(postgres)
+    assert len(pgbouncer) == 9 * len(POOLS) + 3
+    assert not [s for s in found if any(t.startswith("db:template") for t in s[1])]
+    assert not {name for name, _ in found} & {"django_db.connections.usage", "django_db.pgbouncer.lists.pools"}
+
+
+def test_every_group_adds_series_only_when_asked_for(aggregator, stack):
+    conn = _connect(stack, stack.pgbouncer.port, "appdb", "web")
+    conn.execute("SELECT 1")
+    counts = {}
+    try:
+        for extra in ([], list(METRIC_GROUPS)):
+            check = DjangoDbCheck("django_db", {}, [{**stack.instance(), "extra_metrics": extra}])
+            aggregator.reset()
+            check.check(None)
+            check.cancel()
+            counts[len(extra)] = {name for name, _ in series(aggregator)}
+    finally:
+        conn.close()
+    added = counts[len(METRIC_GROUPS)] - counts[0]
+    assert {"django_db.connections.usage", "django_db.pgbouncer.lists.pools", "django_db.pgbouncer.stats.queries",
+            "django_db.pgbouncer.pools.sv_login", "django_db.pgbouncer.databases.pool_size"} <= added  # fmt: skip
+    assert counts[0] <= counts[len(METRIC_GROUPS)]
+
+
+def test_at_most_10_series_per_pgbouncer_pool(aggregator, stack):
+    names = [f"alias{i:03d}" for i in range(MANY)]
+    for name in names:
+        stack.pgbouncer.databases[name] = f"host=127.0.0.1 port={stack.postgres.port} dbname=postgres"
+    stack.pgbouncer.reload()
+    try:
+        for name in names:
+            with psycopg.connect(
+                host="127.0.0.1", port=stack.pgbouncer.port, user=SUPERUSER, password=SUPERUSER_PASSWORD,
+                dbname=name, autocommit=True, prepare_threshold=None, connect_timeout=5,
+            ) as conn:  # fmt: skip
+                conn.execute("SELECT 1")
+        check = DjangoDbCheck("django_db", {}, [{"pgbouncer": stack.pgbouncer.instance(Sandbox.MONITOR_USER)}])
+        aggregator.reset()
+        check.check(None)
+        check.cancel()
+        found = series(aggregator, "django_db.pgbouncer.")
+    finally:
+        for name in names:
+            del stack.pgbouncer.databases[name]
+        stack.pgbouncer.reload()
+    pools = {t for _, tags in found for t in tags if t.startswith("pgbouncer_db:")}
+    assert {f"pgbouncer_db:{name}" for name in names} <= pools
+    print(f"\n{len(found)} PgBouncer series for {len(pools)} pools: {(len(found) - 3) / len(pools):.1f} a pool")
+    # Nine a pool (six of SHOW POOLS, current_connections, two rates) and three a server.
+    assert len(found) == 9 * len(pools) + 3
+    assert (len(found) - 3) / len(pools) <= 10
