@@ -249,3 +249,57 @@ def test_no_connection_leaks_across_runs_and_failures(dd_run_check, own_sandbox)
         admin.close()
     check.cancel()
     assert check.postgres.conn is None and check.pgbouncer.conn is None
+
+
+def test_records_read_from_the_cursor_match_the_rows_and_allow_nested_passes(sandbox, clients, monkeypatch):
+    """The source reads the console's rows where libpq keeps them, a few at a time on each pass: the
+    records are those of the same rows fetched whole, and passes over one result may nest."""
+    from datadog_checks.django_db import config
+    from datadog_checks.django_db.sources.pgbouncer import PER_RUN, CursorRows, PgBouncerSource, Result, snapshot_of
+
+    monkeypatch.setattr(CursorRows, "CHUNK", 1)  # a pass inside another moves the cursor at every row
+    for dbname in ("appdb", "otherdb"):
+        _through_pgbouncer(clients, sandbox, dbname, 1)[0].execute("SELECT 1")
+    settings = config.parse({"pgbouncer": sandbox.pgbouncer.instance("datadog")})
+    source = PgBouncerSource(settings.pgbouncer)
+    try:
+        snapshot = source.snapshot()
+        fetched = {name: source.conn.execute("SHOW " + name) for name in PER_RUN}
+        whole = {
+            name: Result([c.name for c in cursor.description], cursor.fetchall()) for name, cursor in fetched.items()
+        }
+        plain = snapshot_of(whole, snapshot.config, snapshot.version, False)
+        for field in ("pools", "databases", "stats"):
+            records = list(getattr(snapshot, field))
+            assert records and records == list(getattr(snapshot, field))  # read again, the same
+            assert [r._replace(**_volatile(r)) for r in records] == [
+                r._replace(**_volatile(r)) for r in getattr(plain, field)
+            ]
+        names = [p.db for p in snapshot.pools]
+        assert {"appdb", "otherdb"} <= set(names) and "pgbouncer" not in names
+        assert [(a.db, b.db) for a in snapshot.pools for b in snapshot.pools] == [(a, b) for a in names for b in names]
+    finally:
+        source.close()
+
+
+def _volatile(record) -> dict:
+    """Counters that move between two reads of the console (its own queries count in them)."""
+    return {name: None for name in record._fields if name in ("cl_active", "sv_active", "sv_idle", "sv_used",
+            "current_connections", "transactions", "queries", "bytes_received", "bytes_sent", "xact_time",
+            "query_time", "wait_time", "maxwait")}  # fmt: skip
+
+
+def test_a_run_after_the_first_asks_four_questions_on_the_same_connection(dd_run_check, sandbox):
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    conn = check.pgbouncer.conn
+    asked = []
+    execute = conn.execute
+    conn.execute = lambda query, *args, **kwargs: asked.append(query) or execute(query, *args, **kwargs)
+    try:
+        dd_run_check(check)
+        dd_run_check(check)
+        assert check.pgbouncer.conn is conn
+    finally:
+        check.cancel()
+    assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW DATABASES", "SHOW LISTS"] * 2

@@ -8,6 +8,7 @@ PgBouncer with many pools. The README's figures are the formulas below.
 from __future__ import annotations
 
 import os
+import tracemalloc
 from collections.abc import Iterator
 
 import psycopg
@@ -110,7 +111,25 @@ def test_every_group_adds_series_only_when_asked_for(aggregator, stack):
     assert counts[0] <= counts[len(METRIC_GROUPS)]
 
 
-def test_at_most_10_series_per_pgbouncer_pool(aggregator, stack):
+def _peak_memory(check: DjangoDbCheck) -> int:
+    """Bytes of Python memory a run takes at its peak, metrics handed to a no-op as the Agent would take them."""
+    check.check(None)  # warm: the connection and what is read on connecting
+    tracemalloc.start()
+    try:
+        check.check(None)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_at_most_10_series_per_pgbouncer_pool_and_memory_that_does_not_grow_with_them(aggregator, stack):
+    def noop(*args: object) -> None:
+        pass
+
+    few = DjangoDbCheck("django_db", {}, [{"pgbouncer": stack.pgbouncer.instance(Sandbox.MONITOR_USER)}])
+    few._submitters = dict.fromkeys(few._submitters, noop)
+    peak_few = _peak_memory(few)
+    few.cancel()
     names = [f"alias{i:03d}" for i in range(MANY)]
     for name in names:
         stack.pgbouncer.databases[name] = f"host=127.0.0.1 port={stack.postgres.port} dbname=postgres"
@@ -125,8 +144,10 @@ def test_at_most_10_series_per_pgbouncer_pool(aggregator, stack):
         check = DjangoDbCheck("django_db", {}, [{"pgbouncer": stack.pgbouncer.instance(Sandbox.MONITOR_USER)}])
         aggregator.reset()
         check.check(None)
-        check.cancel()
         found = series(aggregator, "django_db.pgbouncer.")
+        check._submitters = dict.fromkeys(check._submitters, noop)
+        peak_many = _peak_memory(check)
+        check.cancel()
     finally:
         for name in names:
             del stack.pgbouncer.databases[name]
@@ -137,3 +158,6 @@ def test_at_most_10_series_per_pgbouncer_pool(aggregator, stack):
     # Nine a pool (six of SHOW POOLS, current_connections, two rates) and three a server.
     assert len(found) == 9 * len(pools) + 3
     assert (len(found) - 3) / len(pools) <= 10
+    # The console's rows are read a few at a time and each metric is submitted as it is made.
+    print(f"peak memory of a run: {peak_few / 1024:.1f} KiB with 3 pools, {peak_many / 1024:.1f} KiB with {len(pools)}")
+    assert peak_many <= 2 * peak_few

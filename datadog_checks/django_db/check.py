@@ -266,8 +266,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     # -- submission -------------------------------------------------------------------------
     def submit(self, metrics: Iterable[Metric]) -> None:
         submitters = self._submitters
-        for metric in metrics:
-            submitters[metric.kind](metric.name, metric.value, tags=metric.tags)  # the base class copies them
+        for kind, name, value, tags in metrics:
+            submitters[kind](name, value, tags)  # a tuple: the base class makes its own list of them
 
     def cancel(self) -> None:
         for resource in (self.postgres, self.pgbouncer, self.mysql, self.logs, self.django):

@@ -6,7 +6,9 @@ PgBouncer admin database are resolved there, so no evaluation module looks at ra
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # -- Errors ----------------------------------------------------------------------------------
 
@@ -101,8 +103,7 @@ class PgSnapshot:
 ADMIN_DB = "pgbouncer"  # the admin console's own database: never an application's pool
 
 
-@dataclass(frozen=True)
-class PgbPool:
+class PgbPool(NamedTuple):
     """A SHOW POOLS row; a column the server's version lacks is None."""
 
     db: str
@@ -123,8 +124,7 @@ class PgbPool:
     maxwait: float | None = None  # seconds: maxwait plus maxwait_us
 
 
-@dataclass(frozen=True)
-class PgbDatabase:
+class PgbDatabase(NamedTuple):
     """A SHOW DATABASES row."""
 
     name: str
@@ -137,8 +137,7 @@ class PgbDatabase:
     disabled: float | None
 
 
-@dataclass(frozen=True)
-class PgbStats:
+class PgbStats(NamedTuple):
     """A SHOW STATS row: counters since PgBouncer started, times in seconds."""
 
     db: str
@@ -166,9 +165,14 @@ class PgbConfig:
 
 @dataclass(frozen=True)
 class PgbSnapshot:
-    pools: tuple[PgbPool, ...]  # the admin database left out, as in databases and stats
-    databases: tuple[PgbDatabase, ...]
-    stats: tuple[PgbStats, ...]
+    """pools, databases and stats may be read any number of times, one pass inside another included;
+    the source may make their records afresh on each pass from the rows the server sent, so that a
+    PgBouncer with thousands of pools costs no more memory than one with ten. The admin database
+    is left out of all three."""
+
+    pools: Iterable[PgbPool]
+    databases: Iterable[PgbDatabase]
+    stats: Iterable[PgbStats]
     lists: dict[str, int]
     config: PgbConfig
     version: str | None

@@ -7,10 +7,11 @@ nothing proportional to the number of pools is built besides the records themsel
 from __future__ import annotations
 
 from collections.abc import Iterator
+from operator import itemgetter
 
 from ..config import Settings
-from ..records import PgbSnapshot
-from .model import Metric, tag_value
+from ..records import PgbPool, PgbSnapshot
+from .model import Kind, Metric, tag_value
 from .pgbouncer_fold import fold_pgbouncer
 
 PREFIX = "django_db.pgbouncer."
@@ -59,23 +60,41 @@ def _named(kind: str, columns: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple((column, f"{PREFIX}{kind}.{column}") for column in columns)
 
 
+class _Tags:
+    """``key:value`` tags of the values a run meets again and again (users, pool modes), made once each."""
+
+    def __init__(self, key: str):
+        self.prefix = key + ":"
+        self.made: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        tag = self.made.get(value)
+        if tag is None:
+            tag = self.made[value] = self.prefix + tag_value(value)
+        return tag
+
+
 def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> Iterator[Metric]:
+    """Pool by pool, then database by database: each record's tags are made once, for all its metrics."""
     assert settings.pgbouncer is not None
     snapshot, _ = fold_pgbouncer(snapshot, settings.max_tag_values)  # pgbouncer_db and user: at most max_tag_values
     extra = settings.extra_metrics
     base = (settings.pgbouncer.tag, *settings.tags)
+    gauge: Kind = "gauge"
+    rate: Kind = "rate"
 
     pool_columns = POOL_GAUGES + tuple(c for group, cs in POOL_GROUPS.items() if group in extra for c in cs)
-    pool_names = _named("pools", pool_columns)
+    pool_names = [name for _, name in _named("pools", pool_columns)]
+    pool_values = itemgetter(*(PgbPool._fields.index(column) for column in pool_columns))
     utilization_name = PREFIX + "pools.server_utilization"
+    user_tag, mode_tag = _Tags("user"), _Tags("pool_mode")
     for pool in snapshot.pools:
-        tags = (*base, f"pgbouncer_db:{tag_value(pool.db)}", f"user:{tag_value(pool.user)}",
-                f"pool_mode:{tag_value(pool.pool_mode)}")  # fmt: skip
-        for column, name in pool_names:
-            if (value := getattr(pool, column)) is not None:
-                yield Metric("gauge", name, value, tags)
+        tags = (*base, f"pgbouncer_db:{tag_value(pool.db)}", user_tag(pool.user), mode_tag(pool.pool_mode))
+        for name, value in zip(pool_names, pool_values(pool), strict=True):
+            if value is not None:
+                yield Metric(gauge, name, value, tags)
         if pool.pool_size and pool.sv_active is not None:
-            yield Metric("gauge", utilization_name, pool.sv_active / pool.pool_size, tags)
+            yield Metric(gauge, utilization_name, pool.sv_active / pool.pool_size, tags)
 
     database_names = _named("databases", DATABASE_GAUGES + (DATABASE_GROUP if "pgbouncer_databases" in extra else ()))
     default_limit = snapshot.config.max_db_connections
@@ -86,22 +105,22 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> Iterator[Met
             if column == "max_connections":
                 value = database_limit(value, default_limit)
             if value is not None:
-                yield Metric("gauge", name, value, tags)
+                yield Metric(gauge, name, value, tags)
 
     stats_names = _named("stats", STATS_RATES + (STATS_GROUP if "pgbouncer_stats" in extra else ()))
     for stats in snapshot.stats:
         tags = (*base, f"pgbouncer_db:{tag_value(stats.db)}")
         for column, name in stats_names:
             if (value := getattr(stats, column)) is not None:
-                yield Metric("rate", name, value, tags)
+                yield Metric(rate, name, value, tags)
 
     if snapshot.config.max_client_conn is not None:
-        yield Metric("gauge", PREFIX + "max_client_conn", snapshot.config.max_client_conn, base)
+        yield Metric(gauge, PREFIX + "max_client_conn", snapshot.config.max_client_conn, base)
     if "used_clients" in snapshot.lists:
-        yield Metric("gauge", PREFIX + "clients", snapshot.lists["used_clients"], base)
+        yield Metric(gauge, PREFIX + "clients", snapshot.lists["used_clients"], base)
     if (utilization := client_utilization(snapshot)) is not None:
-        yield Metric("gauge", PREFIX + "client_utilization", utilization, base)
+        yield Metric(gauge, PREFIX + "client_utilization", utilization, base)
     if "pgbouncer_lists" in extra:
         for item in LIST_ITEMS:
             if (count := snapshot.lists.get(item)) is not None:
-                yield Metric("gauge", f"{PREFIX}lists.{item}", count, base)
+                yield Metric(gauge, f"{PREFIX}lists.{item}", count, base)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
+from itertools import chain
 from typing import TypeVar
 
 from ..records import PgbConfig, PgbDatabase, PgbPool, PgbSnapshot, PgbStats
@@ -36,6 +37,16 @@ def _kept(names: Iterable[str], *ranks: Mapping[str, float], limit: int) -> set[
     return set(sorted(unique, key=lambda name: (*(-rank.get(name, 0.0) for rank in ranks), name))[:limit])
 
 
+def _more_than(names: Iterable[str], limit: int) -> bool:
+    """Whether there are more than ``limit`` distinct names; holds at most ``limit + 1`` of them."""
+    seen: set[str] = set()
+    for name in names:
+        seen.add(name)
+        if len(seen) > limit:
+            return True
+    return False
+
+
 def _total(values: Sequence[float | None]) -> float | None:
     return None if all(v is None for v in values) else sum(_n(v) for v in values)
 
@@ -55,11 +66,11 @@ def _merge(rows: list[R], key: Callable[[R], tuple[str, ...]], merge: Callable[[
 def _merge_pools(pools: list[PgbPool]) -> PgbPool:
     first = pools[0]
     counts = {
-        f.name: _total([getattr(p, f.name) for p in pools])
-        for f in fields(PgbPool)
-        if f.name not in ("db", "user", "pool_mode", "maxwait")
+        name: _total([getattr(p, name) for p in pools])
+        for name in PgbPool._fields
+        if name not in ("db", "user", "pool_mode", "maxwait")
     }
-    return replace(first, **counts, maxwait=_highest([p.maxwait for p in pools]))  # type: ignore[arg-type]
+    return first._replace(**counts, maxwait=_highest([p.maxwait for p in pools]))  # type: ignore[arg-type]
 
 
 def _merge_databases(databases: list[PgbDatabase], config: PgbConfig) -> PgbDatabase:
@@ -68,8 +79,7 @@ def _merge_databases(databases: list[PgbDatabase], config: PgbConfig) -> PgbData
 
     limits = [d.max_connections or config.max_db_connections or None for d in databases]
     modes = {d.pool_mode for d in databases}
-    return replace(
-        databases[0],
+    return databases[0]._replace(
         pool_mode=modes.pop() if len(modes) == 1 else None,
         pool_size=_total([size(d.pool_size, config.default_pool_size) for d in databases]),
         reserve_pool_size=_total([size(d.reserve_pool_size, config.reserve_pool_size) for d in databases]),
@@ -82,8 +92,8 @@ def _merge_databases(databases: list[PgbDatabase], config: PgbConfig) -> PgbData
 
 
 def _merge_stats(stats: list[PgbStats]) -> PgbStats:
-    totals = {f.name: _total([getattr(s, f.name) for s in stats]) for f in fields(PgbStats) if f.name != "db"}
-    return replace(stats[0], **totals)  # type: ignore[arg-type]
+    totals = {name: _total([getattr(s, name) for s in stats]) for name in PgbStats._fields if name != "db"}
+    return stats[0]._replace(**totals)  # type: ignore[arg-type]
 
 
 def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict[str, list[str]]]:
@@ -93,7 +103,13 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
     Databases rank by the connections their pools and servers hold now, then by the transactions and
     queries they served since PgBouncer started (a name a refused client asked for has none); users by
     the connections their pools hold.
+    A snapshot within the limit is returned as it is, after a pass that holds at most ``limit + 1`` names.
     """
+    db_names = chain(
+        (p.db for p in snapshot.pools), (d.name for d in snapshot.databases), (s.db for s in snapshot.stats)
+    )
+    if not _more_than(db_names, limit) and not _more_than((p.user for p in snapshot.pools), limit):
+        return snapshot, {}
     held_db: dict[str, float] = defaultdict(float)
     held_user: dict[str, float] = defaultdict(float)
     served: dict[str, float] = defaultdict(float)
@@ -119,16 +135,16 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
 
     def rename_pools(group: list[PgbPool]) -> PgbPool:
         pool = group[0] if len(group) == 1 else _merge_pools(group)
-        return replace(pool, db=db(pool.db), user=user(pool.user))
+        return pool._replace(db=db(pool.db), user=user(pool.user))
 
     def rename_databases(group: list[PgbDatabase]) -> PgbDatabase:
         if len(group) == 1 and group[0].name == db(group[0].name):
             return group[0]
-        return replace(_merge_databases(group, snapshot.config), name=db(group[0].name))
+        return _merge_databases(group, snapshot.config)._replace(name=db(group[0].name))
 
     def rename_stats(group: list[PgbStats]) -> PgbStats:
         stats = group[0] if len(group) == 1 else _merge_stats(group)
-        return replace(stats, db=db(stats.db))
+        return stats._replace(db=db(stats.db))
 
     folded = {}
     if dbs is not None:

@@ -8,10 +8,13 @@ feeds the same field. The admin database's own rows are left out here, once.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, LiteralString
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
+from operator import itemgetter
+from typing import Any, Generic, LiteralString, TypeVar
 
 import psycopg
+from psycopg.types.numeric import FloatLoader
 
 from ..config import Endpoint
 from ..connection import Reconnecting, deadline
@@ -25,15 +28,32 @@ POOL_COLUMNS = (
     "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login",
 )  # fmt: skip
 MICROSECONDS = 1_000_000
+# int8, int2, int4 come as int, numeric (SHOW STATS's counters) as float (see PgBouncerSource._snapshot).
+NUMBER_TYPES = frozenset({20, 21, 23, 1700})
+
+T = TypeVar("T")
+Position = int | tuple[int, ...] | None  # where a column is in a result's rows (Result.position)
 
 
 class Result:
-    """One SHOW result: its column names and rows as the server sent them."""
+    """One SHOW result: its column names, and its rows as the server sent them.
 
-    def __init__(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]):
+    ``rows`` may be read any number of times: a list, or a cursor's rows (``CursorRows``), which stay
+    in libpq's memory and become Python values a few at a time, on each pass.
+    """
+
+    def __init__(self, columns: Sequence[str], rows: Iterable[Sequence[Any]], numbers: Iterable[int] = ()):
+        """``numbers``: the positions of the columns the driver gives as int or float (or None), not text."""
         self.columns = list(columns)
         self.rows = rows
+        self.numbers = frozenset(numbers)
         self._index = {name: i for i, name in enumerate(self.columns)}
+
+    def position(self, *names: str) -> Position:
+        """Where ``names`` (one column's names across versions, newest first) are: None if nowhere, an
+        index if one is there, else the indexes, of which a row's first value that is not NULL counts."""
+        found = tuple(self._index[name] for name in names if name in self._index)
+        return None if not found else found[0] if len(found) == 1 else found
 
     def getter(self, *names: str) -> Callable[[Sequence[Any]], Any]:
         """A function reading a row's value of the first of ``names`` that is not NULL, or None.
@@ -56,9 +76,47 @@ class Result:
         return cls(columns, [tuple(row.get(c) for c in columns) for row in rows])
 
 
+class CursorRows:
+    """A cursor's rows, from the first on each pass: each pass keeps its own place, so that passes may
+    nest, and holds a few rows at a time. The result stays in libpq's memory until the cursor goes."""
+
+    CHUNK = 16
+
+    def __init__(self, cursor: psycopg.Cursor[Any]):
+        self.cursor = cursor
+
+    def __iter__(self) -> Iterator[Sequence[Any]]:
+        return chain.from_iterable(self._chunks())
+
+    def _chunks(self) -> Iterator[list[Any]]:
+        cursor, position = self.cursor, 0
+        total = cursor.pgresult.ntuples if cursor.pgresult is not None else 0
+        while position < total:
+            cursor.scroll(position, "absolute")
+            rows = cursor.fetchmany(self.CHUNK)
+            if not rows:
+                return
+            position += len(rows)
+            yield rows
+
+
+class Records(Generic[T]):
+    """Records made from a result's rows on each pass, none kept; rows ``make`` turns into None are left out."""
+
+    def __init__(self, rows: Iterable[Sequence[Any]], make: Callable[[Sequence[Any]], T | None]):
+        self.rows = rows
+        self.make = make
+
+    def __iter__(self) -> Iterator[T]:
+        # Records are tuples of several fields, never empty: filter(None, ...) drops only the None.
+        return filter(None, map(self.make, self.rows))
+
+
 def number(value: Any) -> float | None:
-    """A column value as a number; None for NULL or text that is not one."""
-    if value is None or isinstance(value, bool):
+    """A column value as a number (an integer as it is); None for NULL or text that is not one."""
+    if value.__class__ is int or value is None:
+        return value
+    if isinstance(value, bool):
         return None
     try:
         return float(value)
@@ -70,93 +128,140 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _at(row: Sequence[Any], position: Position) -> Any:
+    if position is None:
+        return None
+    if isinstance(position, int):
+        return row[position]
+    return next((row[i] for i in position if row[i] is not None), None)
+
+
 def parse_config(result: Result) -> PgbConfig:
     key, value = result.getter("key"), result.getter("value")
     values = {_text(key(row)): value(row) for row in result.rows}
+
+    def number_of(name: str) -> float | None:
+        n = number(values.get(name))
+        return None if n is None else float(n)
+
     return PgbConfig(
-        max_client_conn=number(values.get("max_client_conn")),
-        default_pool_size=number(values.get("default_pool_size")),
-        reserve_pool_size=number(values.get("reserve_pool_size")),
-        max_db_connections=number(values.get("max_db_connections")),
+        max_client_conn=number_of("max_client_conn"),
+        default_pool_size=number_of("default_pool_size"),
+        reserve_pool_size=number_of("reserve_pool_size"),
+        max_db_connections=number_of("max_db_connections"),
         pool_mode=_text(values["pool_mode"]) if values.get("pool_mode") else None,
-        server_idle_timeout=number(values.get("server_idle_timeout")),
-        client_idle_timeout=number(values.get("client_idle_timeout")),
+        server_idle_timeout=number_of("server_idle_timeout"),
+        client_idle_timeout=number_of("client_idle_timeout"),
     )
 
 
-def parse_databases(result: Result) -> tuple[PgbDatabase, ...]:
-    name, mode = result.getter("name"), result.getter("pool_mode")
-    size, reserve = result.getter("pool_size"), result.getter("reserve_pool_size", "reserve_pool")
-    limit, current = result.getter("max_connections"), result.getter("current_connections")
-    paused, disabled = result.getter("paused"), result.getter("disabled")
-    return tuple(
-        PgbDatabase(
-            name=_text(name(row)),
-            pool_mode=_text(mode(row)) or None,
-            pool_size=number(size(row)),
-            reserve_pool_size=number(reserve(row)),
-            max_connections=number(limit(row)),
-            current_connections=number(current(row)),
-            paused=number(paused(row)),
-            disabled=number(disabled(row)),
-        )
-        for row in result.rows
-        if _text(name(row)) != ADMIN_DB
-    )
+def _numbers(result: Result, positions: Sequence[Position]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A function reading a row's values at ``positions`` as numbers: in one step, the row left as it
+    is, where each is one column the driver gives as a number already."""
+    if all(isinstance(p, int) and p in result.numbers for p in positions):
+        if len(positions) == 1:
+            only = positions[0]
+            return lambda row: (row[only],)  # type: ignore[index]
+        return itemgetter(*positions)
+    return lambda row: [number(_at(row, p)) for p in positions]
 
 
-def parse_pools(result: Result, databases: Sequence[PgbDatabase], config: PgbConfig) -> tuple[PgbPool, ...]:
-    db, user, mode = result.getter("database"), result.getter("user"), result.getter("pool_mode")
-    maxwait, maxwait_us = result.getter("maxwait"), result.getter("maxwait_us")
-    columns = [(column, result.getter(column)) for column in POOL_COLUMNS if column in result.columns]
-    modes = {d.name: d.pool_mode for d in databases}
-    sizes = {d.name: d.pool_size for d in databases if d.pool_size is not None and d.pool_size >= 0}
-    pools = []
-    for row in result.rows:
-        name = _text(db(row))
+DATABASE_COLUMNS = (
+    ("pool_size",), ("reserve_pool_size", "reserve_pool"), ("max_connections",), ("current_connections",),
+    ("paused",), ("disabled",),
+)  # fmt: skip
+
+
+def parse_databases(result: Result) -> Records[PgbDatabase]:
+    name, mode = result.position("name"), result.position("pool_mode")
+    numbers = _numbers(result, [result.position(*names) for names in DATABASE_COLUMNS])
+    make = PgbDatabase._make
+
+    def database(row: Sequence[Any]) -> PgbDatabase | None:
+        db = _text(_at(row, name))
+        if db == ADMIN_DB:
+            return None
+        return make((db, _text(_at(row, mode)) or None, *numbers(row)))
+
+    return Records(result.rows, database)
+
+
+def parse_pools(result: Result, databases: Result, config: PgbConfig) -> Records[PgbPool]:
+    """Pools with their database's pool size (SHOW DATABASES), else default_pool_size, and their pool mode:
+    the row's, else the database's (before the column came), else the server's default."""
+    db, user, mode = result.position("database"), result.position("user"), result.position("pool_mode")
+    maxwait, maxwait_us = result.position("maxwait"), result.position("maxwait_us")
+    numbers = _numbers(result, [result.position(column) for column in POOL_COLUMNS])
+    default_size, default_mode = config.default_pool_size, config.pool_mode or "unknown"
+    # Only what differs from the defaults: as small as the configuration is unusual, whatever the pools.
+    sizes: dict[str, float] = {}
+    modes: dict[str, str] = {}
+    name_at, size_at, mode_at = databases.position("name"), databases.position("pool_size"), None
+    if mode is None:
+        mode_at = databases.position("pool_mode")
+    for row in databases.rows:
+        size = number(_at(row, size_at))
+        if size is not None and size >= 0 and size != default_size:
+            sizes[_text(_at(row, name_at))] = size
+        if (database_mode := _at(row, mode_at)) and database_mode != default_mode:
+            modes[_text(_at(row, name_at))] = _text(database_mode)
+    make = PgbPool._make
+
+    if (
+        isinstance(db, int)
+        and isinstance(user, int)
+        and isinstance(mode, int)
+        and {maxwait, maxwait_us} <= result.numbers
+    ):
+        # Every column where one name says, as the driver gives it (1.18 on): no conversion to make.
+        names = itemgetter(db, user, mode, maxwait, maxwait_us)
+
+        def fast(row: Sequence[Any]) -> PgbPool | None:
+            name, user_name, pool_mode, wait, micros = names(row)
+            if name == ADMIN_DB:
+                return None
+            if micros:
+                wait += micros / MICROSECONDS
+            pool_mode = pool_mode or modes.get(name, default_mode)
+            return make((name, user_name or "", pool_mode, sizes.get(name, default_size), *numbers(row), wait))
+
+        return Records(result.rows, fast)
+
+    def pool(row: Sequence[Any]) -> PgbPool | None:
+        name = _text(_at(row, db))
         if name == ADMIN_DB:
-            continue
-        wait = number(maxwait(row))
+            return None
+        wait = number(_at(row, maxwait))
         if wait is not None:
-            wait += (number(maxwait_us(row)) or 0.0) / MICROSECONDS
-        pools.append(
-            PgbPool(
-                db=name,
-                user=_text(user(row)),
-                pool_mode=_text(mode(row)) or modes.get(name) or config.pool_mode or "unknown",
-                pool_size=sizes.get(name, config.default_pool_size),
-                maxwait=wait,
-                **{column: number(get(row)) for column, get in columns},
-            )
-        )
-    return tuple(pools)
+            micros = number(_at(row, maxwait_us))
+            if micros:
+                wait += micros / MICROSECONDS
+        pool_mode = _at(row, mode) or modes.get(name, default_mode)
+        return make((name, _text(_at(row, user)), pool_mode, sizes.get(name, default_size), *numbers(row), wait))
+
+    return Records(result.rows, pool)
 
 
-def parse_stats(result: Result) -> tuple[PgbStats, ...]:
-    db = result.getter("database", "name")
-    xacts, queries = result.getter("total_xact_count"), result.getter("total_query_count", "total_requests")
-    received, sent = result.getter("total_received"), result.getter("total_sent")
-    xact_time, query_time = result.getter("total_xact_time"), result.getter("total_query_time")
-    wait_time = result.getter("total_wait_time")
+STATS_COLUMNS = (
+    ("total_xact_count",), ("total_query_count", "total_requests"), ("total_received",), ("total_sent",),
+)  # fmt: skip
+STATS_TIMES = (("total_xact_time",), ("total_query_time",), ("total_wait_time",))
 
-    def seconds(value: Any) -> float | None:
-        n = number(value)
-        return None if n is None else n / MICROSECONDS
 
-    return tuple(
-        PgbStats(
-            db=_text(db(row)),
-            transactions=number(xacts(row)),
-            queries=number(queries(row)),
-            bytes_received=number(received(row)),
-            bytes_sent=number(sent(row)),
-            xact_time=seconds(xact_time(row)),
-            query_time=seconds(query_time(row)),
-            wait_time=seconds(wait_time(row)),
-        )
-        for row in result.rows
-        if _text(db(row)) != ADMIN_DB
-    )
+def parse_stats(result: Result) -> Records[PgbStats]:
+    db = result.position("database", "name")
+    counts = _numbers(result, [result.position(*names) for names in STATS_COLUMNS])
+    times = _numbers(result, [result.position(*names) for names in STATS_TIMES])
+    make = PgbStats._make
+
+    def stats(row: Sequence[Any]) -> PgbStats | None:
+        name = _text(_at(row, db))
+        if name == ADMIN_DB:
+            return None
+        seconds = [None if micros is None else micros / MICROSECONDS for micros in times(row)]
+        return make((name, *counts(row), *seconds))
+
+    return Records(result.rows, stats)
 
 
 def parse_lists(result: Result) -> dict[str, int]:
@@ -185,23 +290,34 @@ def version_texts(result: Result) -> list[str]:
 def snapshot_from_results(results: dict[str, Result], new_connection: bool = False) -> PgbSnapshot:
     """A snapshot from SHOW results, keyed by the SHOW command's name."""
     empty = Result([], [])
-    config = parse_config(results.get("CONFIG", empty))
-    databases = parse_databases(results.get("DATABASES", empty))
+    return snapshot_of(
+        results,
+        parse_config(results.get("CONFIG", empty)),
+        parse_version(version_texts(results.get("VERSION", empty))),
+        new_connection,
+    )
+
+
+def snapshot_of(results: dict[str, Result], config: PgbConfig, version: str | None, new: bool) -> PgbSnapshot:
+    """A snapshot from the results of one run's SHOW commands and what was read on connecting."""
+    empty = Result([], [])
+    databases = results.get("DATABASES", empty)
     return PgbSnapshot(
         pools=parse_pools(results.get("POOLS", empty), databases, config),
-        databases=databases,
+        databases=parse_databases(databases),
         stats=parse_stats(results.get("STATS", empty)),
         lists=parse_lists(results.get("LISTS", empty)),
         config=config,
-        version=parse_version(version_texts(results.get("VERSION", empty))),
-        new_connection=new_connection,
+        version=version,
+        new_connection=new,
     )
 
 
 class PgBouncerSource(Reconnecting):
     def __init__(self, endpoint: Endpoint):
         self.endpoint = endpoint
-        self.cached: dict[str, Result] = {}
+        self.config = PgbConfig()
+        self.version: str | None = None
         self.notices: list[str] = []
 
     def snapshot(self) -> PgbSnapshot:
@@ -214,21 +330,24 @@ class PgBouncerSource(Reconnecting):
         if conn is None or new:
             # The console speaks the simple query protocol only: client-side binding, no prepares.
             conn = self.open(cursor_factory=psycopg.ClientCursor, prepare_threshold=None)
+            # SHOW STATS's counters are numeric: floats, as the metrics want them, and far cheaper than Decimal.
+            conn.adapters.register_loader("numeric", FloatLoader)
             self.notices = []
             conn.add_notice_handler(lambda diag: self.notices.append(diag.message_primary or ""))
-        results: dict[str, Result] = {}
         with deadline(conn, self.endpoint.query_timeout):
             if new:
-                self.cached = {name: self._show(conn, name) for name in ON_CONNECT}
-                if not self.cached["VERSION"].rows:  # before 1.12 the version came as a NOTICE
-                    self.cached["VERSION"] = Result(["version"], [(notice,) for notice in self.notices])
-            for name in PER_RUN:
-                results[name] = self._show(conn, name)
-        return snapshot_from_results({**self.cached, **results}, new_connection=new)
+                config, version = (self._show(conn, name, fetch=True) for name in ON_CONNECT)
+                texts = version_texts(version) or self.notices  # before 1.12 the version came as a NOTICE
+                self.config, self.version = parse_config(config), parse_version(texts)
+            # One round trip each; the rows stay in libpq's memory, read as the evaluation goes.
+            results = {name: self._show(conn, name, fetch=name == "LISTS") for name in PER_RUN}
+        return snapshot_of(results, self.config, self.version, new)
 
     @staticmethod
-    def _show(conn: psycopg.Connection[Any], what: LiteralString) -> Result:
+    def _show(conn: psycopg.Connection[Any], what: LiteralString, fetch: bool = False) -> Result:
         cursor = conn.execute("SHOW " + what)
         if cursor.description is None:
             return Result([], [])
-        return Result([column.name for column in cursor.description], cursor.fetchall())
+        columns = [column.name for column in cursor.description]
+        numbers = [i for i, column in enumerate(cursor.description) if column.type_code in NUMBER_TYPES]
+        return Result(columns, cursor.fetchall() if fetch else CursorRows(cursor), numbers)
