@@ -279,3 +279,21 @@ def test_hung_backend_gives_critical_within_the_timeouts(aggregator, dd_run_chec
     aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.OK)
     assert check.postgres.conn.info.backend_pid != pid
     check.cancel()
+
+
+def test_a_run_after_the_first_is_one_statement_on_the_same_connection(dd_run_check, pg_instance, clients):
+    """Connections by group and the sessions of each database come back in one round trip."""
+    clients.connect(app=APP)
+    check = DjangoDbCheck("django_db", {}, [pg_instance])
+    dd_run_check(check)
+    conn = check.postgres.conn
+    asked = []
+    execute = conn.execute
+    conn.execute = lambda query, *args, **kwargs: asked.append(query) or execute(query, *args, **kwargs)
+    try:
+        dd_run_check(check)
+        dd_run_check(check)
+        assert check.postgres.conn is conn
+    finally:
+        check.cancel()
+    assert len(asked) == 2 and "pg_stat_activity" in asked[0] and "pg_stat_database" in asked[0]

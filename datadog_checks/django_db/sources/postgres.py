@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from typing import Any, LiteralString, NamedTuple
 
 import psycopg
@@ -38,15 +37,20 @@ SELECT state, datid, usesysid, application_name, {extra} AS client_addr,
        extract(epoch FROM now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END))::float8
          AS max_age,
        count(*) FILTER (WHERE backend_start > (SELECT to_timestamp(%(since)s))) AS opened,
-       extract(epoch FROM now())::float8 AS now
+       extract(epoch FROM now())::float8 AS now{sessions}
 FROM pg_stat_activity
 WHERE {client_backends}
 GROUP BY 1, 2, 3, 4, 5
 """
 
+# From PostgreSQL 14, the sessions of each database come in the same statement, one row per database
+# below the groups (their `n` NULL): one round trip, one prepared statement, no pipeline to drive.
 # Template databases (template0, template1) are left out: nobody's application works in them.
+SESSIONS_COLUMNS = ", NULL::int8 AS sessions, NULL::int8, NULL::int8, NULL::int8"
 DATABASE_SQL = """
-SELECT datname, sessions, sessions_abandoned, sessions_fatal, sessions_killed
+UNION ALL
+SELECT NULL, datid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM now())::float8,
+       sessions, sessions_abandoned, sessions_fatal, sessions_killed
 FROM pg_stat_database WHERE datid IN (SELECT oid FROM pg_database WHERE NOT datistemplate)
 """
 
@@ -120,6 +124,11 @@ class ActivityRow(NamedTuple):
     max_age: float | None
     opened: int
     now: float
+    # A database's row (PostgreSQL 14 and later): every column above NULL but datid and now.
+    sessions: int | None = None
+    sessions_abandoned: int | None = None
+    sessions_fatal: int | None = None
+    sessions_killed: int | None = None
 
 
 class PostgresSource(Reconnecting):
@@ -140,14 +149,15 @@ class PostgresSource(Reconnecting):
         self.log = log
         extra = CLIENT_ADDR if "client_addr" in group_by else "''"
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
-        self.activity_sql = ACTIVITY_SQL.format(extra=extra, client_backends=CLIENT_BACKENDS, leaked=leaked)
+        activity = {"extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked}
+        self.activity_sql = ACTIVITY_SQL.format(**activity, sessions="")
+        self.activity_sessions_sql = ACTIVITY_SQL.format(**activity, sessions=SESSIONS_COLUMNS) + DATABASE_SQL
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
         self.settings: ServerSettings | None = None
         self.names: dict[tuple[str, int | None], str] = {}  # ("db" or "user", oid): name
         self.sees_all = True  # the role sees every backend in full (pg_read_all_stats or superuser)
         self.visible_roles: frozenset[int] = frozenset()  # else, the roles whose backends it sees in full
         self.templates: frozenset[int] = frozenset()  # oids of the template databases
-        self.pipeline = psycopg.Pipeline.is_supported()
 
     def snapshot(self, since: float | None, want_suspects: bool = False) -> PgSnapshot:
         """Read the server; a connection found broken is opened again at once, any other failure next run."""
@@ -166,13 +176,11 @@ class PostgresSource(Reconnecting):
         params.update({f"leak{i}": seconds for i, seconds in enumerate(self.thresholds)})
         with_sessions = self.settings.version_num >= 140000
         with deadline(conn, timeout):
-            # Both statements in one round trip where libpq can pipeline (libpq 14 and later).
-            with conn.pipeline() if self.pipeline else nullcontext():
-                activity = conn.execute(self.activity_sql, params)
-                sessions = conn.execute(DATABASE_SQL) if with_sessions else None
-            rows = [ActivityRow(*row) for row in activity.fetchall()]
-            databases = tuple(DatabaseSessions(*row) for row in sessions.fetchall()) if sessions else None
-            oids = {("db", r.datid) for r in rows if r.datid} | {("user", r.usesysid) for r in rows if r.usesysid}
+            read = conn.execute(self.activity_sessions_sql if with_sessions else self.activity_sql, params).fetchall()
+            every = [ActivityRow(*row) for row in read]
+            rows = [r for r in every if r.n is not None]
+            per_db = [r for r in every if r.n is None]
+            oids = {("db", r.datid) for r in every if r.datid} | {("user", r.usesysid) for r in rows if r.usesysid}
             if new or not oids <= self.names.keys():
                 names = conn.execute(NAMES_SQL).fetchall()
                 self.names = {(kind, oid): name for kind, oid, name, _ in names}
@@ -182,7 +190,16 @@ class PostgresSource(Reconnecting):
             if want_suspects and any(leaked):
                 found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
                 suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app))
-            server_time = rows[0].now if rows else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
+            server_time = every[0].now if every else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
+        databases = (
+            tuple(
+                DatabaseSessions(self.names.get(("db", r.datid), ""), r.sessions or 0, r.sessions_abandoned or 0,
+                                 r.sessions_fatal or 0, r.sessions_killed or 0)
+                for r in per_db
+            )
+            if with_sessions
+            else None
+        )  # fmt: skip
         groups = tuple(
             ActivityGroup(
                 state=self.state_of(r),
