@@ -403,7 +403,8 @@ def small_stack(report: Report, show_series: bool) -> None:
 def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int) -> None:
     report.section(
         "PgBouncer side (pgbouncer section only): aliases of one database, one pool each;"
-        " bare = SHOW POOLS + SHOW STATS on an open console connection"
+        " bare = SHOW POOLS + SHOW STATS on an open console connection;"
+        " max_tag_values above the pool count, so that no pool folds into `other`"
     )
     memory: dict[int, tuple[float, float]] = {}
     most = max(levels)
@@ -412,7 +413,7 @@ def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int
     bare = None
     try:
         bare = console(box, "bench-bare")
-        made += checks({"pgbouncer": box.pgbouncer.instance(Sandbox.MONITOR_USER)})
+        made += checks({"pgbouncer": box.pgbouncer.instance(Sandbox.MONITOR_USER), "max_tag_values": most + 50})
         silent, stub = made
         for level in levels:
             make_pools(box, level)

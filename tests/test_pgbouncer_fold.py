@@ -42,6 +42,23 @@ def test_within_the_limit_nothing_changes():
     assert fold_pgbouncer(snap, 2) == (snap, {})
 
 
+@pytest.mark.parametrize("order", ["by name, as PgBouncer lists them", "shuffled"])
+def test_the_limit_counts_each_name_once_across_pools_databases_and_stats(order):
+    # Four names in all: `b` only in the pools, `d` only in the stats rows.
+    pools, databases, stats_rows = (
+        [pool("a"), pool("a", "web"), pool("b")],
+        [db("a"), db("c")],
+        [stats("c"), stats("d")],
+    )
+    if order == "shuffled":
+        pools, databases, stats_rows = pools[::-1], databases[::-1], stats_rows[::-1]
+    snap = snapshot(pools, databases, stats_rows)
+    assert fold_pgbouncer(snap, 4) == (snap, {})
+    folded, away = fold_pgbouncer(snap, 3)
+    assert away == {"pgbouncer_db": ["d"]}
+    assert {s.db for s in folded.stats} == {"c", "other"}
+
+
 def test_busy_databases_are_kept_and_the_rest_merge_into_other():
     names = [f"probe{i}" for i in range(5)]
     snap = snapshot(

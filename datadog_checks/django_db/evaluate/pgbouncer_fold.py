@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from heapq import merge
 from itertools import chain
 from typing import TypeVar
 
@@ -44,6 +45,20 @@ def _more_than(names: Iterable[str], limit: int) -> bool:
         seen.add(name)
         if len(seen) > limit:
             return True
+    return False
+
+
+def _more_than_in_order(names: Iterable[str], limit: int) -> bool | None:
+    """Whether there are more than ``limit`` distinct names in a stream sorted by name, holding one of them;
+    None when the stream turns out not to be sorted."""
+    count, last = 0, None
+    for name in names:
+        if last is not None and name < last:
+            return None
+        if name != last:
+            count, last = count + 1, name
+            if count > limit:
+                return True
     return False
 
 
@@ -103,12 +118,18 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
     Databases rank by the connections their pools and servers hold now, then by the transactions and
     queries they served since PgBouncer started (a name a refused client asked for has none); users by
     the connections their pools hold.
-    A snapshot within the limit is returned as it is, after a pass that holds at most ``limit + 1`` names.
+    A snapshot within the limit is returned as it is, after a pass over its names. PgBouncer keeps its
+    databases, and so its pools and stats rows, in name order: merged, the three are counted holding one
+    name; in any other order, holding at most ``limit + 1``.
     """
-    db_names = chain(
-        (p.db for p in snapshot.pools), (d.name for d in snapshot.databases), (s.db for s in snapshot.stats)
-    )
-    if not _more_than(db_names, limit) and not _more_than((p.user for p in snapshot.pools), limit):
+
+    def db_names() -> tuple[Iterable[str], ...]:
+        return (p.db for p in snapshot.pools), (d.name for d in snapshot.databases), (s.db for s in snapshot.stats)
+
+    many_dbs = _more_than_in_order(merge(*db_names()), limit)
+    if many_dbs is None:
+        many_dbs = _more_than(chain(*db_names()), limit)
+    if not many_dbs and not _more_than((p.user for p in snapshot.pools), limit):
         return snapshot, {}
     held_db: dict[str, float] = defaultdict(float)
     held_user: dict[str, float] = defaultdict(float)
