@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..config import Level, Settings
 from ..profiles import profile_for
-from .model import Finding, Status
+from .model import Finding, Status, level
 
 WINDOW = 60.0  # seconds: the least history behind a churn verdict
 SOURCES = ("log", "django", "sampled")  # the best first
@@ -115,7 +115,7 @@ class ChurnWindow:
 
 def churn_finding(churn: Churn, settings: Settings, threshold: Level, what: str = "connections") -> Finding:
     """The churn verdict: how many a minute and, where known, which applications with their share."""
-    status = _level(churn.per_minute, threshold)
+    status = level(churn.per_minute, threshold)
     text = f"{churn.per_minute:.0f} {what} a minute opened and closed again (churn, over {churn.seconds:.0f} s)"
     named = [(app, rate, source) for app, rate, source in churn.by_app if settings.applications.allows(app)]
     if not named:
@@ -143,11 +143,3 @@ def churn_finding(churn: Churn, settings: Settings, threshold: Level, what: str 
     else:
         text += "; their connections do not outlive requests: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or pool"
     return Finding(status, text)
-
-
-def _level(value: float, threshold: Level) -> Status:
-    if threshold.critical is not None and value >= threshold.critical:
-        return Status.CRITICAL
-    if threshold.warning is not None and value >= threshold.warning:
-        return Status.WARNING
-    return Status.OK

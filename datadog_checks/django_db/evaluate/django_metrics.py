@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..config import Level
 from ..records import DjangoAlias, DjangoPool, DjangoScrape, DjangoScrapeFailure
-from .model import Finding, Metric, Status, tag_value
+from .model import Finding, Metric, Status, level, tag_value
 
 PREFIX = "django_db.django."
 WINDOW = 60.0  # seconds of history behind the findings
@@ -173,14 +173,6 @@ def django_metrics(run: DjangoRun, tags: Iterable[str] = ()) -> list[Metric]:
     return metrics
 
 
-def _level(value: float, threshold: Level) -> Status:
-    if threshold.critical is not None and value >= threshold.critical:
-        return Status.CRITICAL
-    if threshold.warning is not None and value >= threshold.warning:
-        return Status.WARNING
-    return Status.OK
-
-
 def _n(value: float) -> str:
     return f"{value:.0f}"
 
@@ -218,7 +210,7 @@ def django_findings(run: DjangoRun, churn_per_minute: Level, named: Collection[s
                 )
             findings.append(
                 Finding(
-                    _level(per_minute, churn_per_minute),
+                    level(per_minute, churn_per_minute),
                     f"app={app} opened {_n(per_minute)} new connections a minute, by its processes' own counters: "
                     f"{advice}",
                 )

@@ -5,24 +5,16 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from ..config import Level, Settings
+from ..config import Settings
 from ..profiles import profile_for
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
-from .model import Finding, Status
+from .model import Finding, Status, level
 from .pgbouncer import client_utilization
 from .postgres import client_backends, select, utilization
 from .queries import normalize_query
 from .signatures import BY_NAME, Signature
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
-
-
-def level(value: float, threshold: Level) -> Status:
-    if threshold.critical is not None and value >= threshold.critical:
-        return Status.CRITICAL
-    if threshold.warning is not None and value >= threshold.warning:
-        return Status.WARNING
-    return Status.OK
 
 
 def leak_idle_seconds(settings: Settings, app: str) -> float:

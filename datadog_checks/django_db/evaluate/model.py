@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from ..config import Level
 
 Kind = Literal["gauge", "rate", "count", "monotonic_count"]
 
@@ -29,6 +32,15 @@ class Finding(NamedTuple):
 
     def line(self) -> str:
         return f"{self.status.name}: {self.text}"
+
+
+def level(value: float, threshold: Level) -> Status:
+    """The status a value earns against its warning and critical thresholds."""
+    if threshold.critical is not None and value >= threshold.critical:
+        return Status.CRITICAL
+    if threshold.warning is not None and value >= threshold.warning:
+        return Status.WARNING
+    return Status.OK
 
 
 def tag_value(value: str) -> str:

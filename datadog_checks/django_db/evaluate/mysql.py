@@ -16,8 +16,7 @@ from dataclasses import field as _field
 from ..config import Settings
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
 from .churn import Churn, ChurnWindow, Sample
-from .health import level
-from .model import Finding, Metric, Status, tag_value
+from .model import Finding, Metric, Status, level, tag_value
 
 PREFIX = "django_db.mysql."
 OTHER = "other"
