@@ -151,6 +151,8 @@ def test_demo_runs_every_phase_and_cleans_up():
     assert max(_numbers(leak, r"by app: .*shop-reports (\d+)")) == 10  # one connection per report thread
     assert max(_numbers(leak, r"leaked (\d+)")) >= 10
     assert max(_numbers(leak, r"sv_active (\d+)")) >= 10  # pinned server connections in session pooling
+    # The profiles' budgets: ten report connections against a budget of four.
+    assert any("CRITICAL: app=shop-reports holds 10 connections, over its budget of 4" in line for line in leak)
 
     stuck = _phase_block(output, "stuck")
     assert max(_numbers(stuck, r"idle_in_transaction (\d+)")) >= 1

@@ -37,6 +37,7 @@ DASHBOARD_CLIENTS = 36
 PG_MAX_CONNECTIONS = 20
 POOL_SIZE = 5
 REPORTS_POOL_SIZE = REPORT_THREADS
+REPORTS_BUDGET = 4  # the report jobs the runbook plans for: a few at a time
 MAX_CLIENT_CONN = 30
 HTTP_TIMEOUT = 20.0
 RETRY_SECONDS = 0.2
@@ -238,6 +239,11 @@ class Demo:
             conn_max_age=shop.WEB_CONN_MAX_AGE,
             leak_idle_seconds=self.leak_idle_seconds,
             log_files=[str(box.pgbouncer.logfile), str(box.postgres.logfile)],
+            # The runbook's connection math: the web views share the transaction pool; a few report jobs.
+            apps=[
+                {"match": f"^{shop.WEB_APP}$", "max_connections": POOL_SIZE},
+                {"match": f"^{shop.REPORTS_APP}$", "max_connections": REPORTS_BUDGET},
+            ],
             thresholds={
                 "idle_in_transaction_seconds": {"warning": 2, "critical": max(3, round(self.phase_seconds / 2))},
                 "pgbouncer_maxwait_seconds": {"warning": 0.5, "critical": 2},
@@ -247,7 +253,9 @@ class Demo:
         self.check = DjangoDbCheck("django_db", {}, [instance])
         self.say(
             f"check: every {self.interval:g} s, leak_idle_seconds {self.leak_idle_seconds:g}, "
-            f"phases of {self.phase_seconds:g} s"
+            f"phases of {self.phase_seconds:g} s",
+            f"budgets (apps): {shop.WEB_APP} {POOL_SIZE} connections (the transaction pool), "
+            f"{shop.REPORTS_APP} {REPORTS_BUDGET} (a few report jobs at a time)",
         )
 
     # -- phases ---------------------------------------------------------------------------------
@@ -268,8 +276,8 @@ class Demo:
                 self.start_leak,
                 self.stop_leak,
                 expect=f"{REPORT_THREADS} shop-reports connections that stay idle; once idle for longer than "
-                f"leak_idle_seconds ({self.leak_idle_seconds:g} s) they are reported as leaked, and utilisation "
-                "climbs towards the WARNING mark.",
+                f"leak_idle_seconds ({self.leak_idle_seconds:g} s) they are reported as leaked, utilisation "
+                f"climbs towards the WARNING mark, and {shop.REPORTS_APP} goes over its budget of {REPORTS_BUDGET}.",
                 advice="in threads, management commands and Celery tasks that use the ORM, call "
                 "django.db.close_old_connections() (or connection.close()) when done; keep CONN_MAX_AGE finite.",
             ),
