@@ -156,3 +156,20 @@ def mariadb() -> Iterator[MariaDB]:
         server.sql("CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(50)) ENGINE=InnoDB;", "appdb")
         server.sql("INSERT INTO items VALUES (1, 'one');", "appdb")
         yield server
+
+
+def statements_of_two_runs(dd_run_check, check, section: str) -> list[str]:
+    """What the check sends in its second and third runs, on the connection its first run opened and kept."""
+    dd_run_check(check)
+    source = getattr(check, section)
+    conn = source.conn
+    asked: list[str] = []
+    execute = conn.execute
+    conn.execute = lambda query, *args, **kwargs: asked.append(query) or execute(query, *args, **kwargs)
+    try:
+        dd_run_check(check)
+        dd_run_check(check)
+        assert source.conn is conn, "the check opened a new connection"
+    finally:
+        check.cancel()
+    return asked

@@ -12,7 +12,7 @@ from datadog_checks.base import AgentCheck
 from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools.sandbox import Sandbox
 
-from .conftest import metric_values, one_value, timed_critical_run
+from .conftest import metric_values, one_value, statements_of_two_runs, timed_critical_run
 
 
 @pytest.fixture(scope="module")
@@ -291,15 +291,5 @@ def _volatile(record) -> dict:
 
 def test_a_run_after_the_first_asks_four_questions_on_the_same_connection(dd_run_check, sandbox):
     check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
-    dd_run_check(check)
-    conn = check.pgbouncer.conn
-    asked = []
-    execute = conn.execute
-    conn.execute = lambda query, *args, **kwargs: asked.append(query) or execute(query, *args, **kwargs)
-    try:
-        dd_run_check(check)
-        dd_run_check(check)
-        assert check.pgbouncer.conn is conn
-    finally:
-        check.cancel()
+    asked = statements_of_two_runs(dd_run_check, check, "pgbouncer")
     assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW DATABASES", "SHOW LISTS"] * 2

@@ -11,7 +11,7 @@ from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
 
-from .conftest import APP_PASSWORD, metric_values, one_value, timed_critical_run
+from .conftest import APP_PASSWORD, metric_values, one_value, statements_of_two_runs, timed_critical_run
 
 # Connections opened straight to PostgreSQL; PgBouncer's server connections use other names.
 APP = "direct"
@@ -285,15 +285,5 @@ def test_a_run_after_the_first_is_one_statement_on_the_same_connection(dd_run_ch
     """Connections by group and the sessions of each database come back in one round trip."""
     clients.connect(app=APP)
     check = DjangoDbCheck("django_db", {}, [pg_instance])
-    dd_run_check(check)
-    conn = check.postgres.conn
-    asked = []
-    execute = conn.execute
-    conn.execute = lambda query, *args, **kwargs: asked.append(query) or execute(query, *args, **kwargs)
-    try:
-        dd_run_check(check)
-        dd_run_check(check)
-        assert check.postgres.conn is conn
-    finally:
-        check.cancel()
+    asked = statements_of_two_runs(dd_run_check, check, "postgres")
     assert len(asked) == 2 and "pg_stat_activity" in asked[0] and "pg_stat_database" in asked[0]
