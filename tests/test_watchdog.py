@@ -71,3 +71,21 @@ def test_a_watchdog_thread_that_ended_is_started_again(sandbox, monkeypatch):
         assert _WATCHDOG._thread.is_alive()
     finally:
         conn.close()
+
+
+def test_a_deadline_shorter_than_one_already_armed_still_cuts_its_query_off(sandbox):
+    # The thread only wakes for a deadline earlier than the one it waits for: it must wake for this one.
+    first = psycopg.connect(sandbox.postgres.dsn(), autocommit=True)
+    second = psycopg.connect(sandbox.postgres.dsn(), autocommit=True)
+    try:
+        with deadline(first, 30):
+            first.execute("SELECT 1")
+            time.sleep(0.2)  # the thread now waits for the 30 s deadline
+            started = time.monotonic()
+            with pytest.raises(ClientTimeout), deadline(second, 0.5):
+                second.execute("SELECT pg_sleep(5)")
+            assert time.monotonic() - started < 3
+            assert first.execute("SELECT 2").fetchone() == (2,)  # the other connection is left alone
+    finally:
+        first.close()
+        second.close()

@@ -23,8 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -51,30 +50,38 @@ class ClientTimeout(Exception):
 
 
 class _Watchdog:
-    """One daemon thread that shuts down the sockets of queries past their deadline."""
+    """One daemon thread that shuts down the sockets of queries past their deadline.
+
+    Arming a deadline wakes the thread only when it falls before the thread's next look at the
+    heap: a run's deadline is nearly always later than the previous one's, still in the heap, so
+    a run costs a push on the heap and a pop from a dict, not a thread switch. A deadline
+    disarmed stays in the heap until the thread next looks.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int]] = []
-        self._armed: dict[int, tuple[int, threading.Event]] = {}
+        self._armed: dict[int, int] = {}  # token: the socket's file descriptor
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wakes_at = 0.0  # monotonic time the waiting thread looks at the heap again by itself
 
-    def arm(self, fileno: int, seconds: float) -> tuple[int, threading.Event]:
-        fired = threading.Event()
+    def arm(self, fileno: int, seconds: float) -> int:
+        due = time.monotonic() + _clamp(seconds)
         with self._cond:
             token = next(self._ids)
-            self._armed[token] = (fileno, fired)
-            heapq.heappush(self._heap, (time.monotonic() + _clamp(seconds), token))
+            self._armed[token] = fileno
+            heapq.heappush(self._heap, (due, token))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="django-db-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
-        return token, fired
+            elif due < self._wakes_at:
+                self._cond.notify()
+        return token
 
-    def disarm(self, token: int) -> None:
-        with self._cond:
-            self._armed.pop(token, None)
+    def disarm(self, token: int) -> bool:
+        """Whether the deadline had passed (the socket is shut down, or about to be)."""
+        return self._armed.pop(token, None) is None  # atomic: the thread takes the token or we do
 
     def _run(self) -> None:
         while True:
@@ -88,18 +95,25 @@ class _Watchdog:
         with self._cond:
             while self._heap and self._heap[0][1] not in self._armed:
                 heapq.heappop(self._heap)
+            now = time.monotonic()
             if not self._heap:
-                self._cond.wait(_WAIT_SLICE)
+                self._wait(now, _WAIT_SLICE)
                 return
             due, token = self._heap[0]
-            now = time.monotonic()
             if due > now:
-                self._cond.wait(min(due - now, _WAIT_SLICE))
+                self._wait(now, min(due - now, _WAIT_SLICE))
                 return
             heapq.heappop(self._heap)
-            fileno, fired = self._armed.pop(token)
-            fired.set()
-        _shutdown(fileno)
+            fileno = self._armed.pop(token, None)
+        if fileno is not None:
+            _shutdown(fileno)
+
+    def _wait(self, now: float, seconds: float) -> None:
+        self._wakes_at = now + seconds
+        try:
+            self._cond.wait(seconds)
+        finally:
+            self._wakes_at = 0.0  # awake: it looks at the heap before it waits again
 
 
 def _clamp(seconds: float) -> float:
@@ -129,20 +143,25 @@ def _shutdown(fileno: int) -> None:
 _WATCHDOG = _Watchdog()
 
 
-@contextmanager
-def deadline(conn: psycopg.Connection, seconds: float, what: str = "query_timeout") -> Iterator[None]:
+class _Deadline:
+    __slots__ = ("_fileno", "_seconds", "_token", "_what")
+
+    def __init__(self, conn: psycopg.Connection, seconds: float, what: str):
+        self._fileno, self._seconds, self._what = conn.fileno(), seconds, what
+        self._token = -1
+
+    def __enter__(self) -> None:
+        self._token = _WATCHDOG.arm(self._fileno, self._seconds)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        fired = _WATCHDOG.disarm(self._token)
+        if fired and (kind is None or issubclass(kind, Exception)):
+            raise ClientTimeout(self._what, self._seconds) from None
+
+
+def deadline(conn: psycopg.Connection, seconds: float, what: str = "query_timeout") -> _Deadline:
     """Run the block with the connection's socket shut down after ``seconds``."""
-    token, fired = _WATCHDOG.arm(conn.fileno(), seconds)
-    try:
-        yield
-    except Exception:
-        if fired.is_set():
-            raise ClientTimeout(what, seconds) from None
-        raise
-    finally:
-        _WATCHDOG.disarm(token)
-    if fired.is_set():
-        raise ClientTimeout(what, seconds)
+    return _Deadline(conn, seconds, what)
 
 
 def connect(endpoint: Endpoint, **kwargs: Any) -> psycopg.Connection:
