@@ -102,6 +102,11 @@ class NameFilter:
     include: tuple[NamePattern, ...] = ()
     exclude: tuple[NamePattern, ...] = ()
 
+    @property
+    def everything(self) -> bool:
+        """Whether every name passes (no include, no exclude)."""
+        return not (self.include or self.exclude)
+
     def allows(self, name: str) -> bool:
         if self.include and not any(p.search(name) for p in self.include):
             return False

@@ -84,12 +84,18 @@ class ChurnWindow:
         last = self.samples[-1] if self.samples else None
         if last is not None and (sample.time <= last.time or sample.opened < last.opened):
             self.samples = []
-        self.samples.append(sample)
-        starts = [i for i, s in enumerate(self.samples) if s.time <= sample.time - self.window]
-        if not starts:
+        samples = self.samples
+        samples.append(sample)
+        # The times only grow (a sample not later than the last starts afresh): the window starts at
+        # the newest sample at least `window` seconds old, found from the oldest kept.
+        cutoff = sample.time - self.window
+        if samples[0].time > cutoff:
             return None
-        first = starts[-1]
-        self.samples = self.samples[first:]  # older samples are no longer needed
+        first = 0
+        while first + 1 < len(samples) and samples[first + 1].time <= cutoff:
+            first += 1
+        if first:
+            del samples[:first]  # older samples are no longer needed
         start = self.samples[0]
         seconds = sample.time - start.time
         opened = sample.opened - start.opened

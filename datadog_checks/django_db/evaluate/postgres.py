@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from ..config import Settings
 from ..records import ActivityGroup, PgSnapshot
@@ -33,6 +34,8 @@ def state_tag(state: str | None) -> str:
 
 def select(groups: Iterable[ActivityGroup], settings: Settings) -> list[ActivityGroup]:
     """The groups the user asked to see, by application and database name."""
+    if settings.applications.everything and settings.databases.everything:
+        return list(groups)
     return [g for g in groups if settings.applications.allows(g.app) and settings.databases.allows(g.db)]
 
 
@@ -44,6 +47,8 @@ def fold(
     Returns the groups with folded values and, per dimension, the values folded away.
     """
     folded: dict[str, list[str]] = {}
+    if len(groups) <= limit:
+        return groups, folded  # no dimension can have more values than there are groups
     for dimension in dimensions:
         sizes: Counter[str] = Counter()
         for group in groups:
@@ -58,10 +63,6 @@ def fold(
             for g in groups
         ]
     return groups, folded
-
-
-def _tags(group: ActivityGroup, dimensions: Iterable[str]) -> tuple[str, ...]:
-    return tuple(f"{d}:{tag_value(getattr(group, d))}" for d in dimensions)
 
 
 def client_backends(snapshot: PgSnapshot) -> int:
@@ -108,6 +109,41 @@ class SessionHistory:
         return self.window.add(sample)
 
 
+# The gauges each group adds to, by the state it is in: its (metric name, tags) for
+# connections, leaked_connections, waiting_on_lock, the opt-in usage, the OpenTelemetry usage,
+# and the three ages. Made once per group and kept across runs: the same few groups come back
+# run after run.
+@lru_cache(maxsize=4096)
+def _series(
+    base: tuple[str, ...], group_by: tuple[str, ...], server_tag: str,
+    state: str | None, db: str, user: str, app: str, client_addr: str,
+) -> tuple[tuple[str, tuple[str, ...]], ...]:  # fmt: skip
+    named = {"db": db, "user": user, "app": app, "client_addr": client_addr}
+    tags = {dimension: f"{dimension}:{tag_value(value)}" for dimension, value in named.items()}
+    by = tuple(tags[dimension] for dimension in group_by)
+    db_app = (tags["db"], tags["app"])
+    in_use = "state:idle" if state == "idle" else "state:used"
+    return (
+        (PREFIX + "connections", (*base, f"state:{state_tag(state)}", *by)),
+        (PREFIX + "leaked_connections", (*base, tags["db"], tags["user"], tags["app"])),
+        (PREFIX + "waiting_on_lock", (*base, *db_app)),
+        ("django_db.connections.usage", (*base, in_use, *db_app)),
+        ("db.client.connections.usage", (*base, in_use, f"pool.name:{server_tag}/{tag_value(db)}")),
+        (PREFIX + "idle.max_age", (*base, *db_app)),
+        (PREFIX + "idle_in_transaction.max_age", (*base, *db_app)),
+        (PREFIX + "active.max_duration", (*base, *db_app)),
+    )
+
+
+@lru_cache(maxsize=1024)
+def _db_tags(base: tuple[str, ...], db: str) -> tuple[str, ...]:
+    return (*base, f"db:{tag_value(db)}")
+
+
+SESSIONS_OPENED = PREFIX + "sessions.opened"
+SESSION_ENDS = tuple((f"{PREFIX}sessions.{name}", name) for name in ("abandoned", "fatal", "killed"))
+
+
 def postgres_metrics(
     snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int]
 ) -> tuple[list[Metric], dict[str, list[str]]]:
@@ -115,57 +151,49 @@ def postgres_metrics(
     assert settings.postgres is not None
     base = (settings.postgres.tag, *settings.tags)
     server = snapshot.settings
-    metrics: list[Metric] = []
-
-    def gauge(name: str, value: float, tags: tuple[str, ...] = ()) -> None:
-        metrics.append(Metric("gauge", PREFIX + name, value, base + tags))
 
     used = client_backends(snapshot)
-    gauge("max_connections", server.max_connections)
-    gauge("reserved_connections", server.reserved_slots)
-    gauge("connections_available", max(0, server.usable_slots - used))
-    gauge("connection_utilization", utilization(snapshot))
+    usable = server.usable_slots
+    metrics = [
+        Metric("gauge", PREFIX + "max_connections", server.max_connections, base),
+        Metric("gauge", PREFIX + "reserved_connections", server.reserved_slots, base),
+        Metric("gauge", PREFIX + "connections_available", max(0, usable - used), base),
+        Metric("gauge", PREFIX + "connection_utilization", used / usable if usable else 1.0, base),
+    ]
 
     groups, folded = fold(
         select(snapshot.groups, settings), ("db", "user", "app", "client_addr"), settings.max_tag_values
     )
     usage = "connections_usage" in settings.extra_metrics
+    otel = settings.emit_otel_metrics
+    group_by, server_tag = settings.group_by, settings.postgres.server_tag
 
-    sums: dict[tuple[str, ...], float] = defaultdict(float)
+    sums: dict[tuple[str, tuple[str, ...]], float] = {}
+    ages: dict[tuple[str, tuple[str, ...]], float] = {}
     for g in groups:
-        sums[("connections", f"state:{state_tag(g.state)}", *_tags(g, settings.group_by))] += g.count
-        sums[("leaked_connections", *_tags(g, ("db", "user", "app")))] += g.leaked
-        sums[("waiting_on_lock", *_tags(g, ("db", "app")))] += g.waiting_on_lock
-        in_use = "idle" if g.state == "idle" else "used"
+        connections, leaked, waiting, in_use, otel_use, idle, in_tx, active = _series(
+            base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr
+        )
+        sums[connections] = sums.get(connections, 0.0) + g.count
+        sums[leaked] = sums.get(leaked, 0.0) + g.leaked
+        sums[waiting] = sums.get(waiting, 0.0) + g.waiting_on_lock
         if usage:
-            sums[("usage", f"state:{in_use}", *_tags(g, ("db", "app")))] += g.count
-        sums[("otel", f"state:{in_use}", f"pool.name:{settings.postgres.server_tag}/{tag_value(g.db)}")] += g.count
-    for (name, *tags), value in sums.items():
-        if name == "usage":
-            metrics.append(Metric("gauge", "django_db.connections.usage", value, base + tuple(tags)))
-        elif name == "otel":
-            if settings.emit_otel_metrics:
-                metrics.append(Metric("gauge", "db.client.connections.usage", value, base + tuple(tags)))
-        else:
-            gauge(name, value, tuple(tags))
+            sums[in_use] = sums.get(in_use, 0.0) + g.count
+        if otel:
+            sums[otel_use] = sums.get(otel_use, 0.0) + g.count
+        state, age = g.state, g.max_age
+        for key, wanted in ((idle, "idle"), (in_tx, "idle in transaction"), (active, "active")):
+            ages[key] = max(ages.get(key, 0.0), age if state == wanted else 0.0)
+    metrics += [Metric("gauge", name, value, tags) for (name, tags), value in sums.items()]
+    metrics += [Metric("gauge", name, value, tags) for (name, tags), value in ages.items()]
 
-    ages: dict[tuple[str, ...], float] = {}
-    for g in groups:
-        key = _tags(g, ("db", "app"))
-        for state, name in (("idle", "idle.max_age"), ("idle in transaction", "idle_in_transaction.max_age"),
-                            ("active", "active.max_duration")):  # fmt: skip
-            age = g.max_age if g.state == state else 0.0
-            ages[(name, *key)] = max(ages.get((name, *key), 0.0), age)
-    for (name, *tags), value in ages.items():
-        gauge(name, value, tuple(tags))
-
+    allows = settings.databases.allows
     for db, opened in opened_by_db.items():
-        if settings.databases.allows(db):
-            db_tags = (*base, f"db:{tag_value(db)}")
-            metrics.append(Metric("monotonic_count", PREFIX + "sessions.opened", opened, db_tags))
+        if allows(db):
+            metrics.append(Metric("monotonic_count", SESSIONS_OPENED, opened, _db_tags(base, db)))
     for d in snapshot.databases or ():
-        if settings.databases.allows(d.db):
-            db_tags = (*base, f"db:{tag_value(d.db)}")
-            for name, value in (("abandoned", d.abandoned), ("fatal", d.fatal), ("killed", d.killed)):
-                metrics.append(Metric("monotonic_count", PREFIX + "sessions." + name, value, db_tags))
+        if allows(d.db):
+            db_tags = _db_tags(base, d.db)
+            for name, field_name in SESSION_ENDS:
+                metrics.append(Metric("monotonic_count", name, getattr(d, field_name), db_tags))
     return metrics, folded
