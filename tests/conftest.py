@@ -159,17 +159,25 @@ def mariadb() -> Iterator[MariaDB]:
 
 
 def statements_of_two_runs(dd_run_check, check, section: str) -> list[str]:
-    """What the check sends in its second and third runs, on the connection its first run opened and kept."""
+    """What the check sends in its second and third runs, on the connection its first run opened and kept,
+    whichever cursor it sends it on."""
     dd_run_check(check)
     source = getattr(check, section)
     conn = source.conn
     asked: list[str] = []
-    execute = conn.execute
-    conn.execute = lambda query, *args, **kwargs: asked.append(query) or execute(query, *args, **kwargs)
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor, query, *args, **kwargs):
+        if cursor.connection is conn:
+            asked.append(str(query))
+        return execute(cursor, query, *args, **kwargs)
+
+    psycopg.Cursor.execute = counted
     try:
         dd_run_check(check)
         dd_run_check(check)
         assert source.conn is conn, "the check opened a new connection"
     finally:
+        psycopg.Cursor.execute = execute
         check.cancel()
     return asked

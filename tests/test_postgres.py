@@ -286,4 +286,5 @@ def test_a_run_after_the_first_is_one_statement_on_the_same_connection(dd_run_ch
     clients.connect(app=APP)
     check = DjangoDbCheck("django_db", {}, [pg_instance])
     asked = statements_of_two_runs(dd_run_check, check, "postgres")
-    assert len(asked) == 2 and "pg_stat_activity" in asked[0] and "pg_stat_database" in asked[0]
+    assert len(asked) == 2 and asked[0] == asked[1]
+    assert "pg_stat_activity" in asked[0] and "pg_stat_get_db_sessions" in asked[0]
