@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 
@@ -10,6 +11,7 @@ import pytest
 from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
+from django_db_tools.sandbox import Sandbox
 
 from .conftest import APP_PASSWORD, metric_values, one_value, statements_of_two_runs, timed_critical_run
 
@@ -288,3 +290,60 @@ def test_a_run_after_the_first_is_one_statement_on_the_same_connection(dd_run_ch
     asked = statements_of_two_runs(dd_run_check, check, "postgres")
     assert len(asked) == 2 and asked[0] == asked[1]
     assert "pg_stat_activity" in asked[0] and "pg_stat_get_db_sessions" in asked[0]
+
+
+def _parsed(conn: psycopg.Connection, run) -> list[str]:
+    """The names of the statements libpq asked the server to parse during ``run()`` ('""' for an unnamed one)."""
+    with tempfile.TemporaryFile(mode="w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            run()
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        lines = [line.split("\t") for line in trace.read().splitlines()]
+    return [fields[3].split()[0] for fields in lines if fields[:1] == ["F"] and fields[2:3] == ["Parse"]]
+
+
+def test_the_activity_statement_is_prepared_once_on_a_direct_connection(dd_run_check, pg_instance):
+    check = DjangoDbCheck("django_db", {}, [pg_instance])
+    try:
+        dd_run_check(check)
+        assert check.postgres.direct
+        assert _parsed(check.postgres.conn, lambda: dd_run_check(check)) == []  # bound to the prepared statement
+    finally:
+        check.cancel()
+
+
+def test_nothing_is_prepared_through_pgbouncer_in_transaction_mode(aggregator, dd_run_check, sandbox):
+    """Each run may reach another server connection, where a statement prepared on the last does not exist."""
+    started = sandbox.psql("SELECT now()").strip()
+    pgbouncer = sandbox.pgbouncer.instance(Sandbox.MONITOR_USER)
+    check = DjangoDbCheck("django_db", {}, [{"postgres": {**pgbouncer, "dbname": "postgres"}}])
+    holder = psycopg.connect(
+        host="127.0.0.1", port=sandbox.pgbouncer.port, dbname="postgres", user=Sandbox.MONITOR_USER,
+        password=pgbouncer["password"], autocommit=True, prepare_threshold=None,
+    )  # fmt: skip
+    try:
+        dd_run_check(check)
+        assert not check.postgres.direct
+        for i in range(8):
+            # Every other run, another client holds the server connection the last run used.
+            if i % 2:
+                holder.execute("BEGIN")
+                holder.execute("SELECT 1")
+            aggregator.reset()
+            parsed = _parsed(check.postgres.conn, lambda: dd_run_check(check))
+            if i % 2:
+                holder.execute("COMMIT")
+            aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.OK)
+            assert parsed == ['""']  # one unnamed statement, parsed on whichever server connection it reaches
+    finally:
+        holder.close()
+        check.cancel()
+        # PgBouncer keeps its server connections open, idle: they would count as leaked in other tests.
+        sandbox.psql(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            f" WHERE usename = '{Sandbox.MONITOR_USER}' AND backend_start >= '{started}'"
+        )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from datadog_checks.base import ConfigurationError
@@ -55,11 +56,12 @@ class Endpoint:
     query_timeout: float
     ssl: Mapping[str, str]
 
-    @property
+    # Made once: the values are read on every run (cached_property writes past the frozen fields).
+    @cached_property
     def server_tag(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
+    @cached_property
     def tag(self) -> str:
         """``postgres_server:<host>:<port>``, ``pgbouncer_server:...`` or ``mysql_server:...``."""
         return f"{self.kind}_server:{self.server_tag}"

@@ -17,6 +17,8 @@ PREFIX = "django_db.app."
 def connections_by_profile(snapshot: PgSnapshot, settings: Settings) -> dict[str, Counter[str]]:
     """Per profile name, its connections by application_name."""
     found: dict[str, Counter[str]] = {profile.name: Counter() for profile in settings.apps}
+    if not settings.apps:
+        return found
     for group in select(snapshot.groups, settings):
         profile = profile_for(settings.apps, group.app)
         if profile is not None:

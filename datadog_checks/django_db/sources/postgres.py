@@ -94,10 +94,12 @@ SELECT 'user', oid, rolname, false FROM pg_roles
 """
 
 # Whose backends the monitoring role sees in full: every role's with pg_read_all_stats (pg_monitor) or
-# as a superuser, else those of the roles it has the privileges of. Read once per connection.
+# as a superuser, else those of the roles it has the privileges of. Read once per connection, with the
+# server's pid of the session, which tells a direct connection from one through a pooler.
 VISIBILITY_SQL = """
 SELECT pg_has_role('pg_read_all_stats', 'USAGE'),
-       ARRAY(SELECT oid FROM pg_roles WHERE pg_has_role(oid, 'USAGE'))::oid[]
+       ARRAY(SELECT oid FROM pg_roles WHERE pg_has_role(oid, 'USAGE'))::oid[],
+       pg_backend_pid()
 """
 
 # A backend the role sees in full but whose state is still NULL has not finished starting
@@ -177,6 +179,7 @@ class PostgresSource(Reconnecting):
         self.sees_all = True  # the role sees every backend in full (pg_read_all_stats or superuser)
         self.visible_roles: frozenset[int] = frozenset()  # else, the roles whose backends it sees in full
         self.templates: frozenset[int] = frozenset()  # oids of the template databases
+        self.direct = True  # the connection reaches PostgreSQL itself, no pooler in between
         self.leak_index: dict[str, int] = {}  # application_name: the index of its threshold in `leaked`
 
     def snapshot(self, since: float | None, want_suspects: bool = False) -> PgSnapshot:
@@ -199,7 +202,7 @@ class PostgresSource(Reconnecting):
         db_names, user_names = self.db_names, self.user_names
         with deadline(conn, timeout):
             statement = self.activity_sessions_sql if with_sessions else self.activity_sql
-            every = self.cursor.execute(statement, params).fetchall()
+            every = self.cursor.execute(statement, params, prepare=True if self.direct else None).fetchall()
             # Columns by position, as in ActivityRow: 1 datid, 2 usesysid, 5 n (NULL on a database's row).
             if new or any(
                 (r[1] and r[1] not in db_names) or (r[5] is not None and r[2] and r[2] not in user_names) for r in every
@@ -256,6 +259,13 @@ class PostgresSource(Reconnecting):
             row = conn.execute(VISIBILITY_SQL).fetchone()
         assert row is not None
         self.sees_all, self.visible_roles = bool(row[0]), frozenset(int(oid) for oid in row[1] or ())
+        # A pooler (PgBouncer, ...) hands out a process id of its own. In its transaction mode the next
+        # statement may reach another server connection, where a statement prepared on this one does not
+        # exist: through a pooler, nothing is prepared. Straight to PostgreSQL, the activity statement is
+        # prepared from the first run: its parsing and planning are not repeated.
+        self.direct = row[2] == conn.info.backend_pid
+        if not self.direct:
+            conn.prepare_threshold = None
 
     def leak_seconds(self, application_name: str) -> float:
         for pattern, seconds in self.leak_rules:
