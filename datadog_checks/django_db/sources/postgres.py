@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, LiteralString, NamedTuple
+from datetime import UTC, datetime
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -15,10 +16,8 @@ from ..records import ActivityGroup, DatabaseSessions, LeakSuspect, PgSnapshot, 
 
 # Client backends, and rows the monitoring role may not see in full (their backend_type
 # is NULL then): of those, only sessions tied to a database can be client backends.
-# The check's own pid is read once per statement (a sub-select), not once per row.
 CLIENT_BACKENDS = (
-    "pid <> (SELECT pg_backend_pid())"
-    " AND (backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL))"
+    "pid <> pg_backend_pid() AND (backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL))"
 )
 
 # db, user and app are always grouped on (and folded later); the client address only on request.
@@ -28,35 +27,41 @@ CLIENT_ADDR = "host(client_addr)"
 # the planner drop the view's joins to pg_database and pg_authid, which would cost as much
 # again as the scan itself. Names come from a cache (see PostgresSource.db_names and user_names).
 # `leaked` counts idle backends past each leak threshold in use (one per CONN_MAX_AGE of the
-# application profiles), the group's own picked afterwards by its application name.
-# Per row only comparisons: the leak cutoffs and the previous run's time are computed once
-# (sub-selects), ages once per group (the oldest timestamp, subtracted from now()).
+# application profiles), a column each, the group's own picked afterwards by its application name.
+# Per row only comparisons: the leak cutoffs are computed once (sub-selects), the previous run's time
+# is a parameter, ages once per group (the oldest timestamp, subtracted from now()).
 # The constant xid among the grouping keys changes no group; xid has no sort order, so the planner
 # hashes rather than sorting every backend's row on text keys, which it would otherwise pick from
 # its estimate of one row past the WHERE clause (at 2,000 backends, the sort was about half of what the
 # statement costs beyond reading pg_stat_activity).
+# With a few hundred backends or fewer, each expression's setup in every execution counts as much as
+# the rows: no array, and date_part (float8) rather than extract (numeric from PostgreSQL 14) and a cast.
 ACTIVITY_SQL = """
 SELECT state, datid, usesysid, application_name, {extra} AS client_addr,
        count(*) AS n,
        count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting_on_lock,
-       ARRAY[{leaked}]::int[] AS leaked,
-       extract(epoch FROM now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END))::float8
-         AS max_age,
-       count(*) FILTER (WHERE backend_start > (SELECT to_timestamp(%(since)s))) AS opened,
-       extract(epoch FROM now())::float8 AS now{sessions}
+       date_part('epoch', now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END)) AS max_age,
+       count(*) FILTER (WHERE backend_start > %(since)s) AS opened,
+       date_part('epoch', now()) AS now,
+       {leaked}{sessions}
 FROM pg_stat_activity
 WHERE {client_backends}
 GROUP BY 1, 2, 3, 4, 5, '0'::xid
 """
 
+# Columns of the statement's rows, by position; the leak counts from LEAKED on, one per threshold,
+# then (PostgreSQL 14 and later) a database's sessions.
+STATE, DATID, USESYSID, APP, CLIENT, N, WAITING, MAX_AGE, OPENED, NOW, LEAKED = range(11)
+
 # From PostgreSQL 14, the sessions of each database come in the same statement, one row per database
-# below the groups (their `n` NULL): one round trip, one prepared statement, no pipeline to drive.
+# below the groups (their `n` NULL, every column NULL but datid, now and the sessions): one round trip,
+# one prepared statement, no pipeline to drive.
 # Template databases (template0, template1) are left out: nobody's application works in them.
 # pg_stat_database's own functions, on pg_database: the view would add its row of shared objects, joined away.
 SESSIONS_COLUMNS = ", NULL::int8 AS sessions, NULL::int8, NULL::int8, NULL::int8"
 DATABASE_SQL = """
 UNION ALL
-SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, extract(epoch FROM now())::float8,
+SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), {no_leaks}
        pg_stat_get_db_sessions(oid), pg_stat_get_db_sessions_abandoned(oid), pg_stat_get_db_sessions_fatal(oid),
        pg_stat_get_db_sessions_killed(oid)
 FROM pg_database WHERE NOT datistemplate
@@ -108,6 +113,7 @@ STARTING = "starting"
 
 LEAKED_SQL = (
     "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(leak{i})s)))"
+    " AS leaked{i}"
 )
 
 LEAK_SUSPECTS_SQL = """
@@ -120,26 +126,8 @@ LIMIT 50
 """
 
 
-class ActivityRow(NamedTuple):
-    """A row of ACTIVITY_SQL, its columns in the statement's order (the snapshot reads them by position)."""
-
-    state: str | None
-    datid: int | None
-    usesysid: int | None
-    application_name: str | None
-    client_addr: str | None
-    n: int
-    waiting_on_lock: int
-    leaked: list[int]  # one count per leak threshold
-    max_age: float | None
-    opened: int
-    now: float
-    # A database's row (PostgreSQL 14 and later): every column above NULL but datid and now.
-    sessions: int | None = None
-    sessions_abandoned: int | None = None
-    sessions_fatal: int | None = None
-    sessions_killed: int | None = None
-
+# The previous run's time on a first run: no backend started after it.
+NEVER = datetime.max.replace(tzinfo=UTC)
 
 # Don't let a cache keyed on client-chosen names grow without bound.
 MAX_CACHED_APPS = 4096
@@ -165,10 +153,14 @@ class PostgresSource(Reconnecting):
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
         activity = {"extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked}
         self.activity_sql = ACTIVITY_SQL.format(**activity, sessions="")
-        self.activity_sessions_sql = ACTIVITY_SQL.format(**activity, sessions=SESSIONS_COLUMNS) + DATABASE_SQL
+        no_leaks = "NULL, " * len(self.thresholds)
+        self.activity_sessions_sql = ACTIVITY_SQL.format(**activity, sessions=SESSIONS_COLUMNS) + DATABASE_SQL.format(
+            no_leaks=no_leaks
+        )
+        self.sessions_at = LEAKED + len(self.thresholds)  # the column of a database's sessions
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
         # The statement's parameters but the previous run's time, which each run sets.
-        self.params: dict[str, float] = {"leak": self.thresholds[0], "since": float("inf")}
+        self.params: dict[str, Any] = {"leak": self.thresholds[0], "since": NEVER}
         self.params.update({f"leak{i}": seconds for i, seconds in enumerate(self.thresholds)})
         self.settings: ServerSettings | None = None
         # The activity statement's cursor on the open connection, kept: its result loaders are found once.
@@ -197,32 +189,35 @@ class PostgresSource(Reconnecting):
         conn, settings = self.conn, self.settings
         timeout = self.endpoint.query_timeout + 1  # the server's statement_timeout normally answers first
         params = self.params
-        params["since"] = float("inf") if since is None else since  # infinite: none counts as opened at first
+        # A time no backend started after: none counts as opened at first.
+        params["since"] = NEVER if since is None else datetime.fromtimestamp(since, UTC)
         with_sessions = settings.version_num >= 140000
         db_names, user_names = self.db_names, self.user_names
         with deadline(conn, timeout):
             statement = self.activity_sessions_sql if with_sessions else self.activity_sql
             every = self.cursor.execute(statement, params, prepare=True if self.direct else None).fetchall()
-            # Columns by position, as in ActivityRow: 1 datid, 2 usesysid, 5 n (NULL on a database's row).
             if new or any(
-                (r[1] and r[1] not in db_names) or (r[5] is not None and r[2] and r[2] not in user_names) for r in every
+                (r[DATID] and r[DATID] not in db_names)
+                or (r[N] is not None and r[USESYSID] and r[USESYSID] not in user_names)
+                for r in every
             ):
                 names = conn.execute(NAMES_SQL).fetchall()
                 self.db_names = db_names = {oid: name for kind, oid, name, _ in names if kind == "db"}
                 self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
                 self.templates = frozenset(oid for kind, oid, _, template in names if template)
-            rows = [r for r in every if r[5] is not None]
-            leaked = [r[7][self.leak_threshold(r[3] or "")] for r in rows]
+            rows = [r for r in every if r[N] is not None]
+            leaked = [r[LEAKED + self.leak_threshold(r[APP] or "")] for r in rows]
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
                 found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
                 suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app))
-            server_time = every[0][10] if every else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
+            server_time = every[0][NOW] if every else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
+        at = self.sessions_at
         databases = (
             tuple(
-                DatabaseSessions(db_names.get(r[1], ""), r[11] or 0, r[12] or 0, r[13] or 0, r[14] or 0)
+                DatabaseSessions(db_names.get(r[DATID], ""), *(value or 0 for value in r[at : at + 4]))
                 for r in every
-                if r[5] is None
+                if r[N] is None
             )
             if with_sessions
             else None
@@ -230,7 +225,7 @@ class PostgresSource(Reconnecting):
         templates, sees_all, visible = self.templates, self.sees_all, self.visible_roles
         groups = []
         on_templates = 0
-        for i, (state, datid, usesysid, app, client_addr, n, waiting, _, max_age, opened, *_) in enumerate(rows):
+        for i, (state, datid, usesysid, app, client_addr, n, waiting, max_age, opened, *_) in enumerate(rows):
             if datid in templates:
                 on_templates += n
                 continue
