@@ -53,7 +53,11 @@ def test_a_pooled_application_idle_within_budget_is_not_leaked(aggregator, dd_ru
     assert app.get("/query/").status == 200  # Django opens its pool on the first request
     wait_for(sandbox, "pool-web", 2, "idle")
     time.sleep(1.5)  # past leak_idle_seconds
-    base = {"postgres": sandbox.postgres.instance("datadog", "datadog-secret"), "leak_idle_seconds": 1}
+    base = {
+        "postgres": sandbox.postgres.instance("datadog", "datadog-secret"),
+        "leak_idle_seconds": 1,
+        "applications": {"include": ["^pool-web$"]},  # not the idle connections other tests left behind
+    }
 
     _, text = health(aggregator, dd_run_check, {**base, "apps": [{"match": "^pool-web$", "max_connections": 2}]})
     assert "2 connections of app=pool-web idle for over 1 s (leaked)" in text
@@ -77,6 +81,7 @@ def test_a_profiles_conn_max_age_sets_its_leak_threshold(aggregator, dd_run_chec
     instance = {
         "postgres": sandbox.postgres.instance("datadog", "datadog-secret"),
         "leak_idle_seconds": 1,
+        "applications": {"include": ["^age-"]},
         "apps": [{"match": "^age-web$", "conn_max_age": 600}],
     }
     _, text = health(aggregator, dd_run_check, instance)
