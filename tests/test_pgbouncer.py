@@ -278,6 +278,12 @@ def test_records_read_from_the_cursor_match_the_rows_and_allow_nested_passes(san
         names = [p.db for p in snapshot.pools]
         assert {"appdb", "otherdb"} <= set(names) and "pgbouncer" not in names
         assert [(a.db, b.db) for a in snapshot.pools for b in snapshot.pools] == [(a, b) for a in names for b in names]
+        # The names read from their cells alone are those of the records, from libpq's rows as from whole ones.
+        for read in (snapshot, plain):
+            assert read.names is not None
+            assert list(read.names.pool_dbs) == names and list(read.names.pool_users) == [p.user for p in read.pools]
+            assert list(read.names.databases) == [d.name for d in read.databases]
+            assert list(read.names.stats_dbs) == [s.db for s in read.stats]
     finally:
         source.close()
 

@@ -164,6 +164,18 @@ class PgbConfig:
 
 
 @dataclass(frozen=True)
+class PgbNames:
+    """The database and user names a snapshot's rows carry, the admin database left out, each read from
+    its column alone: what bounding their tag values needs, without making the records. Each may be
+    read any number of times, in the order PgBouncer lists them."""
+
+    pool_dbs: Iterable[str]
+    databases: Iterable[str]
+    stats_dbs: Iterable[str]
+    pool_users: Iterable[str]
+
+
+@dataclass(frozen=True)
 class PgbSnapshot:
     """pools, databases and stats may be read any number of times, one pass inside another included;
     the source may make their records afresh on each pass from the rows the server sent, so that a
@@ -177,6 +189,7 @@ class PgbSnapshot:
     config: PgbConfig
     version: str | None
     new_connection: bool = False
+    names: PgbNames | None = None  # None: read them from the records
 
 
 # -- Django processes (Prometheus endpoints) -------------------------------------------------

@@ -10,13 +10,13 @@ their rows merged into one.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from heapq import merge
 from itertools import chain
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ..records import PgbConfig, PgbDatabase, PgbPool, PgbSnapshot, PgbStats
+from ..records import PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSnapshot, PgbStats
 
 OTHER = "other"
 
@@ -111,6 +111,25 @@ def _merge_stats(stats: list[PgbStats]) -> PgbStats:
     return stats[0]._replace(**totals)  # type: ignore[arg-type]
 
 
+class _Field:
+    """One field of records, on each pass."""
+
+    def __init__(self, records: Iterable[Any], name: str):
+        self.records, self.name = records, name
+
+    def __iter__(self) -> Iterator[str]:
+        return (getattr(record, self.name) for record in self.records)
+
+
+def _names_of_records(snapshot: PgbSnapshot) -> PgbNames:
+    return PgbNames(
+        _Field(snapshot.pools, "db"),
+        _Field(snapshot.databases, "name"),
+        _Field(snapshot.stats, "db"),
+        _Field(snapshot.pools, "user"),
+    )
+
+
 def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict[str, list[str]]]:
     """The snapshot with at most ``limit`` databases and users (plus ``other``) in its pools, databases
     and stats rows, and the names folded away, by dimension.
@@ -123,13 +142,11 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
     name; in any other order, holding at most ``limit + 1``.
     """
 
-    def db_names() -> tuple[Iterable[str], ...]:
-        return (p.db for p in snapshot.pools), (d.name for d in snapshot.databases), (s.db for s in snapshot.stats)
-
-    many_dbs = _more_than_in_order(merge(*db_names()), limit)
+    given = snapshot.names or _names_of_records(snapshot)
+    many_dbs = _more_than_in_order(merge(given.pool_dbs, given.databases, given.stats_dbs), limit)
     if many_dbs is None:
-        many_dbs = _more_than(chain(*db_names()), limit)
-    if not many_dbs and not _more_than((p.user for p in snapshot.pools), limit):
+        many_dbs = _more_than(chain(given.pool_dbs, given.databases, given.stats_dbs), limit)
+    if not many_dbs and not _more_than(given.pool_users, limit):
         return snapshot, {}
     held_db: dict[str, float] = defaultdict(float)
     held_user: dict[str, float] = defaultdict(float)
@@ -177,4 +194,5 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
         pools=_merge(list(snapshot.pools), lambda p: (db(p.db), user(p.user), p.pool_mode), rename_pools),
         databases=_merge(list(snapshot.databases), lambda d: (db(d.name),), rename_databases),
         stats=_merge(list(snapshot.stats), lambda s: (db(s.db),), rename_stats),
+        names=None,
     ), folded

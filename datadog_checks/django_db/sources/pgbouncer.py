@@ -18,7 +18,7 @@ from psycopg.types.numeric import FloatLoader
 
 from ..config import Endpoint
 from ..connection import Reconnecting, deadline
-from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbPool, PgbSnapshot, PgbStats
+from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSnapshot, PgbStats
 
 PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS")
 ON_CONNECT: tuple[LiteralString, ...] = ("CONFIG", "VERSION")
@@ -110,6 +110,32 @@ class Records(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         # Records are tuples of several fields, never empty: filter(None, ...) drops only the None.
         return filter(None, map(self.make, self.rows))
+
+
+class Names:
+    """One column's values as text, the admin database's own left out, on each pass. From a cursor's
+    rows, each value is read from its cell in libpq's memory, without making the rest of the row."""
+
+    def __init__(self, result: Result, *names: str):
+        found = result.position(*names)
+        self.rows = result.rows
+        self.position = found if isinstance(found, int) else None if found is None else found[0]
+
+    def __iter__(self) -> Iterator[str]:
+        at = self.position
+        if at is None:
+            return iter(())
+        cells = self.rows.cursor.pgresult if isinstance(self.rows, CursorRows) else None
+        if cells is not None:
+            get = cells.get_value
+            texts: Iterable[str] = (_decode(get(i, at)) for i in range(cells.ntuples))
+        else:
+            texts = (_text(row[at]) for row in self.rows)
+        return (text for text in texts if text != ADMIN_DB)
+
+
+def _decode(cell: bytes | None) -> str:
+    return "" if cell is None else cell.decode("utf-8", "replace")
 
 
 def number(value: Any) -> float | None:
@@ -301,15 +327,18 @@ def snapshot_from_results(results: dict[str, Result], new_connection: bool = Fal
 def snapshot_of(results: dict[str, Result], config: PgbConfig, version: str | None, new: bool) -> PgbSnapshot:
     """A snapshot from the results of one run's SHOW commands and what was read on connecting."""
     empty = Result([], [])
-    databases = results.get("DATABASES", empty)
+    databases, pools, stats = (results.get(name, empty) for name in ("DATABASES", "POOLS", "STATS"))
+    names = PgbNames(Names(pools, "database"), Names(databases, "name"), Names(stats, "database", "name"),
+                     Names(pools, "user"))  # fmt: skip
     return PgbSnapshot(
-        pools=parse_pools(results.get("POOLS", empty), databases, config),
+        pools=parse_pools(pools, databases, config),
         databases=parse_databases(databases),
-        stats=parse_stats(results.get("STATS", empty)),
+        stats=parse_stats(stats),
         lists=parse_lists(results.get("LISTS", empty)),
         config=config,
         version=version,
         new_connection=new,
+        names=names,
     )
 
 
