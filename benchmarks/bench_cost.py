@@ -132,6 +132,18 @@ def interleaved(steps: Sequence[Step], runs: int, warmup: int) -> dict[str, list
     return times
 
 
+def against_bare(
+    silent: DjangoDbCheck, stub: DjangoDbCheck, bare: Callable[[], object], runs: int, warmup: int
+) -> dict[str, list[float]]:
+    """Rounds of the silent check, the bare query and the check with the stub aggregator, interleaved."""
+    steps = [
+        Step("check", lambda: silent.check(None)),
+        Step("bare", bare),
+        Step("stub", lambda: stub.check(None), before=aggregator.reset),
+    ]
+    return interleaved(steps, runs, warmup)
+
+
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
@@ -444,15 +456,7 @@ def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int
                 bare.execute("SHOW POOLS").fetchall()
                 bare.execute("SHOW STATS").fetchall()
 
-            times = interleaved(
-                [
-                    Step("check", lambda: silent.check(None)),
-                    Step("bare", show_pools_and_stats),
-                    Step("stub", lambda: stub.check(None), before=aggregator.reset),
-                ],
-                runs,
-                warmup,
-            )
+            times = against_bare(silent, stub, show_pools_and_stats, runs, warmup)
             bare_median = median_ms(times["bare"])
             ratio = median_ms(times["check"]) / bare_median
             last = level == levels[-1] and len(levels) > 1
@@ -514,15 +518,7 @@ def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int)
                 assert bare is not None
                 bare.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
 
-            times = interleaved(
-                [
-                    Step("check", lambda: silent.check(None)),
-                    Step("bare", count_sessions),
-                    Step("stub", lambda: stub.check(None), before=aggregator.reset),
-                ],
-                runs,
-                warmup,
-            )
+            times = against_bare(silent, stub, count_sessions, runs, warmup)
             bare_median = median_ms(times["bare"])
             ratio = median_ms(times["check"]) / bare_median
             target = POSTGRES_RATIO_FIRST if i == 0 else POSTGRES_RATIO_LAST if i == len(levels) - 1 else None

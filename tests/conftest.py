@@ -135,14 +135,19 @@ def wait_for(sandbox: Sandbox, app: str, count: int, state: str | None = None, t
     raise AssertionError(f"{app}: {seen} backends in {state or 'any state'}, expected {count}")
 
 
-def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
-    """One run of a new check on ``instance``: the connection_health status and message."""
+def run_new_check(aggregator, dd_run_check, instance: dict) -> None:
+    """One run of a new check on ``instance``, its connections closed after; the aggregator holds that run only."""
     aggregator.reset()
     check = DjangoDbCheck("django_db", {}, [instance])
     try:
         dd_run_check(check)
     finally:
         check.cancel()
+
+
+def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
+    """One run of a new check on ``instance``: the connection_health status and message."""
+    run_new_check(aggregator, dd_run_check, instance)
     status = aggregator.service_checks("django_db.connection_health")[-1]
     print(f"\n[{status.status}] {status.message}")  # shown with -s: what an operator reads
     return status.status, status.message or ""

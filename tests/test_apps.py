@@ -7,10 +7,9 @@ import time
 import pytest
 from datadog_checks.base import AgentCheck, ConfigurationError
 
-from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.config import parse
 
-from .conftest import health, metric_values, one_value, wait_for
+from .conftest import health, metric_values, one_value, run_new_check, wait_for
 
 PG = {"host": "db", "port": 5432}
 
@@ -97,10 +96,7 @@ def test_a_profiles_conn_max_age_drives_the_alignment_rules(aggregator, dd_run_c
         "conn_max_age": 60,
         "apps": [{"match": "^align-web$", "conn_max_age": None}, {"match": "^align-beat$", "conn_max_age": 0}],
     }
-    aggregator.reset()
-    check = DjangoDbCheck("django_db", {}, [instance])
-    dd_run_check(check)
-    check.cancel()
+    run_new_check(aggregator, dd_run_check, instance)
     message = aggregator.service_checks("django_db.config_alignment")[0].message
     assert (
         "app=align-web: conn_max_age=None (persistent) is longer than PgBouncer's server_idle_timeout=600 s" in message

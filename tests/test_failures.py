@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from datadog_checks.base import AgentCheck
 
-from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools.sandbox import Sandbox
 
-from .conftest import APP_PASSWORD
+from .conftest import APP_PASSWORD, run_new_check
 
 
 def run_once(aggregator, dd_run_check, instance: dict, service_check: str) -> tuple[str, list[str], int]:
     """One run: the can_connect message, the signatures counted in django_db.errors, connection_health."""
-    aggregator.reset()
-    check = DjangoDbCheck("django_db", {}, [instance])
-    try:
-        dd_run_check(check)
-    finally:
-        check.cancel()
+    run_new_check(aggregator, dd_run_check, instance)
     aggregator.assert_service_check(service_check, AgentCheck.CRITICAL)
     message = aggregator.service_checks(service_check)[0].message
     signatures = [t for m in aggregator.metrics("django_db.errors") for t in m.tags if t.startswith("signature:")]

@@ -17,7 +17,7 @@ from datadog_checks.django_db.evaluate.alignment import timeouts
 from datadog_checks.django_db.records import ActivityGroup, PgbConfig, PgbSnapshot, PgSnapshot, ServerSettings
 from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
-from .conftest import APP_PASSWORD, Clients, metric_values
+from .conftest import APP_PASSWORD, Clients, metric_values, run_new_check
 
 
 @contextmanager
@@ -113,13 +113,8 @@ def timeouts_box() -> Iterator[Sandbox]:
 def timeout_rules(aggregator, dd_run_check, box: Sandbox, user: str, password: str) -> str:
     """The config_alignment message of one run while `app` holds a connection to `appdb`."""
     with psycopg.connect(host="127.0.0.1", port=box.postgres.port, user="app", password=APP_PASSWORD, dbname="appdb"):
-        aggregator.reset()
         instance = {"postgres": box.postgres.instance(user, password), "pgbouncer": box.pgbouncer.instance()}
-        check = DjangoDbCheck("django_db", {}, [instance])
-        try:
-            dd_run_check(check)
-        finally:
-            check.cancel()
+        run_new_check(aggregator, dd_run_check, instance)
     message = aggregator.service_checks("django_db.config_alignment")[-1].message or ""
     return "; ".join(part for part in message.split("; ") if "timeout" in part and "app@appdb" in part)
 
