@@ -97,6 +97,37 @@ CASES = [
         None,
         "console_not_allowed",
     ),
+    # Session state that transaction pooling loses, as psycopg, Django and PostgreSQL's log word it
+    ('cursor "_django_curs_140462479124160_sync_5" does not exist', "34000", "server_side_cursor_lost"),
+    ('portal "_django_curs_140462479124160_sync_1" does not exist', "34000", "server_side_cursor_lost"),
+    ('cursor "_django_curs_140462479124160_sync_8" already exists', "42P03", "server_side_cursor_lost"),
+    (
+        'django.db.utils.ProgrammingError: cursor "_django_curs_140462479124160_sync_5" does not exist',
+        None,
+        "server_side_cursor_lost",
+    ),
+    (
+        '2026-12-05 02:10:13.587 UTC [16455] app@appdb/web ERROR:  cursor "_django_curs_1_sync_2" does not exist',
+        None,
+        "server_side_cursor_lost",
+    ),
+    ('prepared statement "_pg3_0" does not exist', "26000", "prepared_statement_lost"),
+    ('prepared statement "_pg3_0" already exists', "42P05", "prepared_statement_lost"),
+    (
+        'bind message supplies 1 parameters, but prepared statement "_pg3_2" requires 0',
+        "08P01",
+        "prepared_statement_lost",
+    ),
+    (
+        'psycopg.errors.InvalidSqlStatementName: prepared statement "_pg3_0" does not exist',
+        None,
+        "prepared_statement_lost",
+    ),
+    (
+        '2026-12-05 02:10:14.6 UTC [16460] app@appdb/web ERROR:  prepared statement "_pg3_0" already exists',
+        None,
+        "prepared_statement_lost",
+    ),
     # Named by the SQLSTATE's class when no row names the code
     ("server rejected the connection", "08004", "connection_failed"),
     ("a PgBouncer error without known words", "08P01", "connection_failed"),
@@ -132,6 +163,20 @@ def test_every_row_has_a_case_advice_and_status():
 def test_log_lines_without_a_signature_are_not_errors():
     assert match_text("LOG:  checkpoint complete: wrote 3 buffers") is None
     assert match_text("LOG stats: 0 xacts/s, 0 queries/s, in 0 B/s") is None
+
+
+def test_a_statement_that_quotes_a_cursor_or_a_statement_is_no_error():
+    """log_statement and log_min_error_statement quote what ran: the names, never the error's words."""
+    prefix = "2026-12-05 02:10:13.587 UTC [16455] app@appdb/web "
+    for line in (
+        'LOG:  statement: FETCH FORWARD 50 FROM "_django_curs_140462479124160_sync_2"',
+        'STATEMENT:  CLOSE "_django_curs_140462479124160_sync_2"',
+        'LOG:  execute <unnamed>: DECLARE "_django_curs_1_sync_1" NO SCROLL CURSOR WITH HOLD FOR SELECT 1',
+        "LOG:  execute _pg3_0: SELECT count(*) FROM pg_class WHERE oid > $1",
+        "LOG:  statement: SELECT 'a cursor \"x\" does not exist'",
+        "LOG:  statement: SELECT 'prepared statement \"x\" already exists'",
+    ):
+        assert match_text(prefix + line) is None, line
 
 
 def test_client_side_timeout_is_a_timeout():

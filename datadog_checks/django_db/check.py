@@ -19,6 +19,7 @@ from .evaluate.apps import app_metrics, budget_findings, excuse_pools
 from .evaluate.churn import authorized_apps, churn_finding
 from .evaluate.django_metrics import DjangoHistory, DjangoRun, django_findings, django_metrics, failure_text
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
+from .evaluate.log_prefix import AppOf, app_finder
 from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.pgbouncer import pgbouncer_metrics
@@ -76,6 +77,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self._last_server_time: float | None = None
         self._log_problems: dict[str, str] = {}
         self._log_records: dict[str, LogRecords] = {}  # per file: a record cut between runs goes on in the next
+        self._app_of: AppOf | None = None  # reads %a of PostgreSQL's log_line_prefix
+        self._log_apps: dict[str, Counter[str]] = {}  # this run's signatures in the logs, by application
         self._authorized: Counter[str] = Counter()  # this run's connections PostgreSQL logged, by application
         self._submitters: dict[Kind, Callable[..., None]] = {
             "gauge": self.gauge,
@@ -107,6 +110,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             findings += found
             seen += errors
         if self.logs is not None:
+            if pg is not None:  # the application's name in PostgreSQL's log lines, where they carry it
+                self._app_of = app_finder(pg.settings.log_line_prefix)
             seen += self.collect_logs(self.logs)
         run = self.collect_django(self.django) if self.django is not None else None
         named: set[str] = set()
@@ -115,7 +120,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             findings += found
         if run is not None:
             findings += django_findings(run, self.settings.thresholds.churn_per_minute, named)
-        findings += signature_findings(seen, pg, pgb)
+        findings += signature_findings(seen, pg, pgb, self._log_apps)
         for signature, source, server in seen:
             self.count_error(signature, source, server)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
@@ -214,10 +219,14 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def collect_logs(self, logs: LogFollower) -> Seen:
         seen: Seen = []
         self._authorized = Counter()
+        self._log_apps = defaultdict(Counter)
         for path, lines in logs.poll().items():
             records = self._log_records.setdefault(path, LogRecords())
+            records.app_of = self._app_of
             for name, count in records.feed(lines).items():
                 seen += [(name, "log", f"log_file:{path}")] * count
+            for (name, app), count in records.apps.items():
+                self._log_apps[name][app] += count
             self._authorized += authorized_apps(lines)
         for path, problem in logs.problems.items():
             if self._log_problems.get(path) != problem:

@@ -41,6 +41,7 @@ class ServerSettings:
     # not read: its own role or database setting masks it, and pg_file_settings is closed to it. The
     # *_ms fields above then hold nothing but the session's value, which says nothing of other roles.
     masked: tuple[tuple[str, str], ...] = ()
+    log_line_prefix: str = ""  # where the server's log lines carry the application's name (%a)
 
     @property
     def usable_slots(self) -> int:
@@ -161,6 +162,7 @@ class PgbConfig:
     pool_mode: str | None = None
     server_idle_timeout: float | None = None
     client_idle_timeout: float | None = None
+    max_prepared_statements: float | None = None  # 1.21 and later: protocol-level prepared statements kept
 
 
 @dataclass(frozen=True)

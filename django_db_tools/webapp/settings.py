@@ -13,7 +13,9 @@ Django's own) and ``/metrics``; with Django's pool, the pool's figures too (``po
 workers are exposed one of two ways: ``WEBAPP_PROMETHEUS_PORTS`` (comma-separated ports, given to
 ``PROMETHEUS_METRICS_EXPORT_PORT_RANGE``: each worker serves its own on the first free one), or
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode: ``/metrics`` serves all workers' sum).
-``WEBAPP_LOG_FILE`` is where Django's log goes (stderr when unset): failed
+``WEBAPP_SERVER_SIDE_CURSORS=1`` lets ``QuerySet.iterator()`` declare server-side cursors (off by default, as
+transaction pooling wants); ``WEBAPP_PREPARE_THRESHOLD=N`` turns on ``server_side_binding`` with psycopg's
+``prepare_threshold`` N in OPTIONS. ``WEBAPP_LOG_FILE`` is where Django's log goes (stderr when unset): failed
 requests are logged there with their traceback, as ``django.request`` logs them.
 """
 
@@ -52,9 +54,13 @@ def _database() -> dict:
         "USER": ENV.get("WEBAPP_DB_USER", "postgres"),
         "PASSWORD": ENV.get("WEBAPP_DB_PASSWORD", ""),
         "CONN_MAX_AGE": _conn_max_age(),
-        "DISABLE_SERVER_SIDE_CURSORS": True,  # PgBouncer's transaction pooling needs it
+        # PgBouncer's transaction pooling needs it; WEBAPP_SERVER_SIDE_CURSORS=1 leaves Django's default
+        "DISABLE_SERVER_SIDE_CURSORS": ENV.get("WEBAPP_SERVER_SIDE_CURSORS", "") not in ("1", "true", "yes"),
         "OPTIONS": options,
     }
+    if ENV.get("WEBAPP_PREPARE_THRESHOLD", ""):  # psycopg prepares statements after that many uses
+        options["server_side_binding"] = True
+        options["prepare_threshold"] = int(ENV["WEBAPP_PREPARE_THRESHOLD"])
     if POOL == "django":
         database["CONN_MAX_AGE"] = 0  # Django refuses a pool with persistent connections
         options["pool"] = {
@@ -77,7 +83,7 @@ SECRET_KEY = ENV.get("WEBAPP_SECRET_KEY", "webapp-not-secret")
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 ROOT_URLCONF = "django_db_tools.webapp.urls"
-INSTALLED_APPS: list[str] = ["django_prometheus"] if PROMETHEUS else []
+INSTALLED_APPS: list[str] = ["django_db_tools.webapp", *(["django_prometheus"] if PROMETHEUS else [])]
 _PROMETHEUS_MIDDLEWARE = "django_prometheus.middleware.Prometheus"
 MIDDLEWARE: list[str] = (
     [_PROMETHEUS_MIDDLEWARE + "BeforeMiddleware", _PROMETHEUS_MIDDLEWARE + "AfterMiddleware"] if PROMETHEUS else []

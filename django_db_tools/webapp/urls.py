@@ -12,6 +12,8 @@ urlpatterns = [
     path("sleep/", views.sleep),
     path("pool/", views.pool_stats),
     path("error/", views.failing_query),
+    path("iterate/", views.iterate),
+    path("prepared/", views.prepared),
 ]
 if settings.PROMETHEUS:
     urlpatterns.append(path("", include("django_prometheus.urls")))

@@ -8,6 +8,8 @@ import time
 from django.db import connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from .models import Relation
+
 MAX_SECONDS = 30.0
 
 
@@ -58,3 +60,25 @@ def pool_stats(request: HttpRequest) -> JsonResponse:
     """Django's own pool's counters in this worker process (``{}`` without one)."""
     pool = getattr(connection, "pool", None)
     return JsonResponse({"worker_pid": os.getpid(), "stats": pool.get_stats() if pool is not None else {}})
+
+
+def iterate(request: HttpRequest) -> JsonResponse:
+    """Reads pg_class through QuerySet.iterator(): a server-side cursor read in chunks, unless
+    DISABLE_SERVER_SIDE_CURSORS is set. Behind transaction pooling each FETCH may reach another server."""
+    chunk = int(request.GET.get("chunk", 50))
+    count = sum(1 for _ in Relation.objects.order_by("oid").only("oid").iterator(chunk_size=chunk))
+    return JsonResponse({"rows": count})
+
+
+def prepared(request: HttpRequest) -> JsonResponse:
+    """The same parameterised statements a few times: with a prepare_threshold in OPTIONS psycopg prepares them,
+    on the server connection it has at that moment."""
+    times = int(request.GET.get("times", 3))
+    total = 0
+    with connection.cursor() as cursor:
+        for n in range(times):
+            cursor.execute("SELECT count(*) FROM pg_class WHERE oid > %s", [n])
+            total += cursor.fetchone()[0]
+            cursor.execute("SELECT 1")
+            total += cursor.fetchone()[0]
+    return JsonResponse({"total": total})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..config import Settings
 from ..profiles import profile_for
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
+from . import session_state
 from .model import Finding, Status, level
 from .pgbouncer import client_utilization
 from .postgres import client_backends, select, utilization
@@ -35,13 +36,17 @@ def _of_apps(counts: Counter[str]) -> str:
 
 
 def signature_findings(
-    seen: Iterable[tuple[str, str, str]], pg: PgSnapshot | None = None, pgb: PgbSnapshot | None = None
+    seen: Iterable[tuple[str, str, str]],
+    pg: PgSnapshot | None = None,
+    pgb: PgbSnapshot | None = None,
+    apps: Mapping[str, Counter[str]] | None = None,
 ) -> list[Finding]:
     """One finding per signature seen this run, from any source (postgres, pgbouncer, log), with advice that
     takes the servers' known settings into account.
 
     ``seen``: (signature, source, server tag: ``log_file:<path>`` for a log). A failure may show in several
-    logs (the application's and PgBouncer's): counts are given per log, never added up across logs."""
+    logs (the application's and PgBouncer's): counts are given per log, never added up across logs.
+    ``apps``: by signature, the applications log lines named (PostgreSQL's %a), with their counts."""
     by_name: dict[str, Counter[str]] = defaultdict(Counter)
     logs: dict[str, Counter[str]] = defaultdict(Counter)
     for name, source, server in seen:
@@ -59,6 +64,8 @@ def signature_findings(
             else:
                 where.append(f"{n} from {source}")
         also = "; a failure can show in each log" if len(logs[name]) > 1 else ""
+        named = apps.get(name) if apps else None
+        also += f"; {_apps(named)}" if named else ""
         text = f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb).rstrip('.')}"
         findings.append(Finding(signature.status, text))
     return findings
@@ -88,6 +95,8 @@ def _pools(pgb: PgbSnapshot, limit: int = 3) -> str:
 
 def advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None) -> str:
     """The signature's advice, told for the stack as the run found it where its settings change the answer."""
+    if signature.name in session_state.NAMES:
+        return session_state.advice(signature.name, pgb)
     free = f"; PostgreSQL has {free_slots(pg)} free slots of {pg.settings.usable_slots}" if pg is not None else ""
     if signature.name == "query_wait_timeout" and pgb is not None and pgb.pools:
         modes = {p.pool_mode for p in pgb.pools}

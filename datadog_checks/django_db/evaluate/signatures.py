@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ..records import Failure
@@ -162,6 +162,26 @@ TABLE: tuple[Signature, ...] = (
         "free slots for all processes (workers x (POOL_SIZE + MAX_OVERFLOW)), or shorten what holds "
         "connections; POOL_OPTIONS' TIMEOUT is how long a request waits before it fails.",
     ),
+    # Session state that transaction pooling loses: the error names the cursor or statement, after a colon
+    # (the log's "ERROR:  ", the exception's class) or at the start of the server's message. A statement log
+    # line that quotes a cursor's name ("statement: FETCH ... FROM \"_django_curs_1\"") is no error.
+    Signature(
+        "server_side_cursor_lost", Status.WARNING, ("34000", "42P03"),
+        _re(r"(?:^|:\s+)(?:cursor|portal) \"[^\"\n]*\" (?:does not exist|already exists)"),
+        "A server-side cursor was read on another server connection than the one that declared it "
+        "(Django's QuerySet.iterator() declares one): a pooler in transaction mode hands each transaction "
+        "to any server connection. Set DISABLE_SERVER_SIDE_CURSORS = True in the DATABASES entry that "
+        "goes through it.",
+    ),
+    Signature(
+        "prepared_statement_lost", Status.WARNING, ("26000", "42P05", "08P01"),
+        _re(r"(?:^|:\s+)prepared statement \"[^\"\n]*\" (?:does not exist|already exists)|"
+            r"bind message supplies \d+ parameters, but prepared statement \"[^\"\n]*\" requires \d+"),
+        "A prepared statement was run on another server connection than the one that prepared it: a pooler "
+        "in transaction mode hands each transaction to any server connection. Remove server_side_binding "
+        "and prepare_threshold from Django's OPTIONS, or pool with PgBouncer 1.21 or later and "
+        "max_prepared_statements above 0.",
+    ),
     Signature(
         "ssl_unavailable", Status.CRITICAL, (),
         _re(r"server does not support SSL, but SSL was required"),
@@ -270,15 +290,21 @@ class LogRecords:
     of the above exception ..."), which show one failure two or three times: the driver's exception and
     Django's re-raise of it. A record counts the first signature found in it, once. Keep one per file:
     a record cut between two runs goes on in the next.
+
+    ``app_of`` reads a line's application name (PostgreSQL's ``%a``, see ``log_prefix``): ``apps`` then
+    holds, for the last ``feed``, the records counted by (signature, application) where the line names one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, app_of: Callable[[str], str | None] | None = None) -> None:
         self.state = "start"  # start: no record yet (lines that continue one before are skipped); line: after an
         # ordinary line; frames: inside a traceback; raised: after the traceback's exception
         self.counted = True  # the current record's signature was counted, or there is no record yet
+        self.app_of = app_of
+        self.apps: Counter[tuple[str, str]] = Counter()
 
     def feed(self, lines: Iterable[str]) -> Counter[str]:
         found: Counter[str] = Counter()
+        self.apps = Counter()
         for line in lines:
             if PGBOUNCER_TWIN.search(line):
                 continue
@@ -290,6 +316,9 @@ class LogRecords:
             if signature is not None:
                 found[signature.name] += 1
                 self.counted = True
+                app = self.app_of(line) if self.app_of is not None else None
+                if app is not None:
+                    self.apps[signature.name, app] += 1
         return found
 
     def _continues(self, line: str) -> bool:

@@ -178,6 +178,7 @@ def parse_config(result: Result) -> PgbConfig:
         pool_mode=_text(values["pool_mode"]) if values.get("pool_mode") else None,
         server_idle_timeout=number_of("server_idle_timeout"),
         client_idle_timeout=number_of("client_idle_timeout"),
+        max_prepared_statements=number_of("max_prepared_statements"),
     )
 
 

@@ -70,7 +70,8 @@ FROM pg_database WHERE NOT datistemplate
 SETTINGS_SQL = """
 SELECT name, setting, source, boot_val FROM pg_settings
 WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections',
-               'server_version_num', 'server_version', 'statement_timeout', 'idle_in_transaction_session_timeout')
+               'server_version_num', 'server_version', 'statement_timeout', 'idle_in_transaction_session_timeout',
+               'log_line_prefix')
 """
 
 # Settings judged for the application's roles, whose server-wide value the session's may hide.
@@ -296,6 +297,7 @@ class PostgresSource(Reconnecting):
             idle_in_transaction_timeout_ms=int(values["idle_in_transaction_session_timeout"]),
             role_settings=role_settings,
             masked=masked,
+            log_line_prefix=values.get("log_line_prefix", ""),
         )
         self.log.debug(
             "PostgreSQL %s: max_connections=%d, reserved=%d",

@@ -1,0 +1,163 @@
+"""Real Django applications under gunicorn through real PgBouncer: what transaction pooling breaks (server-side
+cursors, prepared statements) counted once per failure in each log and told with what to change; what it does
+not break (no server-side cursors, or session mode) stays quiet."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+import pytest
+from datadog_checks.base import AgentCheck
+
+from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.evaluate.session_state import version_tuple
+from datadog_checks.django_db.evaluate.signatures import classify_error
+from django_db_tools.sandbox import Sandbox
+
+from .conftest import metric_values
+
+HEALTH = "django_db.connection_health"
+PREFIX = "%m [%p] %q%u@%d/%a "
+# PostgreSQL's own error lines, as an operator would grep them
+PG_ERRORS = {
+    "server_side_cursor_lost": re.compile(r' ERROR:  (?:cursor|portal) "[^"]*" (?:does not exist|already exists)$'),
+    "prepared_statement_lost": re.compile(
+        r' ERROR:  (?:prepared statement "[^"]*" (?:does not exist|already exists)|bind message supplies \d+ )'
+    ),
+}
+SIGNATURES = tuple(PG_ERRORS)
+
+
+@pytest.fixture
+def postgres_log(sandbox: Sandbox):
+    """PostgreSQL's log with the application's name in each line (%a), and every statement (log_statement):
+    statements quote cursors' names, which is no error."""
+    sandbox.psql(f"ALTER SYSTEM SET log_line_prefix = '{PREFIX}'")
+    sandbox.psql("ALTER SYSTEM SET log_statement = 'all'")
+    sandbox.psql("SELECT pg_reload_conf()")
+    yield sandbox.postgres.logfile
+    sandbox.psql("ALTER SYSTEM RESET log_line_prefix")
+    sandbox.psql("ALTER SYSTEM RESET log_statement")
+    sandbox.psql("SELECT pg_reload_conf()")
+
+
+def run(aggregator, dd_run_check, check) -> tuple[int, str]:
+    aggregator.reset()
+    dd_run_check(check)
+    [health] = aggregator.service_checks(HEALTH)
+    print(f"\n[{health.status}] {health.message}")  # shown with -s: what an operator reads
+    return health.status, health.message or ""
+
+
+def errors(aggregator, signature: str, log) -> float:
+    return sum(metric_values(aggregator, "django_db.errors", f"signature:{signature}", f"log_file:{log}"))
+
+
+@pytest.mark.parametrize(
+    "signature, path, env",
+    [
+        ("server_side_cursor_lost", "/iterate/", {"WEBAPP_SERVER_SIDE_CURSORS": "1"}),
+        ("prepared_statement_lost", "/prepared/", {"WEBAPP_PREPARE_THRESHOLD": "0"}),
+    ],
+)
+def test_what_transaction_pooling_breaks_is_counted_and_told(
+    aggregator, dd_run_check, sandbox, webapps, postgres_log, signature, path, env
+):
+    app_name = signature.replace("_", "-")
+    app = webapps(through="pgbouncer", app_name=app_name, workers=2, threads=4, conn_max_age=None, env=env)
+    instance = {**sandbox.instance(), "log_files": [str(app.log_file), str(postgres_log)]}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    status, text = run(aggregator, dd_run_check, check)
+    assert signature not in text
+    logged = postgres_log.stat().st_size
+    replies = app.drive(path, count=40, concurrency=8)
+    failed = sum(r.status == 500 for r in replies)
+    status, text = run(aggregator, dd_run_check, check)
+    version = check.pgbouncer.version if check.pgbouncer is not None else None
+    check.cancel()
+    assert failed >= 3 and {r.status for r in replies} == {200, 500}
+    assert app.django_log().count("ERROR django.request") == failed
+    with open(postgres_log, "rb") as handle:
+        handle.seek(logged)
+        lines = handle.read().decode(errors="replace").splitlines()
+    in_postgres = sum(bool(PG_ERRORS[signature].search(line)) for line in lines)
+    assert in_postgres >= failed // 2
+    assert any(f"/{app_name} LOG:  " in line for line in lines)  # the statements were logged, and count nothing
+
+    # One failed request once in Django's log; each of PostgreSQL's error lines once in its own
+    assert errors(aggregator, signature, app.log_file) == failed
+    assert errors(aggregator, signature, postgres_log) == in_postgres
+    other = next(s for s in SIGNATURES if s != signature)
+    assert other not in text and not metric_values(aggregator, "django_db.errors", f"signature:{other}")
+
+    assert status >= AgentCheck.WARNING
+    [finding] = [f for f in text.split("; WARNING: ") if f"{signature} seen" in f]
+    assert f"({failed} in django.log, {in_postgres} in postgres.log; a failure can show in each log; " in finding
+    assert f"; app={app_name} {in_postgres}): " in finding  # named from PostgreSQL's lines (%a)
+    assert "(pools in transaction mode: " in finding and "appdb/app transaction" in finding
+    if signature == "server_side_cursor_lost":
+        assert finding.endswith(
+            "Set DISABLE_SERVER_SIDE_CURSORS = True in the DATABASES entry that goes through PgBouncer"
+        )
+    else:
+        assert (version_tuple(version) or (0,)) < (1, 21)  # the machine's PgBouncer: 1.18
+        assert f"PgBouncer {version} cannot keep prepared statements across server connections: remove " in finding
+        assert "server_side_binding and prepare_threshold" in finding and "max_prepared_statements above 0" in finding
+
+
+@pytest.fixture
+def session_pool(sandbox: Sandbox):
+    """appdb again at PgBouncer, in session mode: each client keeps its server connection."""
+    pgbouncer = sandbox.pgbouncer
+    pgbouncer.databases["appdb_session"] = f"host=127.0.0.1 port={sandbox.postgres.port} dbname=appdb pool_mode=session"
+    pgbouncer.reload()
+    yield "appdb_session"
+    del pgbouncer.databases["appdb_session"]
+    pgbouncer.reload()
+
+
+def test_what_transaction_pooling_keeps_stays_quiet(
+    aggregator, dd_run_check, sandbox, webapps, postgres_log, session_pool
+):
+    """Transaction mode without server-side cursors; session mode with them (and prepared statements): every
+    request answers, statements quoting cursors fill PostgreSQL's log, and nothing is counted or told."""
+    healthy = webapps(through="pgbouncer", app_name="nocursor-web", workers=2, threads=4, conn_max_age=None)
+    session = webapps(
+        through="pgbouncer", app_name="session-web", workers=2, threads=2, conn_max_age=None,
+        env={"WEBAPP_SERVER_SIDE_CURSORS": "1", "WEBAPP_PREPARE_THRESHOLD": "0", "WEBAPP_DB_NAME": session_pool},
+    )  # fmt: skip
+    instance = {**sandbox.instance(), "log_files": [str(healthy.log_file), str(session.log_file), str(postgres_log)]}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    run(aggregator, dd_run_check, check)
+    logged = postgres_log.stat().st_size
+    replies = healthy.drive("/iterate/", count=40, concurrency=8)
+    for path in ("/iterate/", "/prepared/"):
+        replies += session.drive(path, count=20, concurrency=4)
+    status, text = run(aggregator, dd_run_check, check)
+    check.cancel()
+    assert {r.status for r in replies} == {200}
+    with open(postgres_log, "rb") as handle:
+        handle.seek(logged)
+        logged_text = handle.read().decode(errors="replace")
+    assert "/session-web LOG:  " in logged_text and 'FROM "_django_curs_' in logged_text  # cursors in session mode
+    assert status == AgentCheck.OK, text
+    assert not [m for m in aggregator.metrics("django_db.errors") if any(s in t for t in m.tags for s in SIGNATURES)]
+
+
+def test_the_errors_a_client_meets_are_named_by_their_sqlstate(clients):
+    """As the check names an error it meets itself: psycopg's exception, by SQLSTATE and primary message."""
+    conn = clients.connect(app="own-errors")
+    named = []
+    for statement in ("FETCH 1 FROM nope", "EXECUTE nope", "PREPARE twice AS SELECT 1", "CLOSE nope"):
+        try:
+            conn.execute(statement)
+            conn.execute(statement)
+        except psycopg.Error as e:
+            named.append((type(e).__name__, classify_error(e).name))
+    assert named == [
+        ("InvalidCursorName", "server_side_cursor_lost"),
+        ("InvalidSqlStatementName", "prepared_statement_lost"),
+        ("DuplicatePreparedStatement", "prepared_statement_lost"),
+        ("InvalidCursorName", "server_side_cursor_lost"),
+    ]
