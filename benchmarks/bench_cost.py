@@ -50,7 +50,7 @@ POSTGRES_RATIO_LAST = 1.3  # at the most (2,000 by default)
 PGBOUNCER_RATIO_LAST = 3.0  # at the most pools (200 by default)
 MEMORY_RATIO = 2.0  # the peak at the most pools over the peak at the fewest
 POSTGRES_ROUND_TRIPS = 1
-PGBOUNCER_ROUND_TRIPS = 4
+PGBOUNCER_ROUND_TRIPS = 5
 
 TRACED_RUNS = 3
 SHOP_PASSWORD = "shop-secret"

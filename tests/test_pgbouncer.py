@@ -295,7 +295,7 @@ def _volatile(record) -> dict:
             "query_time", "wait_time", "maxwait")}  # fmt: skip
 
 
-def test_a_run_after_the_first_asks_four_questions_on_the_same_connection(dd_run_check, sandbox):
+def test_a_run_after_the_first_asks_five_questions_on_the_same_connection(dd_run_check, sandbox):
     check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
     asked = statements_of_two_runs(dd_run_check, check, "pgbouncer")
-    assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW DATABASES", "SHOW LISTS"] * 2
+    assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW DATABASES", "SHOW LISTS", "SHOW CLIENTS"] * 2

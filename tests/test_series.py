@@ -87,7 +87,9 @@ def test_the_small_stack_sends_at_most_80_series(aggregator, stack):
     print(f"\n{len(found)} series: PostgreSQL {len(postgres)}, PgBouncer {len(pgbouncer)}")
     assert len(found) <= 80
     assert len(postgres) == expected_postgres(postgres)
-    assert len(pgbouncer) == 9 * len(POOLS) + 3
+    # per pool 9; per application at PgBouncer (pgbouncer_db, user, app): 1 per state its clients are in,
+    # 1 leaked_clients; here each pool has one idle client of app=web
+    assert len(pgbouncer) == 9 * len(POOLS) + 3 + 2 * len(POOLS)
     assert not [s for s in found if any(t.startswith("db:template") for t in s[1])]
     assert not {name for name, _ in found} & {"django_db.connections.usage", "django_db.pgbouncer.lists.pools"}
 

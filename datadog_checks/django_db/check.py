@@ -23,6 +23,7 @@ from .evaluate.log_prefix import AppOf, app_finder
 from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.pgbouncer import pgbouncer_metrics
+from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
 from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
@@ -80,6 +81,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self._app_of: AppOf | None = None  # reads %a of PostgreSQL's log_line_prefix
         self._log_apps: dict[str, Counter[str]] = {}  # this run's signatures in the logs, by application
         self._authorized: Counter[str] = Counter()  # this run's connections PostgreSQL logged, by application
+        self._said_no_app_name = False  # PgBouncer before 1.18 has no application_name: logged once
         self._submitters: dict[Kind, Callable[..., None]] = {
             "gauge": self.gauge,
             "rate": self.rate,
@@ -180,7 +182,20 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         if snapshot.new_connection and snapshot.version:
             self.set_metadata("version", snapshot.version)
         self.submit(pgbouncer_metrics(snapshot, self.settings))
-        return snapshot, pgbouncer_findings(snapshot, self.settings), []
+        clients = resolve(snapshot, self.settings)
+        metrics, folded = client_metrics(clients, self.settings)
+        for dimension, values in folded.items():
+            self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
+        self.submit(metrics)
+        if snapshot.clients is not None and not snapshot.clients.has_app and not self._said_no_app_name:
+            self._said_no_app_name = True
+            self.log.info(
+                "PgBouncer %s has no application_name in SHOW CLIENTS (1.18 on): its clients are counted by "
+                "database, user, state and host, all as app:none",
+                snapshot.version or "of an unknown version",
+            )
+        findings = pgbouncer_findings(snapshot, self.settings) + leak_findings(clients, snapshot, self.settings)
+        return snapshot, findings, []
 
     def collect_django(self, source: DjangoMetricsSource) -> DjangoRun:
         """The processes' own view. A failed endpoint shows in its own service check and in

@@ -177,6 +177,28 @@ class PgbNames:
     pool_users: Iterable[str]
 
 
+class PgbClientGroup(NamedTuple):
+    """SHOW CLIENTS rows alike in every field the check reads, counted. The admin database's are left out."""
+
+    db: str
+    user: str
+    app: str  # application_name; "" when the client set none, and before 1.18, which has no such column
+    state: str  # as PgBouncer says it: active, waiting, idle (1.25 on); before 1.25 an idle client is active
+    addr: str  # the client's host
+    request_time: str  # the client's last request, as PgBouncer writes it: "2026-12-04 23:58:30 UTC"
+    linked: bool  # holds a server connection (link)
+    connections: int
+
+
+@dataclass(frozen=True)
+class PgbClients:
+    """One SHOW CLIENTS, aggregated as it was read."""
+
+    groups: tuple[PgbClientGroup, ...]
+    now: str  # the newest request_time of all clients: the console's own SHOW CLIENTS, PgBouncer's clock now
+    has_app: bool  # the version has the application_name column (1.18 on)
+
+
 @dataclass(frozen=True)
 class PgbSnapshot:
     """pools, databases and stats may be read any number of times, one pass inside another included;
@@ -192,6 +214,7 @@ class PgbSnapshot:
     version: str | None
     new_connection: bool = False
     names: PgbNames | None = None  # None: read them from the records
+    clients: PgbClients | None = None  # None: SHOW CLIENTS was not read
 
 
 # -- Django processes (Prometheus endpoints) -------------------------------------------------

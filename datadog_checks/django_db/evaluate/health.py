@@ -11,6 +11,7 @@ from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from . import session_state
 from .model import Finding, Status, level
 from .pgbouncer import client_utilization
+from .pgbouncer_clients import holders, waiting_apps
 from .postgres import client_backends, select, utilization
 from .queries import normalize_query
 from .signatures import BY_NAME, Signature
@@ -123,6 +124,8 @@ def advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None)
             f"within max_connections={pg.settings.max_connections if pg is not None else 'unknown'}; "
             f"close idle or leaked connections."
         )
+    if signature.name == "max_client_conn" and pgb is not None and (held := holders(pgb.clients)):
+        return f"{signature.advice.rstrip('.')}. PgBouncer's client connections now: {held}."
     if signature.name in ("pool_timeout", "queuepool_limit") and pg is not None:
         return f"{signature.advice.rstrip('.')}{free}."
     return signature.advice
@@ -204,13 +207,14 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
     findings = []
     ratio = client_utilization(snapshot)
     if ratio is not None:
-        findings.append(
-            Finding(
-                level(ratio, t.pgbouncer_client_utilization),
-                f"{snapshot.lists.get('used_clients')} of {snapshot.config.max_client_conn:g} "
-                f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)",
-            )
+        status = level(ratio, t.pgbouncer_client_utilization)
+        text = (
+            f"{snapshot.lists.get('used_clients')} of {snapshot.config.max_client_conn:g} "
+            f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)"
         )
+        if status != Status.OK and (held := holders(snapshot.clients)):
+            text += f"; held most by {held}"
+        findings.append(Finding(status, text))
     waiting = [pool for pool in snapshot.pools if pool.maxwait]
     if waiting:
         pool = max(waiting, key=lambda p: p.maxwait or 0.0)
@@ -218,7 +222,8 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
             Finding(
                 level(pool.maxwait or 0.0, t.pgbouncer_maxwait_seconds),
                 f"{pool.cl_waiting or 0:.0f} clients waiting at PgBouncer pool {pool.db}/{pool.user}, "
-                f"the oldest for {pool.maxwait:.1f} s",
+                f"the oldest for {pool.maxwait:.1f} s"
+                + (f" ({apps})" if (apps := waiting_apps(snapshot.clients, pool.db, pool.user)) else ""),
             )
         )
     return findings

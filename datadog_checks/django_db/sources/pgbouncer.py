@@ -19,8 +19,9 @@ from psycopg.types.numeric import FloatLoader
 from ..config import Endpoint
 from ..connection import Reconnecting, deadline
 from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSnapshot, PgbStats
+from .pgbouncer_clients import parse_clients
 
-PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS")
+PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS", "CLIENTS")
 ON_CONNECT: tuple[LiteralString, ...] = ("CONFIG", "VERSION")
 
 POOL_COLUMNS = (
@@ -340,6 +341,7 @@ def snapshot_of(results: dict[str, Result], config: PgbConfig, version: str | No
         version=version,
         new_connection=new,
         names=names,
+        clients=parse_clients(results["CLIENTS"]) if "CLIENTS" in results else None,
     )
 
 

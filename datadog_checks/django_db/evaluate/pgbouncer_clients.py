@@ -1,0 +1,321 @@
+"""PgBouncer's clients (SHOW CLIENTS) by application and host: metrics, leaks, who holds the client slots and
+who waits. No I/O.
+
+State: PgBouncer 1.25 on says `idle` for a client between requests; before, such a client shows as
+`active` with no server linked, and is called `idle` here too, so the series keep their meaning across an
+upgrade. In session mode a client keeps its server linked between requests and stays `active`.
+
+Idle time is PgBouncer's own clock against itself: the console's SHOW CLIENTS is the newest request of
+all, so the newest request_time is "now", and a client's idle time is now minus its request_time (whole
+seconds, as PgBouncer writes them). A client linked to a server in transaction or statement mode is inside
+a transaction, not idle: PostgreSQL's own findings cover it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from functools import lru_cache
+from typing import NamedTuple
+
+from ..config import Settings
+from ..profiles import profile_for
+from ..records import PgbClientGroup, PgbClients, PgbSnapshot
+from .model import Finding, Metric, level, tag_value
+
+PREFIX = "django_db.pgbouncer."
+OTHER = "other"
+EPOCH = datetime(1970, 1, 1)  # PgBouncer's times are compared with each other only
+SHOWN = 3  # applications or hosts a message names; the rest are counted
+# group_by's dimensions and the client fields and tags they mean on PgBouncer's side
+DIMENSIONS = {"db": ("db", "pgbouncer_db"), "user": ("user", "user"), "app": ("app", "app"),
+              "client_addr": ("addr", "client_addr")}  # fmt: skip
+
+
+class Clients(NamedTuple):
+    """Clients alike in database, user, application, state and host, with those leaked among them."""
+
+    db: str
+    user: str
+    app: str
+    state: str  # active, waiting or idle (see the module's text)
+    addr: str
+    connections: int
+    leaked: int = 0
+    leaked_linked: int = 0  # leaked and pinning a server connection (session mode)
+    longest_idle: float = 0.0  # seconds, of the leaked
+
+
+@lru_cache(maxsize=8192)
+def seconds(text: str) -> float | None:
+    """A PgBouncer timestamp (``2026-12-04 23:58:30 UTC``) in seconds on its own clock; None if it is none."""
+    try:
+        return (datetime.fromisoformat(text[:19]) - EPOCH).total_seconds()
+    except ValueError:
+        return None
+
+
+def state_of(group: PgbClientGroup) -> str:
+    if group.state == "active" and not group.linked:
+        return "idle"
+    return group.state or "unknown"
+
+
+def pool_modes(snapshot: PgbSnapshot) -> dict[tuple[str, str], str]:
+    return {(pool.db, pool.user): pool.pool_mode for pool in snapshot.pools}
+
+
+def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
+    """The clients the user asked to see (``applications``, ``databases``), their leaks found: those idle longer
+    than their application's leak threshold, but for a ``pooled`` profile's within its budget."""
+    clients = snapshot.clients
+    if clients is None:
+        return []
+    now = seconds(clients.now)
+    modes = pool_modes(snapshot)
+    apps, dbs = settings.applications, settings.databases
+    chosen = [g for g in clients.groups if apps.allows(g.app) and dbs.allows(g.db)]
+    limit = _leak_limits(chosen, settings)
+    merged: dict[tuple[str, str, str, str, str], list[float]] = {}
+    for g in chosen:
+        key = (g.db, g.user, g.app, state_of(g), g.addr)
+        into = merged.get(key)
+        if into is None:
+            into = merged[key] = [0, 0, 0, 0.0]
+        into[0] += g.connections
+        idle = None if now is None or g.state == "waiting" else now - (seconds(g.request_time) or now)
+        threshold = limit(g.app)
+        if idle is None or threshold is None or idle <= threshold:
+            continue
+        if g.linked and modes.get((g.db, g.user), "session") != "session":
+            continue  # inside a transaction: PostgreSQL sees it idle in transaction or active
+        into[1] += g.connections
+        into[2] += g.connections if g.linked else 0
+        into[3] = max(into[3], idle)
+    return [Clients(*key, int(c), int(leaked), int(linked), idle) for key, (c, leaked, linked, idle) in merged.items()]
+
+
+def _leak_limits(groups: Iterable[PgbClientGroup], settings: Settings) -> Callable[[str], float | None]:
+    """Each application's leak threshold; None for a pooled profile within its budget at PgBouncer."""
+    excused: set[str] = set()
+    pooled = [p for p in settings.apps if p.pooled]
+    if pooled:
+        held: Counter[str] = Counter()
+        for g in groups:
+            profile = profile_for(settings.apps, g.app)
+            if profile is not None and profile.pooled:
+                held[profile.name] += g.connections
+        excused = {p.name for p in pooled if p.max_connections is None or held[p.name] <= p.max_connections}
+    made: dict[str, float | None] = {}
+
+    def limit(app: str) -> float | None:
+        if app not in made:
+            profile = profile_for(settings.apps, app)
+            if profile is None:
+                made[app] = settings.leak_idle_seconds
+            else:
+                made[app] = None if profile.name in excused else profile.leak_idle_seconds
+        return made[app]
+
+    return limit
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+def fold(rows: list[Clients], limit: int) -> tuple[list[Clients], dict[str, list[str]]]:
+    """At most ``limit`` values of each client-chosen field (database, user, application, host), ranked by their
+    clients; the rest become ``other``."""
+    folded: dict[str, list[str]] = {}
+    for field, tag in DIMENSIONS.values():
+        sizes: Counter[str] = Counter()
+        for row in rows:
+            sizes[getattr(row, field)] += row.connections
+        if len(sizes) <= limit:
+            continue
+        ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
+        kept = set(ranked[:limit])
+        folded[tag] = sorted(ranked[limit:])
+        rows = [r if getattr(r, field) in kept else _renamed(r, field) for r in rows]
+    return rows, folded
+
+
+def _renamed(row: Clients, field: str) -> Clients:
+    values = row._asdict()
+    values[field] = OTHER
+    return Clients(**values)
+
+
+def client_metrics(rows: list[Clients], settings: Settings) -> tuple[list[Metric], dict[str, list[str]]]:
+    """``client_connections`` by state and the ``group_by`` dimensions (``db`` is ``pgbouncer_db``, ``client_addr``
+    the client's host), and ``leaked_clients`` by pgbouncer_db, user, app (zero included); values folded away."""
+    assert settings.pgbouncer is not None
+    base = (settings.pgbouncer.tag, *settings.tags)
+    rows, folded = fold(rows, settings.max_tag_values)
+    by = [DIMENSIONS[d] for d in settings.group_by if d in DIMENSIONS]
+    connections: dict[tuple[str, ...], int] = defaultdict(int)
+    leaked: dict[tuple[str, ...], int] = defaultdict(int)
+    tag = _tagger()
+    for r in rows:
+        connections[(*base, tag("state", r.state), *(tag(name, getattr(r, f)) for f, name in by))] += r.connections
+        leaked[(*base, tag("pgbouncer_db", r.db), tag("user", r.user), tag("app", r.app))] += r.leaked
+    metrics = [Metric("gauge", PREFIX + "client_connections", n, tags) for tags, n in connections.items()]
+    metrics += [Metric("gauge", PREFIX + "leaked_clients", n, tags) for tags, n in leaked.items()]
+    return metrics, folded
+
+
+def _tagger() -> Callable[[str, str], str]:
+    made: dict[tuple[str, str], str] = {}
+
+    def tag(name: str, value: str) -> str:
+        found = made.get((name, value))
+        if found is None:
+            found = made[(name, value)] = f"{name}:{tag_value(value)}"
+        return found
+
+    return tag
+
+
+# -- findings -----------------------------------------------------------------------------------------
+def _app(name: str) -> str:
+    return f"app={name or 'none'}"
+
+
+def _ranked(counts: Counter[str], shown: int = SHOWN) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]
+
+
+def _hosts(counts: Counter[str], unit: str = "") -> str:
+    listed = ", ".join(f"{host or 'a Unix socket'} {n}" for host, n in _ranked(counts))
+    more = len(counts) - SHOWN
+    return listed + (f" and {more} more hosts" if more > 0 else "") + unit
+
+
+def holders(clients: PgbClients | None, shown: int = SHOWN) -> str:
+    """Who holds PgBouncer's client slots: ``app=web 60 (from 10.0.0.7 40, 10.0.0.8 20), app=report 30 (...)``;
+    every client counted, whatever the filters, since the slots are shared. Empty without SHOW CLIENTS."""
+    if clients is None or not clients.groups:
+        return ""
+    by_app: Counter[str] = Counter()
+    hosts: dict[str, Counter[str]] = defaultdict(Counter)
+    for g in clients.groups:
+        by_app[g.app] += g.connections
+        hosts[g.app][g.addr] += g.connections
+    shown_apps = [f"{_app(app)} {n} (from {_hosts(hosts[app])})" for app, n in _ranked(by_app, shown)]
+    more = len(by_app) - shown
+    return ", ".join(shown_apps) + (f" and {more} more applications" if more > 0 else "")
+
+
+def waiting_apps(clients: PgbClients | None, db: str, user: str) -> str:
+    """The applications whose clients wait at one pool: ``app=web 5, app=api 2``; empty if none is known."""
+    if clients is None:
+        return ""
+    waiting: Counter[str] = Counter()
+    for g in clients.groups:
+        if g.state == "waiting" and g.db == db and g.user == user:
+            waiting[g.app] += g.connections
+    listed = ", ".join(f"{_app(app)} {n}" for app, n in _ranked(waiting))
+    more = len(waiting) - SHOWN
+    return listed + (f" and {more} more applications" if more > 0 else "")
+
+
+class _Leak(NamedTuple):
+    total: int
+    linked: int
+    longest: float
+    hosts: Counter[str]
+    pools: Counter[str]  # "db/user mode"
+    modes: set[str]
+
+
+def _leaks(rows: Iterable[Clients], modes: dict[tuple[str, str], str]) -> dict[str, _Leak]:
+    found: dict[str, _Leak] = {}
+    for r in rows:
+        if not r.leaked:
+            continue
+        leak = found.get(r.app)
+        if leak is None:
+            leak = found[r.app] = _Leak(0, 0, 0.0, Counter(), Counter(), set())
+        mode = modes.get((r.db, r.user), "unknown")
+        leak.hosts[r.addr] += r.leaked
+        leak.pools[f"{r.db}/{r.user}"] += r.leaked
+        leak.modes.add(mode)
+        found[r.app] = leak._replace(
+            total=leak.total + r.leaked, linked=leak.linked + r.leaked_linked, longest=max(leak.longest, r.longest_idle)
+        )
+    return found
+
+
+def leak_findings(rows: list[Clients], snapshot: PgbSnapshot, settings: Settings) -> list[Finding]:
+    """One finding per application whose clients sit idle at PgBouncer past its leak threshold, the most first;
+    past ``SHOWN`` applications, one more for the rest."""
+    leaks = _leaks(rows, pool_modes(snapshot))
+    ranked = sorted(leaks.items(), key=lambda item: (-item[1].total, item[0]))
+    findings = [_leak_finding(app, leak, snapshot, settings) for app, leak in ranked[:SHOWN]]
+    rest = ranked[SHOWN:]
+    if rest:
+        total = sum(leak.total for _, leak in rest)
+        findings.append(
+            Finding(
+                level(max(leak.total for _, leak in rest), settings.thresholds.leaked_connections),
+                f"{total} more client connections of {len(rest)} more applications held at PgBouncer idle past "
+                f"their leak threshold: " + ", ".join(f"{_app(app)} {leak.total}" for app, leak in rest[:SHOWN]),
+            )
+        )
+    return findings
+
+
+def _leak_finding(app: str, leak: _Leak, snapshot: PgbSnapshot, settings: Settings) -> Finding:
+    profile = profile_for(settings.apps, app)
+    threshold = profile.leak_idle_seconds if profile is not None else settings.leak_idle_seconds
+    conn_max_age = profile.conn_max_age if profile is not None else settings.conn_max_age
+    n = leak.total
+    pools = ", ".join(f"{pool} {count}" for pool, count in _ranked(leak.pools))
+    text = (
+        f"{n} client connection{'s' if n != 1 else ''} of {_app(app)} held at PgBouncer idle for over "
+        f"{threshold:g} s (leaked, the longest for {leak.longest:.0f} s) from {_hosts(leak.hosts)} "
+        f"on pool{'s' if len(leak.pools) > 1 else ''} {pools}"
+    )
+    limit = snapshot.config.max_client_conn
+    slots = f"{n} of max_client_conn={limit:g}" if limit else f"{n}"
+    if leak.linked == 0:
+        text += f": in {'/'.join(sorted(leak.modes))} mode they pin no server connection, but take {slots} client slots"
+    elif leak.linked == n:
+        text += f": in session mode each also pins a server connection ({n} at PostgreSQL) and takes a client slot"
+    else:
+        text += f": {leak.linked} of them, in session mode, also pin a server connection each; all take client slots"
+    return Finding(
+        level(n, settings.thresholds.leaked_connections), f"{text}. {_why(conn_max_age, leak.longest, snapshot)}"
+    )
+
+
+def _why(conn_max_age: float | None, longest: float, snapshot: PgbSnapshot) -> str:
+    """Why a Django connection stays idle that long, and what to do, for the application's CONN_MAX_AGE."""
+    idle_timeout = snapshot.config.client_idle_timeout
+    if idle_timeout:
+        backstop = f"PgBouncer's client_idle_timeout={idle_timeout:g} s closes them only after that"
+    elif conn_max_age is None:
+        backstop = "PgBouncer's client_idle_timeout can close what is left (with CONN_HEALTH_CHECKS=True in Django)"
+    else:
+        backstop = "set PgBouncer's client_idle_timeout above CONN_MAX_AGE to close what is left"
+    close = "call django.db.close_old_connections() when such a thread finishes its work"
+    if conn_max_age is not None and longest > 2 * conn_max_age:
+        return (
+            f"Idle far longer than its CONN_MAX_AGE={conn_max_age:g} s, their threads have served no request since: "
+            "Django closes an expired connection only when a request starts or ends, so threads that ended or "
+            "stopped serving requests (a thread per request, as runserver runs them, or background threads) keep "
+            f"them. Serve requests from a fixed set of worker threads (gunicorn), {close}, and {backstop}"
+        )
+    if conn_max_age is None:
+        return (
+            "CONN_MAX_AGE=None keeps a connection for its thread's whole life, so threads that stopped serving "
+            f"requests (background threads, idle workers) keep theirs: {close}, or give CONN_MAX_AGE a value; "
+            f"{backstop}"
+        )
+    return f"A thread keeps a connection it no longer uses: {close}; {backstop}"
+
+
+def clients_by_app(clients: PgbClients | None) -> Iterator[tuple[str, int]]:
+    """(application, clients) of every group: what a budget counts at PgBouncer."""
+    if clients is not None:
+        for g in clients.groups:
+            yield g.app, g.connections

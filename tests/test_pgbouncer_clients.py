@@ -1,0 +1,202 @@
+"""PgBouncer's clients by application and host (SHOW CLIENTS), against a real PgBouncer 1.18, Django
+applications under gunicorn and plain psycopg clients."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from datadog_checks.base import AgentCheck
+
+from datadog_checks.django_db import DjangoDbCheck
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD
+
+from .conftest import health, metric_values, one_value, run_new_check
+
+CLIENTS = "django_db.pgbouncer.client_connections"
+LEAKED = "django_db.pgbouncer.leaked_clients"
+
+
+def through_pgbouncer(clients, sandbox, app: str, count: int, dbname: str = "appdb") -> list[psycopg.Connection]:
+    conns = clients.many(count, app=app, dbname=dbname, port=sandbox.pgbouncer.port, prepare_threshold=None)
+    for conn in conns:
+        conn.execute("SELECT 1")
+    return conns
+
+
+def pgbouncer_only(sandbox, **options: object) -> dict:
+    return {"pgbouncer": sandbox.pgbouncer.instance("datadog"), **options}
+
+
+@pytest.fixture
+def pgbouncer_settings(sandbox):
+    """Changes to PgBouncer's settings for one test, undone after it."""
+    before = dict(sandbox.pgbouncer.settings)
+
+    def change(**settings: object) -> None:
+        sandbox.pgbouncer.settings.update(settings)
+        sandbox.pgbouncer.reload()
+
+    yield change
+    sandbox.pgbouncer.settings.clear()
+    sandbox.pgbouncer.settings.update(before)
+    sandbox.pgbouncer.reload()
+
+
+def used_clients(sandbox) -> int:
+    with psycopg.connect(
+        host="127.0.0.1", port=sandbox.pgbouncer.port, user=SUPERUSER, password=SUPERUSER_PASSWORD,
+        dbname="pgbouncer", autocommit=True, cursor_factory=psycopg.ClientCursor,
+    ) as admin:  # fmt: skip
+        lists = dict(admin.execute("SHOW LISTS").fetchall())
+    return int(lists["used_clients"]) - 1  # not this one
+
+
+def test_clients_by_application_state_and_host(aggregator, dd_run_check, sandbox, clients, webapps):
+    through_pgbouncer(clients, sandbox, "by-app-jobs", 3)
+    web = webapps(through="pgbouncer", app_name="by-app-web", threads=2, conn_max_age=None)
+    assert {r.status for r in web.drive("/sleep/?seconds=0.3", count=2, concurrency=2)} == {200}
+
+    run_new_check(aggregator, dd_run_check, pgbouncer_only(sandbox))
+    tags = ("pgbouncer_db:appdb", "user:app", "state:idle")
+    assert one_value(aggregator, CLIENTS, "app:by-app-jobs", *tags) == 3
+    assert one_value(aggregator, CLIENTS, "app:by-app-web", *tags) == 2  # each gunicorn thread keeps its own
+    assert one_value(aggregator, LEAKED, "app:by-app-web", "pgbouncer_db:appdb", "user:app") == 0
+    # The host is opt-in, as on PostgreSQL's side; the check's own console connection is never counted.
+    assert not any(t.startswith("client_addr:") for m in aggregator.metrics(CLIENTS) for t in m.tags)
+    assert metric_values(aggregator, CLIENTS, "pgbouncer_db:pgbouncer") == []
+
+    run_new_check(aggregator, dd_run_check, pgbouncer_only(sandbox, group_by=["app", "client_addr"]))
+    assert one_value(aggregator, CLIENTS, "app:by-app-jobs", "client_addr:127.0.0.1", "state:idle") == 3
+    assert not any(t.startswith(("pgbouncer_db:", "user:")) for m in aggregator.metrics(CLIENTS) for t in m.tags)
+
+
+def test_idle_clients_past_their_threshold_are_leaks_postgresql_cannot_see(aggregator, dd_run_check, sandbox, webapps):
+    # CONN_MAX_AGE=1: each thread closes its expired connection only when it serves its next request.
+    web = webapps(through="pgbouncer", app_name="leaky-web", threads=4, conn_max_age=1)
+    assert {r.status for r in web.drive("/sleep/?seconds=0.3", count=4, concurrency=4)} == {200}
+    # PgBouncer's server connections go (a restart of PostgreSQL would do the same); its clients stay.
+    sandbox.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'leaky-web'")
+    time.sleep(3.2)
+    instance = {
+        **sandbox.instance(),
+        "conn_max_age": 1,
+        "leak_idle_seconds": 2,
+        "applications": {"include": ["^leaky-web$"]},
+        "group_by": ["db", "user", "app", "client_addr"],
+    }
+    status, text = health(aggregator, dd_run_check, instance)
+    assert status == AgentCheck.WARNING
+    assert one_value(aggregator, LEAKED, "app:leaky-web", "pgbouncer_db:appdb", "user:app") == 4
+    assert one_value(aggregator, CLIENTS, "app:leaky-web", "state:idle", "client_addr:127.0.0.1") == 4
+    # PostgreSQL has none of them.
+    assert metric_values(aggregator, "django_db.postgres.connections", "app:leaky-web") == []
+    assert "4 client connections of app=leaky-web held at PgBouncer idle for over 2 s (leaked" in text
+    assert "from 127.0.0.1 4 on pool appdb/app 4: in transaction mode they pin no server connection" in text
+    assert "far longer than its CONN_MAX_AGE=1 s" in text and "client_idle_timeout" in text
+
+    web.drive("/query/", count=8, concurrency=4)  # the threads serve again and close what expired
+    _, text = health(aggregator, dd_run_check, instance)
+    assert "leaky-web held at PgBouncer" not in text
+
+
+def test_max_client_conn_reached_names_the_holding_application(
+    aggregator, dd_run_check, sandbox, clients, pgbouncer_settings
+):
+    room = 6
+    pgbouncer_settings(max_client_conn=used_clients(sandbox) + 1 + room)  # and the check's console connection
+    instance = {**pgbouncer_only(sandbox), "log_files": [str(sandbox.pgbouncer.logfile)]}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    try:
+        dd_run_check(check)  # the console connection is open, the log followed from here
+        through_pgbouncer(clients, sandbox, "hog-report", room - 1)
+        through_pgbouncer(clients, sandbox, "hog-web", 1)
+        with pytest.raises(psycopg.OperationalError, match="max_client_conn"):
+            through_pgbouncer(clients, sandbox, "hog-late", 1)
+        time.sleep(0.2)  # PgBouncer writes its log line
+        aggregator.reset()
+        dd_run_check(check)
+    finally:
+        check.cancel()
+    message = aggregator.service_checks("django_db.connection_health")[-1].message
+    print(message)
+    assert aggregator.service_checks("django_db.connection_health")[-1].status == AgentCheck.CRITICAL
+    assert "PgBouncer client connections in use (100% of max_client_conn); held most by app=hog-report 5" in message
+    assert "max_client_conn seen (1 from log)" in message
+    assert "PgBouncer's client connections now: app=hog-report 5 (from 127.0.0.1 5)" in message
+
+
+def test_waiting_clients_are_named_by_application(aggregator, dd_run_check, sandbox, clients):
+    port = sandbox.postgres.port
+    sandbox.pgbouncer.databases["narrow"] = f"host=127.0.0.1 port={port} dbname=appdb pool_size=1"
+    sandbox.pgbouncer.reload()
+    threads = []
+    try:
+        (holder,) = through_pgbouncer(clients, sandbox, "wait-batch", 1, "narrow")
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # the pool's only server connection
+        waiters = clients.many(2, app="wait-api", dbname="narrow", port=sandbox.pgbouncer.port, prepare_threshold=None)
+        waiters += clients.many(1, app="wait-web", dbname="narrow", port=sandbox.pgbouncer.port, prepare_threshold=None)
+        threads = [threading.Thread(target=w.execute, args=("SELECT 1",), daemon=True) for w in waiters]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.2)  # past pgbouncer_maxwait_seconds' warning
+        _, text = health(aggregator, dd_run_check, pgbouncer_only(sandbox))
+        assert "3 clients waiting at PgBouncer pool narrow/app" in text
+        assert "(app=wait-api 2, app=wait-web 1)" in text
+        assert one_value(aggregator, CLIENTS, "app:wait-api", "pgbouncer_db:narrow", "state:waiting") == 2
+        assert one_value(aggregator, CLIENTS, "app:wait-batch", "pgbouncer_db:narrow", "state:active") == 1
+        holder.execute("COMMIT")
+        for thread in threads:
+            thread.join(5)
+    finally:
+        del sandbox.pgbouncer.databases["narrow"]
+        sandbox.pgbouncer.reload()
+
+
+HOSTILE = ("ünïcødé-名前", "x" * 63, "a.*b+c?(d)[e]{2}|^$\\", "comma,and:colon", "  spaced  ", "%s%n{0}")
+
+
+def test_hostile_application_names_fold_into_other(aggregator, dd_run_check, sandbox, clients, pgbouncer_settings):
+    pgbouncer_settings(max_client_conn=used_clients(sandbox) + 320)
+    names = [f"{HOSTILE[i % len(HOSTILE)]}{i}"[-63:] for i in range(300)]
+    for name in names:
+        clients.connect(app=name, port=sandbox.pgbouncer.port, prepare_threshold=None)
+    time.sleep(2.1)  # every one idle past leak_idle_seconds
+    instance = pgbouncer_only(sandbox, max_tag_values=10, leak_idle_seconds=1, apps=[{"match": "^a.*b"}])
+    _, text = health(aggregator, dd_run_check, instance)
+    app_tags = {t for m in aggregator.metrics(CLIENTS) for t in m.tags if t.startswith("app:")}
+    assert "app:other" in app_tags and len(app_tags) <= 11
+    leaked_tags = {t for m in aggregator.metrics(LEAKED) for t in m.tags if t.startswith("app:")}
+    assert "app:other" in leaked_tags and len(leaked_tags) <= 11
+    assert sum(metric_values(aggregator, CLIENTS, "pgbouncer_db:appdb")) >= 300
+    # Findings name a few applications and count the rest.
+    assert "more applications" in text
+
+
+def test_before_1_18_clients_are_counted_by_what_exists():
+    """PgBouncer 1.15's SHOW CLIENTS columns (no application_name): every client counts under app:none."""
+    from datadog_checks.django_db.sources.pgbouncer import Result
+    from datadog_checks.django_db.sources.pgbouncer_clients import parse_clients
+
+    columns = ("type", "user", "database", "state", "addr", "port", "local_addr", "local_port", "connect_time",
+               "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls")  # fmt: skip
+    row = dict.fromkeys(columns, "")
+    rows = [
+        {**row, "user": "app", "database": "appdb", "state": "active", "addr": "10.0.0.7",
+         "request_time": "2026-12-05 01:00:00 UTC"},
+        {**row, "user": "app", "database": "appdb", "state": "active", "addr": "10.0.0.7",
+         "request_time": "2026-12-05 01:00:00 UTC"},
+        {**row, "user": "app", "database": "appdb", "state": "active", "addr": "10.0.0.8", "link": "0x1",
+         "request_time": "2026-12-05 01:10:00 UTC"},
+        {**row, "user": "datadog", "database": "pgbouncer", "state": "active",
+         "request_time": "2026-12-05 01:20:00 UTC"},
+    ]  # fmt: skip
+    clients = parse_clients(Result.from_dicts(rows))
+    assert not clients.has_app and clients.now == "2026-12-05 01:20:00 UTC"
+    assert sorted((g.app, g.addr, g.linked, g.connections) for g in clients.groups) == [
+        ("", "10.0.0.7", False, 2),
+        ("", "10.0.0.8", True, 1),
+    ]
