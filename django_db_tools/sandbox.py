@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +19,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,8 +235,17 @@ class Postgres:
 class PgBouncer:
     """A PgBouncer process in front of one PostgreSQL, with plain-text passwords in its auth file."""
 
-    def __init__(self, base: Path, postgres: Postgres, users: dict[str, str], **settings: object):
+    def __init__(
+        self,
+        base: Path,
+        postgres: Postgres,
+        users: dict[str, str],
+        program: Sequence[str] | None = None,
+        **settings: object,
+    ):
+        """``program``: the argument list that runs a PgBouncer build; the machine's ``pgbouncer`` by default."""
         self.base = base
+        self.program = list(program) if program else None
         self.postgres = postgres
         self.users = dict(users)
         self.port = free_port()
@@ -253,6 +263,7 @@ class PgBouncer:
         self.settings.update(settings)
         self.user = _run_as()
         self.proc: subprocess.Popen | None = None
+        self._version: tuple[int, ...] | None = None
 
     def write_config(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
@@ -275,7 +286,7 @@ class PgBouncer:
     def start(self) -> PgBouncer:
         self.write_config()
         self.proc = subprocess.Popen(
-            [pgbouncer_binary(), str(self.ini)],
+            [*(self.program or [pgbouncer_binary()]), str(self.ini)],
             user=self.user,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -300,17 +311,39 @@ class PgBouncer:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
-    def stop(self) -> None:
+    @property
+    def version(self) -> tuple[int, ...]:
+        """The build's version, from ``pgbouncer -V``: (1, 18, 0)."""
+        if self._version is None:
+            out = subprocess.run(
+                [*(self.program or [pgbouncer_binary()]), "-V"], capture_output=True, text=True, timeout=30, check=False
+            ).stdout
+            found = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", out)
+            if found is None:
+                raise SandboxError(f"no version in what pgbouncer -V printed: {out!r}")
+            self._version = tuple(int(part or 0) for part in found.groups())
+        return self._version
+
+    def stop(self) -> bool:
+        """Shut PgBouncer down at once, clients connected or not; whether it had to be killed.
+
+        The immediate shutdown is SIGTERM before 1.23 and SIGQUIT from 1.23, where SIGTERM waits for
+        every client to disconnect.
+        """
         if self.proc is None:
-            return
+            return False
+        immediate = signal.SIGQUIT if self.version >= (1, 23) else signal.SIGTERM
         self.proc.send_signal(signal.SIGCONT)
-        self.proc.terminate()
+        self.proc.send_signal(immediate)
+        killed = False
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+            killed = True
         self.proc = None
+        return killed
 
     def instance(self, user: str = "datadog", password: str | None = None) -> dict:
         return {"host": "127.0.0.1", "port": self.port, "username": user, "password": password or self.users[user]}
@@ -327,9 +360,11 @@ class Sandbox:
         max_connections: int = 100,
         pg_settings: dict[str, str] | None = None,
         postgres_binaries: PgBinaries | None = None,
+        pgbouncer_program: Sequence[str] | None = None,
         **pgbouncer: object,
     ):
-        """``postgres_binaries``: the PostgreSQL build to run; the newest one installed on the machine by default."""
+        """``postgres_binaries``: the PostgreSQL build to run; the newest one installed on the machine by default.
+        ``pgbouncer_program``: the argument list that runs the PgBouncer build; the machine's by default."""
         binaries = postgres_binaries or PgBinaries(pg_bindir())  # fails before anything is created
         self.root = Path(tempfile.mkdtemp(prefix="django-db-sandbox-"))
         os.chmod(self.root, 0o755)  # noqa: S103 - the servers run as another user
@@ -338,6 +373,7 @@ class Sandbox:
             self.root / "pgbouncer",
             self.postgres,
             {SUPERUSER: SUPERUSER_PASSWORD, self.MONITOR_USER: self.MONITOR_PASSWORD},
+            pgbouncer_program,
             **pgbouncer,
         )
 

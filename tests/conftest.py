@@ -20,6 +20,30 @@ os.environ.setdefault("DDEV_SKIP_GENERIC_TAGS_CHECK", "true")
 
 APP_PASSWORD = "app-secret"
 
+# The version matrices (PgBouncer, MariaDB, MySQL) run every version they name unless this lists
+# some to leave out, e.g. DJANGO_DB_LEAVE_OUT=pgbouncer-1.26,mysql-9.7: those are reported as skipped.
+LEAVE_OUT = "DJANGO_DB_LEAVE_OUT"
+# What each server of a matrix said it was, printed at the end of the test report.
+VERSIONS_RAN: dict[str, str] = {}
+
+
+def matrix(names: tuple[str, ...]) -> list:
+    """Parameters for a module's version fixture: every name, less those DJANGO_DB_LEAVE_OUT lists."""
+    left_out = {name.strip() for name in os.environ.get(LEAVE_OUT, "").split(",") if name.strip()}
+    return [
+        pytest.param(name, id=name, marks=[pytest.mark.skip(reason=f"left out by {LEAVE_OUT}")])
+        if name in left_out
+        else pytest.param(name, id=name)
+        for name in names
+    ]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if VERSIONS_RAN:
+        terminalreporter.write_sep("-", "server versions run")
+        for name, version in sorted(VERSIONS_RAN.items()):
+            terminalreporter.write_line(f"{name}: {version}")
+
 
 @pytest.fixture(scope="session")
 def sandbox() -> Iterator[Sandbox]:

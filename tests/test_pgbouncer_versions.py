@@ -1,8 +1,10 @@
 """PgBouncer metrics from the SHOW results of each version, read by column name.
 
-1.18 was recorded from a live PgBouncer 1.18.0, the one Debian installs here (tests/recorded/record.py);
-the other versions hold the columns those versions send, taken from their source and release notes,
-with illustrative values. Each file says which in its `_about`.
+1.15, 1.18, 1.24 and 1.26 were recorded from live servers (tests/recorded/record.py: 1.18 is the one
+Debian installs here, the others are fetched from Debian's archive by django_db_tools.debian, and run
+live in tests/test_pgbouncer_matrix.py too); the other versions, which no machine here can run, hold
+the columns those versions send, taken from their source and release notes, with illustrative values.
+Each file says which in its `_about`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from datadog_checks.django_db.sources.pgbouncer import Result, parse_version, sn
 RECORDED = Path(__file__).parent / "recorded"
 METADATA = Path(__file__).parent.parent / "metadata.csv"
 SHOWS = ("POOLS", "STATS", "DATABASES", "LISTS", "CONFIG", "VERSION")
-VERSIONS = ("1.8", "1.12", "1.16", "1.18", "1.21", "1.23", "1.24", "1.25")
+VERSIONS = ("1.8", "1.12", "1.15", "1.16", "1.18", "1.21", "1.23", "1.24", "1.25", "1.26")
 SERVER_TAG = "pgbouncer_server:127.0.0.1:6432"
 P = "django_db.pgbouncer."
 
@@ -47,14 +49,15 @@ BASE = LISTS | {
 CANCEL = {f"{P}pools.cl_active_cancel_req", f"{P}pools.cl_waiting_cancel_req",
           f"{P}pools.sv_active_cancel", f"{P}pools.sv_being_canceled"}  # fmt: skip
 EXPECTED_NAMES = {
-    "1.8": BASE, "1.12": BASE, "1.16": BASE,  # 1.16's cl_cancel_req has no metric of its own
+    "1.8": BASE, "1.12": BASE, "1.15": BASE, "1.16": BASE,  # 1.16's cl_cancel_req has no metric of its own
     "1.18": BASE | CANCEL, "1.21": BASE | CANCEL, "1.23": BASE | CANCEL, "1.24": BASE | CANCEL, "1.25": BASE | CANCEL,
+    "1.26": BASE | CANCEL,
 }  # fmt: skip
 FULL_VERSION = {
-    "1.8": None, "1.12": "1.12.0", "1.16": "1.16.1", "1.18": "1.18.0",
-    "1.21": "1.21.0", "1.23": "1.23.1", "1.24": "1.24.1", "1.25": "1.25.0",
+    "1.8": None, "1.12": "1.12.0", "1.15": "1.15.0", "1.16": "1.16.1", "1.18": "1.18.0",
+    "1.21": "1.21.0", "1.23": "1.23.1", "1.24": "1.24.1", "1.25": "1.25.0", "1.26": "1.26.1",
 }  # fmt: skip
-LIVE = ("1.18",)  # the only PgBouncer that runs here
+LIVE = ("1.15", "1.18", "1.24", "1.26")  # recorded from live servers; the others cannot run here
 SYNTHETIC = tuple(v for v in VERSIONS if v not in LIVE)
 FROM_SOURCE = re.compile(
     r"made from: PgBouncer (?P<version>[\d.]+)'s column lists in its admin source \(src/admin\.c, src/stats\.c\) "
@@ -131,6 +134,7 @@ def test_columns_differ_by_version_as_pgbouncer_changed_them():
     pools = {v: set(load(v)["POOLS"]["columns"]) for v in VERSIONS}
     databases = {v: set(load(v)["DATABASES"]["columns"]) for v in VERSIONS}
     assert "maxwait_us" in pools["1.8"] and "cl_cancel_req" not in pools["1.8"]
+    assert not {"cl_cancel_req", "cl_active_cancel_req"} & pools["1.15"]
     assert "cl_cancel_req" in pools["1.16"] and "cl_active_cancel_req" not in pools["1.16"]
     assert "cl_active_cancel_req" in pools["1.18"] and "cl_cancel_req" not in pools["1.18"]
     assert {"paused", "disabled"} <= databases["1.8"] and "min_pool_size" not in databases["1.8"]
@@ -139,6 +143,11 @@ def test_columns_differ_by_version_as_pgbouncer_changed_them():
         databases["1.24"]
     )
     assert "reserve_pool" not in databases["1.24"]
+    assert databases["1.26"] == databases["1.24"] and "min_pool_size" not in databases["1.15"]
+    stats = {v: set(load(v)["STATS"]["columns"]) for v in VERSIONS}
+    assert stats["1.15"] == stats["1.18"] and "total_server_assignment_count" in stats["1.24"]
+    assert stats["1.26"] - stats["1.24"] == {"total_client_login_count", "avg_client_login_count"}
+    assert pools["1.26"] - pools["1.18"] == {"load_balance_hosts"}
     assert load("1.8")["VERSION"]["rows"] == []
     assert all(isinstance(v, str) for row in load("1.8")["STATS"]["rows"] for v in row)
 
@@ -237,7 +246,7 @@ def test_maxwait_known_values(version):
 def test_cancel_gauges_only_from_1_18(version):
     raw = load(version)
     metrics = run(raw)
-    if version in ("1.8", "1.12", "1.16"):
+    if version in ("1.8", "1.12", "1.15", "1.16"):
         assert not names(metrics) & CANCEL
     else:
         assert value(metrics, f"{P}pools.cl_active_cancel_req", "appdb") == column(
@@ -248,7 +257,7 @@ def test_cancel_gauges_only_from_1_18(version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_reserve_pool_size_from_either_column_name(version):
     raw = load(version)
-    source = "reserve_pool_size" if version in ("1.24", "1.25") else "reserve_pool"
+    source = "reserve_pool_size" if version in ("1.24", "1.25", "1.26") else "reserve_pool"
     assert source in raw["DATABASES"]["columns"]
     metrics = run(raw)
     for db in ("appdb", "sized"):
@@ -283,8 +292,9 @@ def test_stats_counts_bytes_and_times_in_seconds(version):
     assert value(metrics, f"{P}stats.query_time", "sized") == pytest.approx(0.3)
 
 
-def test_stats_of_the_real_1_18_in_seconds():
-    raw = load("1.18")
+@pytest.mark.parametrize("version", LIVE)
+def test_stats_of_live_servers_in_seconds(version):
+    raw = load(version)
     metrics = run(raw)
     for db in ("appdb", "sized"):
         assert value(metrics, f"{P}stats.queries", db) == column(raw, "STATS", "total_query_count", "database", db)
@@ -331,8 +341,9 @@ def test_server_utilization_falls_back_to_default_pool_size_when_minus_one(versi
     assert value(metrics, f"{P}pools.server_utilization", "sized") == pytest.approx(5 / 8)
 
 
-def test_server_utilization_of_the_real_1_18():
-    raw = load("1.18")
+@pytest.mark.parametrize("version", LIVE)
+def test_server_utilization_of_live_servers(version):
+    raw = load(version)
     metrics = run(raw)
     active = column(raw, "POOLS", "sv_active", "database", "appdb")
     assert active >= 1
@@ -343,20 +354,20 @@ def test_server_utilization_of_the_real_1_18():
 
 
 def test_server_utilization_falls_back_when_the_pool_size_column_is_missing():
-    metrics = run(drop_column(load("1.24"), "DATABASES", "pool_size"))
+    metrics = run(drop_column(load("1.25"), "DATABASES", "pool_size"))
     assert value(metrics, f"{P}pools.server_utilization", "sized") == pytest.approx(5 / 25)
     assert f"{P}databases.pool_size" not in names(metrics)
 
 
 def test_server_utilization_falls_back_when_the_database_row_is_missing():
-    raw = load("1.24")
+    raw = load("1.25")
     raw["DATABASES"]["rows"] = [row for row in raw["DATABASES"]["rows"] if row[0] != "sized"]
     metrics = run(raw)
     assert value(metrics, f"{P}pools.server_utilization", "sized") == pytest.approx(5 / 25)
 
 
 def test_no_server_utilization_without_any_pool_size():
-    raw = drop_column(load("1.24"), "DATABASES", "pool_size")
+    raw = drop_column(load("1.25"), "DATABASES", "pool_size")
     raw["CONFIG"]["rows"] = [row for row in raw["CONFIG"]["rows"] if row[0] != "default_pool_size"]
     metrics = run(raw)
     assert f"{P}pools.server_utilization" not in names(metrics)
@@ -372,7 +383,7 @@ def test_client_utilization_is_used_clients_over_max_client_conn(version):
     assert value(metrics, f"{P}clients") == used
     assert value(metrics, f"{P}max_client_conn") == limit
     assert value(metrics, f"{P}client_utilization") == pytest.approx(used / limit)
-    if version != "1.18":
+    if version not in LIVE:
         assert value(metrics, f"{P}client_utilization") == pytest.approx(20 / 200)
 
 

@@ -1,8 +1,9 @@
 """Record the admin console's SHOW results from the PgBouncer installed here into pgbouncer_<version>.json.
 
-Usage: python tests/recorded/record.py [output folder]
+Usage: python tests/recorded/record.py [--pgbouncer VERSION] [output folder]
 
-Starts a throwaway PostgreSQL and PgBouncer, gives PgBouncer two application databases
+VERSION is one of the builds django_db_tools.debian fetches (1.15, 1.24, 1.26); the machine's own
+PgBouncer by default. Starts a throwaway PostgreSQL and PgBouncer, gives PgBouncer two application databases
 (`appdb` through the `*` fallback with the default pool size, `sized` with an explicit
 pool_size, reserve_pool and max_db_connections), runs a little traffic through both so pools and stats exist, keeps one
 transaction open so a server is active, then reads every SHOW the check uses as user
@@ -19,6 +20,7 @@ from pathlib import Path
 import psycopg
 
 from datadog_checks.django_db.sources.pgbouncer import ON_CONNECT, PER_RUN, parse_version
+from django_db_tools import debian
 from django_db_tools.sandbox import Sandbox
 
 APP_PASSWORD = "app-secret"
@@ -62,7 +64,8 @@ def dump(results: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def record(box: Sandbox) -> dict:
+def prepare(box: Sandbox) -> None:
+    """The role `app`, its databases `appdb` and `sized`, and PgBouncer's `sized` pool."""
     box.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
     box.psql("CREATE DATABASE appdb OWNER app")
     box.psql("CREATE DATABASE sized OWNER app")
@@ -71,7 +74,10 @@ def record(box: Sandbox) -> dict:
         f"host=127.0.0.1 port={box.postgres.port} dbname=sized"
         f" pool_size={SIZED_POOL} reserve_pool=2 max_db_connections=30"
     )
-    box.pgbouncer.reload()
+
+
+def read(box: Sandbox) -> dict:
+    """Traffic through both pools, one transaction left open, then every SHOW the check uses."""
 
     def client(dbname: str) -> psycopg.Connection:
         return psycopg.connect(
@@ -96,9 +102,25 @@ def record(box: Sandbox) -> dict:
             conn.close()
 
 
+def record(box: Sandbox) -> dict:
+    prepare(box)
+    box.pgbouncer.reload()
+    return read(box)
+
+
 def main() -> None:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
-    with Sandbox(default_pool_size=20, max_client_conn=100) as box:
+    args = sys.argv[1:]
+    version = args[1] if args[:1] == ["--pgbouncer"] else None
+    folder = Path(args[2 if version else 0]) if len(args) > (2 if version else 0) else Path(__file__).parent
+    if version is None:
+        record_into(folder, None)
+        return
+    with debian.runnable(debian.fetch(debian.PGBOUNCER[version])) as build:
+        record_into(folder, build.command("pgbouncer"))
+
+
+def record_into(folder: Path, program: list[str] | None) -> None:
+    with Sandbox(default_pool_size=20, max_client_conn=100, pgbouncer_program=program) as box:
         root = box.root
         results = record(box)
     version = parse_version([" ".join(str(v) for v in row) for row in results["VERSION"]["rows"]])
