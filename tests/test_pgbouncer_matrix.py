@@ -238,6 +238,23 @@ def test_max_client_conn_refusal(aggregator, dd_run_check, bouncer):
         bouncer.reload(max_client_conn=100)
 
 
+def test_clients_by_application_and_state(aggregator, dd_run_check, bouncer):
+    """SHOW CLIENTS on each version: application_name from 1.18 (none before), `idle` state from 1.25."""
+    held = [bouncer.connect(application_name="matrix-web") for _ in range(2)]
+    try:
+        for conn in held:
+            conn.execute("SELECT 1")
+        check = DjangoDbCheck("django_db", {}, [bouncer.instance()])
+        dd_run_check(check)
+        check.cancel()
+        app = "matrix-web" if bouncer.pgbouncer.version >= (1, 18) else "none"
+        tags = ("pgbouncer_db:appdb", "user:app", f"app:{app}", "state:idle")
+        assert one_value(aggregator, f"{P}client_connections", *tags) == 2
+    finally:
+        for conn in held:
+            conn.close()
+
+
 def test_console_user_not_allowed(aggregator, dd_run_check, bouncer):
     instance = {"pgbouncer": bouncer.pgbouncer.instance("app", APP_PASSWORD)}
     dd_run_check(DjangoDbCheck("django_db", {}, [instance]))

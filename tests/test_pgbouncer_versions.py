@@ -148,6 +148,9 @@ def test_columns_differ_by_version_as_pgbouncer_changed_them():
     assert stats["1.15"] == stats["1.18"] and "total_server_assignment_count" in stats["1.24"]
     assert stats["1.26"] - stats["1.24"] == {"total_client_login_count", "avg_client_login_count"}
     assert pools["1.26"] - pools["1.18"] == {"load_balance_hosts"}
+    clients = {v: set(json.loads((RECORDED / f"pgbouncer_{v}.json").read_text())["CLIENTS"]["columns"]) for v in LIVE}
+    assert "application_name" not in clients["1.15"] and clients["1.18"] - clients["1.15"] == {"application_name"}
+    assert clients["1.26"] - clients["1.18"] == {"replication", "prepared_statements", "id"}
     assert load("1.8")["VERSION"]["rows"] == []
     assert all(isinstance(v, str) for row in load("1.8")["STATS"]["rows"] for v in row)
 
