@@ -10,10 +10,14 @@
   interleaved in one process (check, bare, check with the stub, check, bare, ...) after warm-up
   rounds, so that the machine's noise falls on all of them alike. Medians and p90; ratios of medians.
 - Peak Python memory of one run (tracemalloc, after a warm-up run) at 10 and 200 pools.
+- PgBouncer's clients: at 100 and 5,000 idle client connections of 3 applications, the run time beside
+  the bare SHOW statements of a run (POOLS, STATS, DATABASES, LISTS, CLIENTS, fetched whole), the peak
+  memory of one run, and the series, which must not grow with the clients.
 - Round trips per run after the first, from libpq's trace of the check's own connections, and the
   connections the servers saw the check open.
 
-Usage: python benchmarks/bench_cost.py [--runs N] [--warmup N] [--clients 100,1000,2000] [--pools 10,200] [--series]
+Usage: python benchmarks/bench_cost.py [--runs N] [--warmup N] [--clients 100,1000,2000] [--pools 10,200]
+       [--pgbouncer-clients 100,5000] [--series]
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ PGBOUNCER_RATIO_LAST = 3.0  # at the most pools (200 by default)
 MEMORY_RATIO = 2.0  # the peak at the most pools over the peak at the fewest
 POSTGRES_ROUND_TRIPS = 1
 PGBOUNCER_ROUND_TRIPS = 5
+CLIENTS_RATIO_LAST = 2.0  # the PgBouncer side over its bare SHOW statements, at the most clients (5,000)
+CLIENT_APPS = ("shop-web", "shop-worker", "shop-beat")
 
 TRACED_RUNS = 3
 SHOP_PASSWORD = "shop-secret"
@@ -495,6 +501,103 @@ def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int
         report.line(f"{level} pools: stub aggregator", f"{stubbed / 1024:.0f} KiB")
 
 
+def open_pgbouncer_clients(
+    box: Sandbox, clients: list[psycopg.Connection[Any]], level: int, name: Callable[[int], str] | None = None
+) -> None:
+    """Idle clients of PgBouncer up to ``level``, of three applications or each named ``name(i)`` (PgBouncer
+    trusts them: no hashing)."""
+    while len(clients) < level:
+        i = len(clients)
+        app = name(i) if name is not None else CLIENT_APPS[i % len(CLIENT_APPS)]
+        clients.append(connect(box.pgbouncer.port, "postgres", SUPERUSER, "", app, prepare_threshold=None))
+
+
+def hostile_name(i: int) -> str:
+    """A distinct application name of 63 bytes with regex metacharacters, a comma and a colon."""
+    return f"{i:05d}-(a+)+$[x]{{2}}|.*?,tag:value-".ljust(63, "z")[:63]
+
+
+def pgbouncer_clients_side(report: Report, levels: Sequence[int], runs: int, warmup: int) -> None:
+    report.section(
+        "PgBouncer's clients (pgbouncer section only): idle clients of 3 applications on one pool;"
+        " bare = SHOW POOLS, STATS, DATABASES, LISTS and CLIENTS, fetched whole, on an open console connection"
+    )
+    most = max(levels)
+    box = Sandbox(max_client_conn=most + 100, default_pool_size=5, auth_type="trust").start()
+    clients: list[psycopg.Connection[Any]] = []
+    made: list[DjangoDbCheck] = []
+    bare = None
+    counted: dict[int, int] = {}
+    try:
+        bare = console(box, "bench-bare")
+        made += checks({"pgbouncer": box.pgbouncer.instance(Sandbox.MONITOR_USER)})
+        silent, stub = made
+        for level in levels:
+            open_pgbouncer_clients(box, clients, level)
+            stub.check(None)
+            stub_run(stub)
+            seen = sum(m.value for m in aggregator.metrics("django_db.pgbouncer.client_connections"))
+            if seen < level:
+                raise BenchmarkBroken(f"the check counted {seen:.0f} PgBouncer clients, {level} are open")
+            counted[level] = len(series())
+            report.line(
+                f"{level} clients: series",
+                f"{counted[level]} ({seen:.0f} clients counted)",
+                f"== {counted[levels[0]]}" if level != levels[0] else None,
+                counted[level] == counted[levels[0]] if level != levels[0] else None,
+            )
+
+            def show_statements() -> None:
+                assert bare is not None
+                for what in ("POOLS", "STATS", "DATABASES", "LISTS", "CLIENTS"):
+                    bare.execute("SHOW " + what).fetchall()
+
+            times = against_bare(silent, stub, show_statements, runs, warmup)
+            bare_median = median_ms(times["bare"])
+            ratio = median_ms(times["check"]) / bare_median
+            last = level == levels[-1] and len(levels) > 1
+            report.line(
+                f"{level} clients: run time, no-op aggregator",
+                f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
+                f"<= {CLIENTS_RATIO_LAST:g}x" if last else None,
+                ratio <= CLIENTS_RATIO_LAST if last else None,
+            )
+            report.line(
+                f"{level} clients: run time, stub aggregator",
+                f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
+            )
+            quiet = peak_memory(lambda: silent.check(None))
+            report.line(f"{level} clients: peak memory, no-op aggregator", f"{quiet / 1024:.0f} KiB")
+
+        # As many clients, each with its own hostile application_name: the series stay within max_tag_values.
+        close_all(clients)
+        clients.clear()
+        open_pgbouncer_clients(box, clients, most, hostile_name)
+        stub_run(stub)
+        apps = {t for m in aggregator.metrics("django_db.pgbouncer.client_connections") for t in m.tags if
+                t.startswith("app:")}  # fmt: skip
+        bound = 50 + 1  # max_tag_values and other
+        report.line(
+            f"{most} distinct names: app values, series",
+            f"{len(apps)} app values, {len(series())} series",
+            f"<= {bound}",
+            len(apps) <= bound,
+        )
+        times = against_bare(silent, stub, show_statements, runs, warmup)
+        ratio = median_ms(times["check"]) / median_ms(times["bare"])
+        report.line(
+            f"{most} distinct names: run time, no-op aggregator",
+            f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
+        )
+        quiet = peak_memory(lambda: silent.check(None))
+        report.line(f"{most} distinct names: peak memory, no-op aggregator", f"{quiet / 1024:.0f} KiB")
+    finally:
+        for check in made:
+            check.cancel()
+        close_all([bare, *clients])
+        box.close()
+
+
 def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int) -> None:
     report.section(
         "PostgreSQL side (postgres section only): idle clients of 3 applications;"
@@ -552,11 +655,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds before them (default 5)")
     parser.add_argument("--clients", type=levels_of, default=[100, 1000, 2000], help="idle PostgreSQL clients")
     parser.add_argument("--pools", type=levels_of, default=[10, 200], help="PgBouncer pools")
+    parser.add_argument(
+        "--pgbouncer-clients", type=levels_of, default=[100, 5000], help="idle clients of PgBouncer (default 100,5000)"
+    )
     parser.add_argument("--series", action="store_true", help="list the small stack's series by metric name")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be 1 or more, --warmup 0 or more")
-    raise_open_files(max(args.clients) + max(args.pools) + 500)
+    raise_open_files(max(args.clients) + max(args.pools) + 2 * max(args.pgbouncer_clients) + 500)
 
     started = time.monotonic()
     print(
@@ -566,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report()
     small_stack(report, args.series)
     pgbouncer_side(report, args.pools, args.runs, args.warmup)
+    pgbouncer_clients_side(report, args.pgbouncer_clients, args.runs, args.warmup)
     postgres_side(report, args.clients, args.runs, args.warmup)
     print(f"\n{report.passed} of {report.passed + report.failed} figures meet their target")
     print(f"total {time.monotonic() - started:.0f} s")

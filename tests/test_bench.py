@@ -36,7 +36,7 @@ def bench() -> ModuleType:
 
 
 def test_bench_prints_every_figure_beside_its_target(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
-    bench.main(["--runs", "3", "--warmup", "1", "--clients", "3,6,9", "--pools", "2,4"])
+    bench.main(["--runs", "3", "--warmup", "1", "--clients", "3,6,9", "--pools", "2,4", "--pgbouncer-clients", "4,8"])
     out = capsys.readouterr().out
     expected = [
         figure("series per run (metric name + tags)", r"\d+ \(20 client connections counted\)", "<= 80"),
@@ -65,10 +65,21 @@ def test_bench_prints_every_figure_beside_its_target(bench: ModuleType, capsys: 
             figure(f"{clients} idle clients: run time, no-op aggregator", rf"{MS} / bare {MS} = {NUMBER}x", target),
             figure(f"{clients} idle clients: run time, stub aggregator", rf"{MS} = {NUMBER}x bare", None),
         ]
+    for clients, target in ((4, None), (8, "<= 2x")):
+        expected += [
+            figure(f"{clients} clients: run time, no-op aggregator", rf"{MS} / bare {MS} = {NUMBER}x", target),
+            figure(f"{clients} clients: run time, stub aggregator", rf"{MS} = {NUMBER}x bare", None),
+            figure(f"{clients} clients: peak memory, no-op aggregator", rf"{NUMBER} KiB", None),
+        ]
+    expected += [
+        figure("4 clients: series", r"\d+ \(4 clients counted\)", None),
+        r"(?m)^  8 clients: series\s+\d+ \(8 clients counted\)\s+== \d+\s+(PASS|FAIL)$",
+        figure("8 distinct names: app values, series", r"\d+ app values, \d+ series", "<= 51"),
+    ]
     missing = [pattern for pattern in expected if not re.search(pattern, out)]
     assert not missing, f"lines missing from the benchmark's output:\n{missing}\n\n{out}"
     judged = len(re.findall(r"(?m) (?:PASS|FAIL)$", out))
-    assert judged == 13
+    assert judged == 16
     assert re.search(rf"(?m)^\d+ of {judged} figures meet their target$", out)
     assert re.search(r"(?m)^total \d+ s$", out.rstrip().splitlines()[-1])
 

@@ -75,7 +75,10 @@ def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
     now = seconds(clients.now)
     modes = pool_modes(snapshot)
     apps, dbs = settings.applications, settings.databases
-    chosen = [g for g in clients.groups if apps.allows(g.app) and dbs.allows(g.db)]
+    if apps.everything and dbs.everything:
+        chosen: Iterable[PgbClientGroup] = clients.groups
+    else:
+        chosen = [g for g in clients.groups if apps.allows(g.app) and dbs.allows(g.db)]
     limit = _leak_limits(chosen, settings)
     merged: dict[tuple[str, str, str, str, str], list[float]] = {}
     for g in chosen:
@@ -122,57 +125,57 @@ def _leak_limits(groups: Iterable[PgbClientGroup], settings: Settings) -> Callab
 
 
 # -- metrics ------------------------------------------------------------------------------------------
-def fold(rows: list[Clients], limit: int) -> tuple[list[Clients], dict[str, list[str]]]:
-    """At most ``limit`` values of each client-chosen field (database, user, application, host), ranked by their
-    clients; the rest become ``other``."""
+def kept_values(rows: list[Clients], limit: int) -> tuple[dict[str, set[str] | None], dict[str, list[str]]]:
+    """Per field, the ``limit`` values with the most clients (None when all fit), and per tag the values folded
+    into ``other``: database, user, application and host are all chosen by clients."""
+    kept: dict[str, set[str] | None] = {}
     folded: dict[str, list[str]] = {}
     for field, tag in DIMENSIONS.values():
         sizes: Counter[str] = Counter()
         for row in rows:
             sizes[getattr(row, field)] += row.connections
         if len(sizes) <= limit:
+            kept[field] = None
             continue
         ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
-        kept = set(ranked[:limit])
+        kept[field] = set(ranked[:limit])
         folded[tag] = sorted(ranked[limit:])
-        rows = [r if getattr(r, field) in kept else _renamed(r, field) for r in rows]
-    return rows, folded
-
-
-def _renamed(row: Clients, field: str) -> Clients:
-    values = row._asdict()
-    values[field] = OTHER
-    return Clients(**values)
+    return kept, folded
 
 
 def client_metrics(rows: list[Clients], settings: Settings) -> tuple[list[Metric], dict[str, list[str]]]:
     """``client_connections`` by state and the ``group_by`` dimensions (``db`` is ``pgbouncer_db``, ``client_addr``
-    the client's host), and ``leaked_clients`` by pgbouncer_db, user, app (zero included); values folded away."""
+    the client's host), and ``leaked_clients`` by pgbouncer_db, user, app (zero included); values folded away.
+    Rows are summed under their folded values first: tags are made once per series, not per row."""
     assert settings.pgbouncer is not None
     base = (settings.pgbouncer.tag, *settings.tags)
-    rows, folded = fold(rows, settings.max_tag_values)
+    kept, folded = kept_values(rows, settings.max_tag_values)
+    fields = [field for field, _ in DIMENSIONS.values()]  # db, user, app, addr
     by = [DIMENSIONS[d] for d in settings.group_by if d in DIMENSIONS]
+    chosen = [fields.index(field) for field, _ in by]
     connections: dict[tuple[str, ...], int] = defaultdict(int)
     leaked: dict[tuple[str, ...], int] = defaultdict(int)
-    tag = _tagger()
+    keeps = [kept[field] for field in fields]
     for r in rows:
-        connections[(*base, tag("state", r.state), *(tag(name, getattr(r, f)) for f, name in by))] += r.connections
-        leaked[(*base, tag("pgbouncer_db", r.db), tag("user", r.user), tag("app", r.app))] += r.leaked
-    metrics = [Metric("gauge", PREFIX + "client_connections", n, tags) for tags, n in connections.items()]
-    metrics += [Metric("gauge", PREFIX + "leaked_clients", n, tags) for tags, n in leaked.items()]
+        values = tuple(
+            value if keep is None or value in keep else OTHER
+            for value, keep in zip((r.db, r.user, r.app, r.addr), keeps, strict=True)
+        )
+        leaked[values[:3]] += r.leaked
+        connections[(r.state, *(values[i] for i in chosen))] += r.connections
+    names = ("state", *(name for _, name in by))
+    metrics = [
+        Metric("gauge", PREFIX + "client_connections", n, (*base, *_tags(names, key))) for key, n in connections.items()
+    ]
+    metrics += [
+        Metric("gauge", PREFIX + "leaked_clients", n, (*base, *_tags(("pgbouncer_db", "user", "app"), key)))
+        for key, n in leaked.items()
+    ]
     return metrics, folded
 
 
-def _tagger() -> Callable[[str, str], str]:
-    made: dict[tuple[str, str], str] = {}
-
-    def tag(name: str, value: str) -> str:
-        found = made.get((name, value))
-        if found is None:
-            found = made[(name, value)] = f"{name}:{tag_value(value)}"
-        return found
-
-    return tag
+def _tags(names: Iterable[str], values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f"{name}:{tag_value(value)}" for name, value in zip(names, values, strict=True))
 
 
 # -- findings -----------------------------------------------------------------------------------------
@@ -196,11 +199,14 @@ def holders(clients: PgbClients | None, shown: int = SHOWN) -> str:
     if clients is None or not clients.groups:
         return ""
     by_app: Counter[str] = Counter()
-    hosts: dict[str, Counter[str]] = defaultdict(Counter)
     for g in clients.groups:
         by_app[g.app] += g.connections
-        hosts[g.app][g.addr] += g.connections
-    shown_apps = [f"{_app(app)} {n} (from {_hosts(hosts[app])})" for app, n in _ranked(by_app, shown)]
+    ranked = _ranked(by_app, shown)
+    hosts: dict[str, Counter[str]] = {app: Counter() for app, _ in ranked}
+    for g in clients.groups:
+        if g.app in hosts:
+            hosts[g.app][g.addr] += g.connections
+    shown_apps = [f"{_app(app)} {n} (from {_hosts(hosts[app])})" for app, n in ranked]
     more = len(by_app) - shown
     return ", ".join(shown_apps) + (f" and {more} more applications" if more > 0 else "")
 
