@@ -22,6 +22,7 @@ from .evaluate.health import pgbouncer_findings, postgres_findings, signature_fi
 from .evaluate.log_prefix import AppOf, app_finder
 from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
+from .evaluate.otel import django_pools, pgbouncer_pools, pool_metrics, query_wait_timeouts
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve
 from .evaluate.postgres import SessionHistory, postgres_metrics
@@ -82,6 +83,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self._log_apps: dict[str, Counter[str]] = {}  # this run's signatures in the logs, by application
         self._authorized: Counter[str] = Counter()  # this run's connections PostgreSQL logged, by application
         self._said_no_app_name = False  # PgBouncer before 1.18 has no application_name: logged once
+        self._query_wait_timeouts: Counter[str] = Counter()  # this run's, from PgBouncer's log, by db/user
         self._submitters: dict[Kind, Callable[..., None]] = {
             "gauge": self.gauge,
             "rate": self.rate,
@@ -116,6 +118,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                 self._app_of = app_finder(pg.settings.log_line_prefix)
             seen += self.collect_logs(self.logs)
         run = self.collect_django(self.django) if self.django is not None else None
+        if self.settings.otel_current:
+            self.submit_pools(pgb, run)
         named: set[str] = set()
         if pg is not None:
             found, named = self.churn_findings(pg, run)
@@ -212,6 +216,16 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(django_metrics(run, self.settings.tags))
         return run
 
+    def submit_pools(self, pgb: PgbSnapshot | None, run: DjangoRun | None) -> None:
+        """OpenTelemetry's current metrics of the PgBouncer and Django pools (PostgreSQL's and MySQL's come
+        with their other metrics), once this run's logs have told the PgBouncer pools' timeouts."""
+        s = self.settings
+        if pgb is not None and s.pgbouncer is not None:
+            pools = pgbouncer_pools(pgb, s.pgbouncer.server_tag, s.max_tag_values, self._query_wait_timeouts)
+            self.submit(pool_metrics(pools, (s.pgbouncer.tag, *s.tags)))
+        if run is not None:
+            self.submit(pool_metrics(django_pools(run), s.tags))
+
     def django_tags(self, url: str, app: str) -> list[str]:
         return [f"django_endpoint:{url}", f"app:{tag_value(app)}", *self.settings.tags]
 
@@ -235,6 +249,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         seen: Seen = []
         self._authorized = Counter()
         self._log_apps = defaultdict(Counter)
+        self._query_wait_timeouts = Counter()
         for path, lines in logs.poll().items():
             records = self._log_records.setdefault(path, LogRecords())
             records.app_of = self._app_of
@@ -243,6 +258,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             for (name, app), count in records.apps.items():
                 self._log_apps[name][app] += count
             self._authorized += authorized_apps(lines)
+            if self.settings.otel_current and self.pgbouncer is not None:
+                self._query_wait_timeouts += query_wait_timeouts(lines)
         for path, problem in logs.problems.items():
             if self._log_problems.get(path) != problem:
                 self.warning("Cannot read log file %s: %s", path, problem)

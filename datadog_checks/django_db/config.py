@@ -23,6 +23,7 @@ from .config_models.validators import (
     DIMENSIONS,
     ENDPOINT_DEFAULTS,
     METRIC_GROUPS,
+    OTEL_SEMCONV,
 )
 from .patterns import NamePattern, compile_name_pattern
 from .profiles import AppProfile, profiles_from
@@ -31,6 +32,7 @@ from .redact import bare_url
 __all__ = [
     "DIMENSIONS",
     "METRIC_GROUPS",
+    "OTEL_SEMCONV",
     "DjangoEndpoint",
     "Endpoint",
     "Level",
@@ -135,6 +137,17 @@ class Settings:
     extra_metrics: frozenset[str] = frozenset()  # the opt-in metric groups asked for (METRIC_GROUPS)
     apps: tuple[AppProfile, ...] = ()
     django_metrics: tuple[DjangoEndpoint, ...] = ()
+    otel_semconv: str = "legacy"  # legacy, current or both (OTEL_SEMCONV)
+
+    @property
+    def otel_legacy(self) -> bool:
+        """Whether to send db.client.connections.usage, the name before the semantic conventions 1.26."""
+        return self.emit_otel_metrics and self.otel_semconv != "current"
+
+    @property
+    def otel_current(self) -> bool:
+        """Whether to send the db.client.connection.* metrics of the semantic conventions 1.26 and later."""
+        return self.emit_otel_metrics and self.otel_semconv != "legacy"
 
 
 def default_leak_idle_seconds(conn_max_age: float | None) -> float:
@@ -240,4 +253,5 @@ def settings_from(model: InstanceConfig) -> Settings:
         extra_metrics=frozenset(model.extra_metrics or ()),
         apps=profiles_from(model.apps, conn_max_age, leak_idle_seconds, default_leak_idle_seconds),
         django_metrics=tuple(_django_endpoint(e) for e in model.django_metrics or ()),
+        otel_semconv=_given(model.otel_semconv, defaults.instance_otel_semconv),
     )

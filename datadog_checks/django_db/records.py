@@ -136,6 +136,7 @@ class PgbDatabase(NamedTuple):
     current_connections: float | None
     paused: float | None
     disabled: float | None
+    min_pool_size: float | None = None  # from 1.18; -1 or None: the server's min_pool_size
 
 
 class PgbStats(NamedTuple):
@@ -158,6 +159,7 @@ class PgbConfig:
     max_client_conn: float | None = None
     default_pool_size: float | None = None
     reserve_pool_size: float | None = None
+    min_pool_size: float | None = None
     max_db_connections: float | None = None
     pool_mode: str | None = None
     server_idle_timeout: float | None = None
@@ -242,6 +244,7 @@ class DjangoPool:
     requests_waiting: float | None = None
     timeouts: float | None = None  # counter: requests that got no connection (requests_errors)
     connections: float | None = None  # counter: physical connections the pool opened (connections_num)
+    min_size: float | None = None  # the connections it keeps open however idle (pool_min)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Imported once per process (wsgi.py does it when the app runs with django-prometh
 from django.db import connections
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 
-GAUGES = {"size": "pool_size", "available": "pool_available", "max_size": "pool_max"}
+GAUGES = {"size": "pool_size", "available": "pool_available", "max_size": "pool_max", "min_size": "pool_min"}
 GAUGES["requests_waiting"] = "requests_waiting"
 COUNTERS = {"timeouts": "requests_errors", "connections": "connections_num"}
 

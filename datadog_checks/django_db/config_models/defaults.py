@@ -36,5 +36,9 @@ def instance_min_collection_interval():
     return 15
 
 
+def instance_otel_semconv():
+    return "legacy"
+
+
 def instance_report_leak_queries():
     return False

@@ -230,6 +230,7 @@ class InstanceConfig(BaseModel):
     metric_patterns: Optional[MetricPatterns] = None
     min_collection_interval: Optional[float] = None
     mysql: Optional[Mysql] = None
+    otel_semconv: Optional[str] = None
     pgbouncer: Optional[Pgbouncer] = None
     postgres: Optional[Postgres] = None
     report_leak_queries: Optional[bool] = None

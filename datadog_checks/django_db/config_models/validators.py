@@ -38,6 +38,8 @@ METRIC_GROUPS = (
     "pgbouncer_stats",
     "pgbouncer_lists",
 )
+# The names of OpenTelemetry's database client metrics: the old ones, the semantic conventions' current ones, or both.
+OTEL_SEMCONV = ("legacy", "current", "both")
 
 # Defaults of the options inside the endpoint sections; the generated defaults.py holds the
 # top-level ones. The PgBouncer console database is always `pgbouncer`; the MySQL connection
@@ -274,6 +276,9 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
                 checker.fail(f"group_by[{index}]", f"unknown dimension; use {', '.join(DIMENSIONS)}", dimension)
         if len(set(group_by)) != len(group_by):
             checker.fail("group_by", "names a dimension twice", ", ".join(group_by))
+    semconv = values.get("otel_semconv")
+    if semconv is not None and semconv not in OTEL_SEMCONV:
+        checker.fail("otel_semconv", f"must be one of {', '.join(OTEL_SEMCONV)}", semconv)
     for index, group in enumerate(values.get("extra_metrics") or ()):
         if group not in METRIC_GROUPS:
             checker.fail(f"extra_metrics[{index}]", f"unknown metric group; use {', '.join(METRIC_GROUPS)}", group)

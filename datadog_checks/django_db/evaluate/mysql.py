@@ -17,6 +17,7 @@ from ..config import Settings
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
 from .churn import Churn, ChurnWindow, Sample
 from .model import Finding, Metric, Status, level, tag_value
+from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.mysql."
 OTHER = "other"
@@ -112,22 +113,27 @@ def mysql_metrics(snapshot: MysqlSnapshot, settings: Settings) -> tuple[list[Met
     groups, folded = fold(select(snapshot.groups, settings), ("db", "user", "client_host"), settings.max_tag_values)
     sums: dict[tuple[str, ...], float] = defaultdict(float)
     ages: dict[tuple[str, ...], float] = defaultdict(float)
+    pools: dict[str, tuple[float, float]] = {}  # (used, idle) by database, for the current OpenTelemetry names
     for g in groups:
         sums[("connections", f"state:{g.state}", *_tags(g, names))] += g.count
         sums[("leaked_connections", *_tags(g, ("db", "user", "client_host")))] += g.leaked
         usage = "idle" if g.state == "idle" else "used"
         sums[("otel", f"state:{usage}", f"pool.name:{settings.mysql.server_tag}/{tag_value(g.db)}")] += g.count
+        used, idle = pools.get(tag_value(g.db), (0.0, 0.0))
+        pools[tag_value(g.db)] = (used, idle + g.count) if usage == "idle" else (used + g.count, idle)
         key = _tags(g, ("db", "user"))
         ages[("idle.max_age", *key)] = max(ages[("idle.max_age", *key)], g.max_idle)
         ages[("transaction.max_age", *key)] = max(ages[("transaction.max_age", *key)], g.max_transaction_age)
     for (name, *tags), value in sums.items():
         if name == "otel":
-            if settings.emit_otel_metrics:
+            if settings.otel_legacy:
                 metrics.append(Metric("gauge", "db.client.connections.usage", value, base + tuple(tags)))
         else:
             gauge(name, value, tuple(tags))
     for (name, *tags), value in ages.items():
         gauge(name, value, tuple(tags))
+    if settings.otel_current:
+        metrics += pool_metrics(server_pools(settings.mysql.server_tag, pools, variables.max_connections), base)
     return metrics, folded
 
 

@@ -11,6 +11,7 @@ from ..config import Settings
 from ..records import ActivityGroup, PgSnapshot
 from .churn import Churn, ChurnWindow, Sample
 from .model import Metric, tag_value
+from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.postgres."
 OTHER = "other"
@@ -165,8 +166,9 @@ def postgres_metrics(
         select(snapshot.groups, settings), ("db", "user", "app", "client_addr"), settings.max_tag_values
     )
     usage = "connections_usage" in settings.extra_metrics
-    otel = settings.emit_otel_metrics
+    otel, current = settings.otel_legacy, settings.otel_current
     group_by, server_tag = settings.group_by, settings.postgres.server_tag
+    pools: dict[str, tuple[float, float]] = {}  # (used, idle) by database, for the current OpenTelemetry names
 
     sums: dict[tuple[str, tuple[str, ...]], float] = {}
     ages: dict[tuple[str, tuple[str, ...]], float] = {}
@@ -181,11 +183,19 @@ def postgres_metrics(
             sums[in_use] = sums.get(in_use, 0.0) + g.count
         if otel:
             sums[otel_use] = sums.get(otel_use, 0.0) + g.count
+        if current:
+            in_pool, idle_in_pool = pools.get(tag_value(g.db), (0.0, 0.0))
+            if g.state == "idle":
+                pools[tag_value(g.db)] = (in_pool, idle_in_pool + g.count)
+            else:
+                pools[tag_value(g.db)] = (in_pool + g.count, idle_in_pool)
         state, age = g.state, g.max_age
         for key, wanted in ((idle, "idle"), (in_tx, "idle in transaction"), (active, "active")):
             ages[key] = max(ages.get(key, 0.0), age if state == wanted else 0.0)
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in sums.items()]
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in ages.items()]
+    if current:
+        metrics += pool_metrics(server_pools(server_tag, pools, usable), base)
 
     allows = settings.databases.allows
     for db, opened in opened_by_db.items():

@@ -42,6 +42,7 @@ POOL_SAMPLES = {
     "django_db_pool_requests_waiting": "requests_waiting",
     "django_db_pool_timeouts_total": "timeouts",
     "django_db_pool_connections_total": "connections",
+    "django_db_pool_min_size": "min_size",
 }
 
 

@@ -175,6 +175,7 @@ def parse_config(result: Result) -> PgbConfig:
         max_client_conn=number_of("max_client_conn"),
         default_pool_size=number_of("default_pool_size"),
         reserve_pool_size=number_of("reserve_pool_size"),
+        min_pool_size=number_of("min_pool_size"),
         max_db_connections=number_of("max_db_connections"),
         pool_mode=_text(values["pool_mode"]) if values.get("pool_mode") else None,
         server_idle_timeout=number_of("server_idle_timeout"),
@@ -196,7 +197,7 @@ def _numbers(result: Result, positions: Sequence[Position]) -> Callable[[Sequenc
 
 DATABASE_COLUMNS = (
     ("pool_size",), ("reserve_pool_size", "reserve_pool"), ("max_connections",), ("current_connections",),
-    ("paused",), ("disabled",),
+    ("paused",), ("disabled",), ("min_pool_size",),
 )  # fmt: skip
 
 
