@@ -35,7 +35,7 @@ def test_the_option_defaults_to_legacy_and_refuses_other_names():
     with pytest.raises(ConfigurationError) as error:
         DjangoDbCheck("django_db", {}, [{"postgres": PG, "otel_semconv": "1.26"}])
     assert str(error.value) == "`otel_semconv`: must be one of legacy, current, both (got '1.26')"
-    with pytest.raises(ConfigurationError, match="^`otel_semconv`: must be a string"):
+    with pytest.raises(ConfigurationError, match=r"^`otel_semconv`: must be a string"):
         DjangoDbCheck("django_db", {}, [{"postgres": PG, "otel_semconv": True}])
 
 
