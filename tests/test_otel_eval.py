@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from datadog_checks.base import ConfigurationError
 
@@ -131,3 +134,10 @@ def test_mysql_sends_the_current_names_by_database_with_the_server_limit():
         ("db.client.connection.count", 3, "db.client.connection.state:idle"),
         ("db.client.connection.max", 151, pool),
     }
+
+
+def test_the_readme_gives_each_current_name_the_type_it_is_sent_as_and_a_unit():
+    sent = {m.name: m.kind for m in pool_metrics([Pool("p", 1, 1, 3, 1, 1, 1)], ())}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(db\.client\.connection\.[\w.]+)` \| (\w+), \w+ \|", readme, re.MULTILINE))
+    assert rows == sent and len(sent) == 5
