@@ -149,6 +149,7 @@ INSTANCE = st.fixed_dictionaries(
         "log_max_bytes_per_run": _or_junk(st.integers(min_value=1024, max_value=10**6)),
         "report_leak_queries": _or_junk(st.booleans()),
         "emit_otel_metrics": _or_junk(st.booleans()),
+        "otel_semconv": _or_junk(st.sampled_from(["legacy", "current", "both"])),
         "tags": _or_junk(st.lists(st.text(min_size=1, max_size=8), max_size=2)),
         "min_collection_interval": _or_junk(st.floats(min_value=1, max_value=60)),
         "service": _or_junk(st.text(min_size=1, max_size=5)),
