@@ -133,7 +133,8 @@ def test_every_show_read_by_column_name(aggregator, dd_run_check, datadog_agent,
     held = bouncer.connect(dbname="sized")
     held.execute("BEGIN")
     held.execute("SELECT 1")  # one server active in `sized`
-    check = DjangoDbCheck("django_db", {}, [bouncer.instance(extra_metrics=list(config.METRIC_GROUPS))])
+    instance = bouncer.instance(extra_metrics=list(config.METRIC_GROUPS), otel_semconv="current")
+    check = DjangoDbCheck("django_db", {}, [instance])
     check.check_id = "test:pgbouncer"
     try:
         dd_run_check(check)
@@ -147,6 +148,9 @@ def test_every_show_read_by_column_name(aggregator, dd_run_check, datadog_agent,
         # `reserve_pool` before 1.24, `reserve_pool_size` from 1.24: one metric.
         assert one_value(aggregator, f"{P}databases.reserve_pool_size", "pgbouncer_db:sized") == SIZED_RESERVE
         assert one_value(aggregator, f"{P}databases.max_connections", "pgbouncer_db:sized") == SIZED_LIMIT
+        pool = f"db.client.connection.pool.name:127.0.0.1:{bouncer.pgbouncer.port}/sized/app"
+        assert one_value(aggregator, "db.client.connection.max", pool) == SIZED_POOL + SIZED_RESERVE
+        assert one_value(aggregator, "db.client.connection.count", pool, "db.client.connection.state:used") == 1
         assert one_value(aggregator, f"{P}max_client_conn") == 100
         assert one_value(aggregator, f"{P}lists.used_clients") == one_value(aggregator, f"{P}clients") >= 2
         cancel = {n for n in aggregator.metric_names if "cancel" in n}
@@ -166,8 +170,9 @@ def test_every_show_read_by_column_name(aggregator, dd_run_check, datadog_agent,
 
 def test_waiting_clients_maxwait_then_query_wait_timeout(aggregator, dd_run_check, bouncer):
     log = str(bouncer.pgbouncer.logfile)
-    check = DjangoDbCheck("django_db", {}, [bouncer.instance(log_files=[log])])
+    check = DjangoDbCheck("django_db", {}, [bouncer.instance(log_files=[log], otel_semconv="both")])
     holder, waiter = bouncer.connect(dbname="tiny"), bouncer.connect(dbname="tiny")
+    pool = f"db.client.connection.pool.name:127.0.0.1:{bouncer.pgbouncer.port}/tiny/app"
     failure: list[BaseException] = []
 
     def wait() -> None:
@@ -190,6 +195,7 @@ def test_waiting_clients_maxwait_then_query_wait_timeout(aggregator, dd_run_chec
         assert one_value(aggregator, f"{P}pools.sv_active", *tiny) == 1
         maxwait = one_value(aggregator, f"{P}pools.maxwait", *tiny)
         assert 0.2 < maxwait < 1.5, maxwait  # seconds and microseconds added up
+        assert one_value(aggregator, "db.client.connection.pending_requests", pool) == 1
         thread.join(10)  # query_wait_timeout = 1 s
         assert not thread.is_alive()
         (error,) = failure
@@ -204,6 +210,8 @@ def test_waiting_clients_maxwait_then_query_wait_timeout(aggregator, dd_run_chec
         assert status == AgentCheck.CRITICAL
         assert "CRITICAL: query_wait_timeout seen (1 from log)" in message, message
         assert _errors(aggregator, "query_wait_timeout", "log") == 1
+        # this version's log line names the pool: OpenTelemetry's timeouts count it there, once
+        assert one_value(aggregator, "db.client.connection.timeouts", pool) == 1
     finally:
         holder.close()
         waiter.close()
