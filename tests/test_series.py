@@ -113,6 +113,35 @@ def test_every_group_adds_series_only_when_asked_for(aggregator, stack):
     assert counts[0] <= counts[len(METRIC_GROUPS)]
 
 
+def test_current_opentelemetry_names_add_what_the_readme_says(aggregator, stack):
+    """`otel_semconv`: 3 series per database (used, idle, max) and 4 per PgBouncer pool without a minimum
+    (used, idle, max, pending_requests) under the current names; legacy sends none of them, both adds them."""
+    held = [_connect(stack, stack.postgres.port, "appdb", app) for app in APPS]
+    through = [_connect(stack, stack.pgbouncer.port, db, "web") for db in POOLS]
+    for conn in through:
+        conn.execute("SELECT 1")
+    found = {}
+    try:
+        for option in ("legacy", "current", "both"):
+            check = DjangoDbCheck("django_db", {}, [{**stack.instance(), "otel_semconv": option}])
+            check.check(None)
+            aggregator.reset()
+            check.check(None)
+            check.cancel()
+            found[option] = series(aggregator)
+    finally:
+        for conn in held + through:
+            conn.close()
+    legacy, current, both = found["legacy"], found["current"], found["both"]
+    new = {s for s in both if s[0].startswith("db.client.connection.")}
+    usage = {s for s in legacy if s[0] == "db.client.connections.usage"}
+    connections = [tags for name, tags in legacy if name == "django_db.postgres.connections"]
+    databases = {dict(t.split(":", 1) for t in tags)["db"] for tags in connections}
+    print(f"\nseries: legacy {len(legacy)}, current {len(current)}, both {len(both)} ({len(databases)} databases)")
+    assert usage and both == legacy | new and current == (legacy - usage) | new
+    assert len(new) == 3 * len(databases) + 4 * len(POOLS)
+
+
 def _peak_memory(check: DjangoDbCheck) -> int:
     """Bytes of Python memory a run takes at its peak, metrics handed to a no-op as the Agent would take them."""
     check.check(None)  # warm: the connection and what is read on connecting
