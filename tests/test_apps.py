@@ -96,10 +96,16 @@ def test_a_profiles_conn_max_age_drives_the_alignment_rules(aggregator, dd_run_c
         "conn_max_age": 60,
         "apps": [{"match": "^align-web$", "conn_max_age": None}, {"match": "^align-beat$", "conn_max_age": 0}],
     }
-    run_new_check(aggregator, dd_run_check, instance)
+    sandbox.pgbouncer.settings["client_idle_timeout"] = 600
+    try:
+        sandbox.pgbouncer.reload()
+        run_new_check(aggregator, dd_run_check, instance)
+    finally:
+        del sandbox.pgbouncer.settings["client_idle_timeout"]
+        sandbox.pgbouncer.reload()
     message = aggregator.service_checks("django_db.config_alignment")[0].message
     assert (
-        "app=align-web: conn_max_age=None (persistent) is longer than PgBouncer's server_idle_timeout=600 s" in message
+        "app=align-web: conn_max_age=None (persistent) is longer than PgBouncer's client_idle_timeout=600 s" in message
     )
     assert "app=align-beat" not in message
     assert not message.startswith("conn_max_age=60 s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from datadog_checks.base import AgentCheck, ConfigurationError
@@ -25,6 +26,7 @@ from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql
 from .evaluate.otel import django_pools, pgbouncer_pools, pool_metrics, query_wait_timeouts
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve
+from .evaluate.pooler import Pooler, overdue_findings, pooler_keys, pooler_of
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
 from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
@@ -66,10 +68,16 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.settings = config.settings_from(self._config_model_instance)
         s = self.settings
         leak_rules = tuple((app.match, app.leak_idle_seconds) for app in s.apps)
+        both = bool(s.postgres and s.pgbouncer)
         self.postgres = (
-            PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules) if s.postgres else None
+            PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules, pooler=both)
+            if s.postgres
+            else None
         )
-        self.pgbouncer = PgBouncerSource(s.pgbouncer) if s.pgbouncer else None
+        self.pgbouncer = PgBouncerSource(s.pgbouncer, servers=both) if s.pgbouncer else None
+        # PgBouncer's server connections as last read: kept through a run that could not read them, so that a
+        # hung PgBouncer's idle servers are not taken for an application's leak.
+        self._pooler: Pooler | None = None
         self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds) if s.mysql else None  # imports PyMySQL
         self.mysql_history = MysqlHistory()
         self.logs = LogFollower(s.log_files, s.log_max_bytes_per_run) if s.log_files else None
@@ -101,14 +109,19 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         seen: Seen = []
         findings: list[Finding] = []
         pg = pgb = my = None
-        if self.postgres is not None:
-            pg, found, errors = self.collect_postgres(self.postgres)
-            findings += found
-            seen += errors
+        # PgBouncer first: its server connections tell its backends from the applications' at PostgreSQL.
+        pgb_found: list[Finding] = []
+        pgb_seen: Seen = []
         if self.pgbouncer is not None:
-            pgb, found, errors = self.collect_pgbouncer(self.pgbouncer)
+            pgb, pgb_found, pgb_seen = self.collect_pgbouncer(self.pgbouncer)
+            if pgb is not None and self.postgres is not None:
+                self._pooler = pooler_of(pgb)
+        if self.postgres is not None:
+            pg, found, errors = self.collect_postgres(self.postgres, self._pooler)
             findings += found
             seen += errors
+        findings += pgb_found
+        seen += pgb_seen
         if self.mysql is not None:
             my, found, errors = self.collect_mysql(self.mysql)
             findings += found
@@ -137,10 +150,14 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                 CONFIG_ALIGNMENT, Status.WARNING if failures else Status.OK, self.health_tags, "; ".join(failures)
             )
 
-    def collect_postgres(self, source: PostgresSource) -> tuple[PgSnapshot | None, list[Finding], Seen]:
+    def collect_postgres(
+        self, source: PostgresSource, pooler: Pooler | None = None
+    ) -> tuple[PgSnapshot | None, list[Finding], Seen]:
         tags = [source.endpoint.tag, *self.settings.tags]
+        servers = None if pooler is None else partial(pooler_keys, pooler)
+
         try:
-            snapshot = source.snapshot(self._last_server_time, self.settings.report_leak_queries)
+            snapshot = source.snapshot(self._last_server_time, self.settings.report_leak_queries, servers)
         except Exception as e:
             return None, [], [self.report_error(e, "PostgreSQL", source.endpoint, POSTGRES_CAN_CONNECT, tags)]
         finally:
@@ -157,6 +174,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(metrics)
         self.submit(app_metrics(snapshot, self.settings))
         findings = postgres_findings(snapshot, self.settings) + budget_findings(snapshot, self.settings)
+        findings += overdue_findings(snapshot, pooler.config if pooler is not None else None, self.settings)
         return snapshot, findings, []
 
     def churn_findings(self, snapshot: PgSnapshot, run: DjangoRun | None) -> tuple[list[Finding], set[str]]:

@@ -64,6 +64,33 @@ class ActivityGroup:
     leaked: int = 0
     max_age: float = 0.0  # seconds in the state; for active, since query_start
     opened: int = 0  # backends started after the previous snapshot
+    pooler: int = 0  # DIRECT, HELD or POOLER_OWN: whose connections these backends are
+    overdue: int = 0  # of POOLER_OWN groups: idle far past the pooler's own timeouts (PoolerKeys.overdue_seconds)
+
+
+# ActivityGroup.pooler: who holds the backends. PgBouncer's server connections carry the application_name of
+# the last client PgBouncer lent them to; they are PgBouncer's own (POOLER_OWN) unless a client of a
+# session-mode pool holds them, which makes them that application's connection as much as a direct one (HELD).
+DIRECT, HELD, POOLER_OWN = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where the monitoring connection reaches PostgreSQL: what PgBouncer's servers must talk to, to be its."""
+
+    addresses: frozenset[str]  # IP addresses, normalised: the configured host if one, and the server's side
+    port: int  # the server's port setting
+    socket: bool  # the monitoring connection came over a Unix socket
+
+
+@dataclass(frozen=True)
+class PoolerKeys:
+    """PgBouncer's server connections to this PostgreSQL, as keys of backends: pid * 65536 plus the client port
+    PostgreSQL sees (0 over a Unix socket)."""
+
+    held: tuple[int, ...] = ()  # held by a client of a session-mode pool
+    own: tuple[int, ...] = ()  # PgBouncer's own: idle, or lent for a transaction
+    overdue_seconds: float | None = None  # idle longer than this, PgBouncer should have closed it; None: never
 
 
 @dataclass(frozen=True)
@@ -165,6 +192,22 @@ class PgbConfig:
     server_idle_timeout: float | None = None
     client_idle_timeout: float | None = None
     max_prepared_statements: float | None = None  # 1.21 and later: protocol-level prepared statements kept
+    server_lifetime: float | None = None
+    min_pool_size: float | None = None
+
+
+class PgbServer(NamedTuple):
+    """A SHOW SERVERS row: one of PgBouncer's connections to a PostgreSQL server."""
+
+    db: str
+    user: str
+    state: str  # active (a client holds it), idle, used, tested, new
+    addr: str  # the PostgreSQL server's address; "unix" over a socket
+    port: int | None
+    local_port: int | None  # over TCP, the port PostgreSQL sees as client_port
+    remote_pid: int | None  # the PostgreSQL backend's pid
+    linked: bool  # a client holds it
+    app: str  # the last client's application_name (from 1.18)
 
 
 @dataclass(frozen=True)
@@ -217,6 +260,7 @@ class PgbSnapshot:
     new_connection: bool = False
     names: PgbNames | None = None  # None: read them from the records
     clients: PgbClients | None = None  # None: SHOW CLIENTS was not read
+    servers: tuple[PgbServer, ...] = ()  # SHOW SERVERS, read only when a postgres section is configured too
 
 
 # -- Django processes (Prometheus endpoints) -------------------------------------------------

@@ -31,19 +31,20 @@ def session_mode(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
 
 
 def idle_timeouts(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
-    failures = []
-    for key, timeout, closes in (
-        ("server_idle_timeout", pgb.config.server_idle_timeout, "idle server connections"),
-        ("client_idle_timeout", pgb.config.client_idle_timeout, "idle clients"),
-    ):
-        if not timeout or timeout <= 0:
-            continue  # 0 turns the timeout off
-        if conn_max_age is None or conn_max_age > timeout:
-            failures.append(
-                f"{_age(conn_max_age)} is longer than PgBouncer's {key}={timeout:g} s, "
-                f"after which it closes {closes}: keep CONN_MAX_AGE at or below it"
-            )
-    return failures
+    """CONN_MAX_AGE against the one PgBouncer timeout that closes Django's connections: client_idle_timeout.
+
+    server_idle_timeout and server_lifetime close only PgBouncer's server connections no client holds:
+    Django never sees them, and a shorter CONN_MAX_AGE would only make Django log in again more often."""
+    timeout = pgb.config.client_idle_timeout
+    if not timeout or timeout <= 0:
+        return []  # 0 turns it off
+    if conn_max_age is not None and conn_max_age <= timeout:
+        return []
+    return [
+        f"{_age(conn_max_age)} is longer than PgBouncer's client_idle_timeout={timeout:g} s, after which it "
+        "closes idle client connections (Django's): a request that reuses one fails; keep CONN_MAX_AGE at or "
+        "below it (with CONN_HEALTH_CHECKS=True), or raise client_idle_timeout"
+    ]
 
 
 def possible_server_connections(pgb: PgbSnapshot) -> int:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from ..config import Settings
 from ..profiles import AppProfile, profile_for
-from ..records import PgSnapshot
+from ..records import POOLER_OWN, PgSnapshot
 from .model import Finding, Metric, Status
 from .postgres import select
 
@@ -15,11 +15,14 @@ PREFIX = "django_db.app."
 
 
 def connections_by_profile(snapshot: PgSnapshot, settings: Settings) -> dict[str, Counter[str]]:
-    """Per profile name, its connections by application_name."""
+    """Per profile name, its connections by application_name: what the application holds, not PgBouncer's own
+    server connections (which carry the name of the last client PgBouncer lent them to)."""
     found: dict[str, Counter[str]] = {profile.name: Counter() for profile in settings.apps}
     if not settings.apps:
         return found
     for group in select(snapshot.groups, settings):
+        if group.pooler == POOLER_OWN:
+            continue
         profile = profile_for(settings.apps, group.app)
         if profile is not None:
             found[profile.name][group.app] += group.count

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ..config import Settings
-from ..records import ActivityGroup, PgSnapshot
+from ..records import DIRECT, ActivityGroup, PgSnapshot
 from .churn import Churn, ChurnWindow, Sample
 from .model import Metric, tag_value
 from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.postgres."
 OTHER = "other"
+POOLER_TAG = "pooler:pgbouncer"
 
 # pg_stat_activity's state names as tag values.
 STATE_TAGS = {
@@ -117,15 +118,17 @@ class SessionHistory:
 @lru_cache(maxsize=4096)
 def _series(
     base: tuple[str, ...], group_by: tuple[str, ...], server_tag: str,
-    state: str | None, db: str, user: str, app: str, client_addr: str,
+    state: str | None, db: str, user: str, app: str, client_addr: str, pooler: int = DIRECT,
 ) -> tuple[tuple[str, tuple[str, ...]], ...]:  # fmt: skip
     named = {"db": db, "user": user, "app": app, "client_addr": client_addr}
     tags = {dimension: f"{dimension}:{tag_value(value)}" for dimension, value in named.items()}
     by = tuple(tags[dimension] for dimension in group_by)
     db_app = (tags["db"], tags["app"])
     in_use = "state:idle" if state == "idle" else "state:used"
+    # PgBouncer's server connections keep the app tag PgBouncer's last client gave them, and say whose they are.
+    pooled = () if pooler == DIRECT else (POOLER_TAG,)
     return (
-        (PREFIX + "connections", (*base, f"state:{state_tag(state)}", *by)),
+        (PREFIX + "connections", (*base, f"state:{state_tag(state)}", *by, *pooled)),
         (PREFIX + "leaked_connections", (*base, tags["db"], tags["user"], tags["app"])),
         (PREFIX + "waiting_on_lock", (*base, *db_app)),
         ("django_db.connections.usage", (*base, in_use, *db_app)),
@@ -174,7 +177,7 @@ def postgres_metrics(
     ages: dict[tuple[str, tuple[str, ...]], float] = {}
     for g in groups:
         connections, leaked, waiting, in_use, otel_use, idle, in_tx, active = _series(
-            base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr
+            base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr, g.pooler
         )
         sums[connections] = sums.get(connections, 0.0) + g.count
         sums[leaked] = sums.get(leaked, 0.0) + g.leaked

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from itertools import chain
 from operator import itemgetter
 from typing import Any, Generic, LiteralString, TypeVar
@@ -18,7 +19,7 @@ from psycopg.types.numeric import FloatLoader
 
 from ..config import Endpoint
 from ..connection import Reconnecting, deadline
-from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSnapshot, PgbStats
+from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbServer, PgbSnapshot, PgbStats
 from .pgbouncer_clients import parse_clients
 
 PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS", "CLIENTS")
@@ -181,6 +182,8 @@ def parse_config(result: Result) -> PgbConfig:
         server_idle_timeout=number_of("server_idle_timeout"),
         client_idle_timeout=number_of("client_idle_timeout"),
         max_prepared_statements=number_of("max_prepared_statements"),
+        server_lifetime=number_of("server_lifetime"),
+        min_pool_size=number_of("min_pool_size"),
     )
 
 
@@ -303,6 +306,26 @@ def parse_lists(result: Result) -> dict[str, int]:
     return lists
 
 
+def parse_servers(result: Result) -> tuple[PgbServer, ...]:
+    """SHOW SERVERS: each of PgBouncer's connections to a PostgreSQL server (1.15 to 1.26 name them alike)."""
+    db, user, state = result.getter("database"), result.getter("user"), result.getter("state")
+    addr, port, local_port = result.getter("addr"), result.getter("port"), result.getter("local_port")
+    pid, link, app = result.getter("remote_pid"), result.getter("link"), result.getter("application_name")
+    servers = []
+    for row in result.rows:
+        name = _text(db(row))
+        if name == ADMIN_DB:
+            continue
+        where = (_text(addr(row)), _integer(port(row)), _integer(local_port(row)), _integer(pid(row)))
+        servers.append(PgbServer(name, _text(user(row)), _text(state(row)), *where, bool(link(row)), _text(app(row))))
+    return tuple(servers)
+
+
+def _integer(value: Any) -> int | None:
+    n = number(value)
+    return None if n is None else int(n)
+
+
 def parse_version(texts: Sequence[str]) -> str | None:
     """``1.18.0`` from SHOW VERSION's row, or from the NOTICE older versions send instead."""
     for text in texts:
@@ -347,8 +370,10 @@ def snapshot_of(results: dict[str, Result], config: PgbConfig, version: str | No
 
 
 class PgBouncerSource(Reconnecting):
-    def __init__(self, endpoint: Endpoint):
+    def __init__(self, endpoint: Endpoint, servers: bool = False):
+        """``servers``: read SHOW SERVERS too, to tell PgBouncer's connections among PostgreSQL's backends."""
         self.endpoint = endpoint
+        self.read_servers = servers
         self.config = PgbConfig()
         self.version: str | None = None
         self.notices: list[str] = []
@@ -374,7 +399,12 @@ class PgBouncerSource(Reconnecting):
                 self.config, self.version = parse_config(config), parse_version(texts)
             # One round trip each; the rows stay in libpq's memory, read as the evaluation goes.
             results = {name: self._show(conn, name, fetch=name == "LISTS") for name in PER_RUN}
-        return snapshot_of(results, self.config, self.version, new)
+            servers = self._servers(conn)
+        return replace(snapshot_of(results, self.config, self.version, new), servers=servers)
+
+    def _servers(self, conn: psycopg.Connection[Any]) -> tuple[PgbServer, ...]:
+        """SHOW SERVERS when PostgreSQL is monitored too: a few rows, one per server connection."""
+        return parse_servers(self._show(conn, "SERVERS", fetch=True)) if self.read_servers else ()
 
     @staticmethod
     def _show(conn: psycopg.Connection[Any], what: LiteralString, fetch: bool = False) -> Result:

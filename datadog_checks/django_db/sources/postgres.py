@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
 
+from ..addresses import addresses_of
 from ..config import Endpoint
 from ..connection import Reconnecting, deadline
 from ..patterns import NamePattern
-from ..records import ActivityGroup, DatabaseSessions, LeakSuspect, PgSnapshot, ServerSettings
+from ..records import (
+    POOLER_OWN,
+    ActivityGroup,
+    DatabaseSessions,
+    LeakSuspect,
+    PgSnapshot,
+    PoolerKeys,
+    ServerAddress,
+    ServerSettings,
+)
 
 # Client backends, and rows the monitoring role may not see in full (their backend_type
 # is NULL then): of those, only sessions tied to a database can be client backends.
@@ -37,21 +48,37 @@ CLIENT_ADDR = "host(client_addr)"
 # With a few hundred backends or fewer, each expression's setup in every execution counts as much as
 # the rows: no array, and date_part (float8) rather than extract (numeric from PostgreSQL 14) and a cast.
 ACTIVITY_SQL = """
-SELECT state, datid, usesysid, application_name, {extra} AS client_addr,
+SELECT state, datid, usesysid, application_name, {extra} AS client_addr, {pooler} AS pooler,
        count(*) AS n,
        count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting_on_lock,
        date_part('epoch', now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END)) AS max_age,
        count(*) FILTER (WHERE backend_start > %(since)s) AS opened,
        date_part('epoch', now()) AS now,
+       {overdue} AS overdue,
        {leaked}{sessions}
 FROM pg_stat_activity
 WHERE {client_backends}
-GROUP BY 1, 2, 3, 4, 5, '0'::xid
+GROUP BY 1, 2, 3, 4, 5, 6, '0'::xid
 """
 
 # Columns of the statement's rows, by position; the leak counts from LEAKED on, one per threshold,
 # then (PostgreSQL 14 and later) a database's sessions.
-STATE, DATID, USESYSID, APP, CLIENT, N, WAITING, MAX_AGE, OPENED, NOW, LEAKED = range(11)
+STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, NOW, OVERDUE, LEAKED = range(13)
+
+# With a pgbouncer section: whose backends they are (records.DIRECT, HELD, POOLER_OWN), from PgBouncer's
+# server connections to this server (SHOW SERVERS), given as keys: pid * 65536 plus the client port (0 over a
+# Unix socket). Two arrays, one type whatever they hold: the statement stays prepared once.
+BACKEND_KEY = "(pid::int8 * 65536 + greatest(client_port, 0))"
+POOLER_SQL = (
+    f"CASE WHEN {BACKEND_KEY} = ANY(%(held)s::int8[]) THEN 1 WHEN {BACKEND_KEY} = ANY(%(own)s::int8[]) THEN 2 "
+    "ELSE 0 END"
+)
+# PgBouncer's own idle server connections far past its timeouts (PoolerKeys.overdue_seconds).
+OVERDUE_SQL = (
+    "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(overdue)s)))"
+)
+NOT_POOLERS = f"AND coalesce({BACKEND_KEY} <> ALL(%(own)s::int8[]), true)"
+NEVER_OVERDUE = 1e9  # seconds: no idle backend is that old
 
 # From PostgreSQL 14, the sessions of each database come in the same statement, one row per database
 # below the groups (their `n` NULL, every column NULL but datid, now and the sessions): one round trip,
@@ -61,7 +88,7 @@ STATE, DATID, USESYSID, APP, CLIENT, N, WAITING, MAX_AGE, OPENED, NOW, LEAKED = 
 SESSIONS_COLUMNS = ", NULL::int8 AS sessions, NULL::int8, NULL::int8, NULL::int8"
 DATABASE_SQL = """
 UNION ALL
-SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), {no_leaks}
+SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), NULL, {no_leaks}
        pg_stat_get_db_sessions(oid), pg_stat_get_db_sessions_abandoned(oid), pg_stat_get_db_sessions_fatal(oid),
        pg_stat_get_db_sessions_killed(oid)
 FROM pg_database WHERE NOT datistemplate
@@ -105,7 +132,7 @@ SELECT 'user', oid, rolname, false FROM pg_roles
 VISIBILITY_SQL = """
 SELECT pg_has_role('pg_read_all_stats', 'USAGE'),
        ARRAY(SELECT oid FROM pg_roles WHERE pg_has_role(oid, 'USAGE'))::oid[],
-       pg_backend_pid()
+       pg_backend_pid(), host(inet_server_addr()), current_setting('port')::int
 """
 
 # A backend the role sees in full but whose state is still NULL has not finished starting
@@ -121,7 +148,7 @@ LEAK_SUSPECTS_SQL = """
 SELECT COALESCE(application_name, ''), COALESCE(host(client_addr), 'local'), datname, usename,
        extract(epoch FROM now() - state_change)::float8, query
 FROM pg_stat_activity
-WHERE {client_backends} AND state = 'idle' AND state_change < now() - make_interval(secs => %(leak)s)
+WHERE {client_backends} AND state = 'idle' AND state_change < now() - make_interval(secs => %(leak)s) {not_poolers}
 ORDER BY state_change
 LIMIT 50
 """
@@ -142,9 +169,11 @@ class PostgresSource(Reconnecting):
         leak_idle_seconds: float,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
         leak_rules: tuple[tuple[NamePattern, float], ...] = (),
+        pooler: bool = False,
     ):
         """``leak_rules``: (application_name pattern, its leak threshold), the first match wins; others
-        use ``leak_idle_seconds``."""
+        use ``leak_idle_seconds``. ``pooler``: PgBouncer fronts this server and its server connections are
+        told apart (the ``servers`` of ``snapshot``)."""
         self.endpoint = endpoint
         self.leak_idle_seconds = leak_idle_seconds
         self.leak_rules = leak_rules
@@ -152,16 +181,22 @@ class PostgresSource(Reconnecting):
         self.log = log
         extra = CLIENT_ADDR if "client_addr" in group_by else "''"
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
-        activity = {"extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked}
+        activity = {
+            "extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked,
+            "pooler": POOLER_SQL if pooler else "0", "overdue": OVERDUE_SQL if pooler else "0::int8",
+        }  # fmt: skip
         self.activity_sql = ACTIVITY_SQL.format(**activity, sessions="")
         no_leaks = "NULL, " * len(self.thresholds)
         self.activity_sessions_sql = ACTIVITY_SQL.format(**activity, sessions=SESSIONS_COLUMNS) + DATABASE_SQL.format(
             no_leaks=no_leaks
         )
         self.sessions_at = LEAKED + len(self.thresholds)  # the column of a database's sessions
-        self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS)
-        # The statement's parameters but the previous run's time, which each run sets.
+        self.suspects_sql = LEAK_SUSPECTS_SQL.format(
+            client_backends=CLIENT_BACKENDS, not_poolers=NOT_POOLERS if pooler else ""
+        )
+        # The statement's parameters but the previous run's time and PgBouncer's servers, which each run sets.
         self.params: dict[str, Any] = {"leak": self.thresholds[0], "since": NEVER}
+        self.params.update({"held": "{}", "own": "{}", "overdue": NEVER_OVERDUE})
         self.params.update({f"leak{i}": seconds for i, seconds in enumerate(self.thresholds)})
         self.settings: ServerSettings | None = None
         # The activity statement's cursor on the open connection, kept: its result loaders are found once.
@@ -174,12 +209,22 @@ class PostgresSource(Reconnecting):
         self.templates: frozenset[int] = frozenset()  # oids of the template databases
         self.direct = True  # the connection reaches PostgreSQL itself, no pooler in between
         self.leak_index: dict[str, int] = {}  # application_name: the index of its threshold in `leaked`
+        self.address = ServerAddress(frozenset(), endpoint.port, False)  # where the connection reaches the server
 
-    def snapshot(self, since: float | None, want_suspects: bool = False) -> PgSnapshot:
-        """Read the server; a connection found broken is opened again at once, any other failure next run."""
-        return self.read(lambda: self._snapshot(since, want_suspects))
+    def snapshot(
+        self,
+        since: float | None,
+        want_suspects: bool = False,
+        servers: Callable[[ServerAddress], PoolerKeys] | None = None,
+    ) -> PgSnapshot:
+        """Read the server; a connection found broken is opened again at once, any other failure next run.
 
-    def _snapshot(self, since: float | None, want_suspects: bool) -> PgSnapshot:
+        ``servers``: PgBouncer's server connections to the server the connection reaches (the source's pooler)."""
+        return self.read(lambda: self._snapshot(since, want_suspects, servers))
+
+    def _snapshot(
+        self, since: float | None, want_suspects: bool, servers: Callable[[ServerAddress], PoolerKeys] | None
+    ) -> PgSnapshot:
         new = self.conn is None or self.conn.closed
         if new:
             self.settings = self._read_settings(self.open())
@@ -192,6 +237,9 @@ class PostgresSource(Reconnecting):
         params = self.params
         # A time no backend started after: none counts as opened at first.
         params["since"] = NEVER if since is None else datetime.fromtimestamp(since, UTC)
+        keys = servers(self.address) if servers is not None else PoolerKeys()
+        params["held"], params["own"] = keys_text(keys.held), keys_text(keys.own)
+        params["overdue"] = NEVER_OVERDUE if keys.overdue_seconds is None else keys.overdue_seconds
         with_sessions = settings.version_num >= 140000
         db_names, user_names = self.db_names, self.user_names
         with deadline(conn, timeout):
@@ -207,7 +255,8 @@ class PostgresSource(Reconnecting):
                 self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
                 self.templates = frozenset(oid for kind, oid, _, template in names if template)
             rows = [r for r in every if r[N] is not None]
-            leaked = [r[LEAKED + self.leak_threshold(r[APP] or "")] for r in rows]
+            # PgBouncer's own server connections are no application's leak: their overdue count stands instead.
+            leaked = [0 if r[POOLER] == POOLER_OWN else r[LEAKED + self.leak_threshold(r[APP] or "")] for r in rows]
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
                 found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
@@ -226,7 +275,21 @@ class PostgresSource(Reconnecting):
         templates, sees_all, visible = self.templates, self.sees_all, self.visible_roles
         groups = []
         on_templates = 0
-        for i, (state, datid, usesysid, app, client_addr, n, waiting, max_age, opened, *_) in enumerate(rows):
+        for i, (
+            state,
+            datid,
+            usesysid,
+            app,
+            client_addr,
+            pooler,
+            n,
+            waiting,
+            max_age,
+            opened,
+            _,
+            overdue,
+            *_,
+        ) in enumerate(rows):
             if datid in templates:
                 on_templates += n
                 continue
@@ -235,9 +298,9 @@ class PostgresSource(Reconnecting):
                 state = STARTING
             db, user = db_names.get(datid, ""), user_names.get(usesysid, "")
             age = max(0.0, max_age or 0.0)
-            groups.append(
-                ActivityGroup(state, db, user, app or "", client_addr or "", n, waiting, leaked[i], age, opened)
-            )
+            mine = overdue if pooler == POOLER_OWN else 0
+            group = (state, db, user, app or "", client_addr or "", n, waiting, leaked[i], age, opened, pooler, mine)
+            groups.append(ActivityGroup(*group))
         return PgSnapshot(settings, tuple(groups), databases, server_time, new, suspects, on_templates)
 
     def leak_threshold(self, application_name: str) -> int:
@@ -260,6 +323,8 @@ class PostgresSource(Reconnecting):
         # exist: through a pooler, nothing is prepared. Straight to PostgreSQL, the activity statement is
         # prepared from the first run: its parsing and planning are not repeated.
         self.direct = row[2] == conn.info.backend_pid
+        # Where PgBouncer's server connections must talk to, to be to this server.
+        self.address = ServerAddress(addresses_of(self.endpoint.host, row[3]), int(row[4]), row[3] is None)
         if not self.direct:
             conn.prepare_threshold = None
 
@@ -319,6 +384,11 @@ class PostgresSource(Reconnecting):
             name: str(_milliseconds(found[name])) if name in found else boot for name, (_, boot) in hidden.items()
         }
         return {**values, **server}, ()
+
+
+def keys_text(keys: tuple[int, ...]) -> str:
+    """An int8[] literal: one parameter of one type whatever the keys, so the statement is prepared once."""
+    return "{" + ",".join(map(str, keys)) + "}"
 
 
 def _milliseconds(value: str) -> int:

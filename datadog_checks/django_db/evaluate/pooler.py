@@ -1,0 +1,106 @@
+"""PgBouncer's own server connections among PostgreSQL's backends: which they are, and what PgBouncer does on
+purpose with them. No I/O.
+
+A backend is PgBouncer's when a row of SHOW SERVERS talks to this PostgreSQL (its ``addr``/``port`` are the
+postgres section's server) and names it: ``remote_pid`` is the backend's pid and, over TCP, ``local_port`` the
+port PostgreSQL sees as ``client_port``. A pid of another server PgBouncer fronts never counts: its row talks
+to another address or port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..addresses import LOOPBACK, normalise
+from ..config import Settings
+from ..records import POOLER_OWN, PgbConfig, PgbServer, PgbSnapshot, PgSnapshot, PoolerKeys, ServerAddress
+from .model import Finding, Status
+from .postgres import select
+
+UNIX = "unix"  # SHOW SERVERS' addr of a connection over a Unix socket
+PORTS = 65536  # a backend's key: pid * PORTS + client port
+MARGIN = 60.0  # seconds: PgBouncer's janitor closes late by a few seconds; far past is past this much more
+
+
+def talks_to(server: PgbServer, where: ServerAddress) -> bool:
+    """Whether PgBouncer's server connection talks to the PostgreSQL the postgres section reaches.
+
+    Over a Unix socket (addr ``unix``) PgBouncer reaches a server on its own host: it is this one when the
+    port is this server's and the check reaches it locally too (its own socket, or a loopback address)."""
+    if server.port != where.port:
+        return False
+    if server.addr == UNIX:
+        return where.socket or bool(where.addresses & LOOPBACK)
+    address = normalise(server.addr)
+    return address is not None and address in where.addresses
+
+
+def server_key(pid: int, port: int | None) -> int:
+    return pid * PORTS + max(0, port or 0)
+
+
+def overdue_seconds(config: PgbConfig) -> float | None:
+    """Idle past this, PgBouncer should have closed a server connection no client holds: ``server_idle_timeout``
+    (0 turns it off) or ``server_lifetime`` (it closes an unused server connected longer; 0: used once), the
+    shorter, plus as much again (a minute at least). None when neither is on: PgBouncer keeps them."""
+    limits = [t for t in (config.server_idle_timeout,) if t is not None and t > 0]
+    if config.server_lifetime is not None and config.server_lifetime >= 0:
+        limits.append(config.server_lifetime)
+    if not limits:
+        return None
+    limit = min(limits)
+    return limit + max(limit, MARGIN)
+
+
+@dataclass(frozen=True)
+class Pooler:
+    """What one read of PgBouncer says of its server connections, kept apart from the snapshot's rows (which
+    live only as long as its connection): kept for a run that cannot read PgBouncer."""
+
+    servers: tuple[PgbServer, ...]
+    session: frozenset[tuple[str, str]]  # (database, user) of the session-mode pools
+    config: PgbConfig
+
+
+def pooler_of(pgb: PgbSnapshot) -> Pooler:
+    session = frozenset((pool.db, pool.user) for pool in pgb.pools if pool.pool_mode == "session")
+    if pgb.config.pool_mode == "session":  # a pool SHOW POOLS does not list yet has the default mode
+        session |= {(s.db, s.user) for s in pgb.servers if (s.db, s.user) not in {(p.db, p.user) for p in pgb.pools}}
+    return Pooler(pgb.servers, session, pgb.config)
+
+
+def pooler_keys(pooler: Pooler, where: ServerAddress) -> PoolerKeys:
+    """The keys of PgBouncer's server connections to this PostgreSQL: those a client of a session-mode pool
+    holds, and PgBouncer's own."""
+    held: list[int] = []
+    own: list[int] = []
+    for server in pooler.servers:
+        if server.remote_pid is None or not talks_to(server, where):
+            continue
+        key = server_key(server.remote_pid, None if server.addr == UNIX else server.local_port)
+        (held if server.linked and (server.db, server.user) in pooler.session else own).append(key)
+    return PoolerKeys(tuple(sorted(held)), tuple(sorted(own)), overdue_seconds(pooler.config))
+
+
+def overdue_findings(pg: PgSnapshot, config: PgbConfig | None, settings: Settings) -> list[Finding]:
+    """PgBouncer's idle server connections far past the timeouts after which it closes them: its anomaly, not an
+    application's leak. ``min_pool_size`` connections a pool keeps whatever their age are left out."""
+    if config is None:
+        return []
+    limit = overdue_seconds(config)
+    own = [g for g in select(pg.groups, settings) if g.pooler == POOLER_OWN]
+    overdue = sum(g.overdue for g in own)
+    pools = {(g.db, g.user) for g in own}
+    overdue -= int(len(pools) * (config.min_pool_size or 0))
+    if limit is None or overdue <= 0:
+        return []
+    named = (("server_idle_timeout", config.server_idle_timeout), ("server_lifetime", config.server_lifetime))
+    timeouts = ", ".join(f"{name}={value:g} s" for name, value in named if value is not None)
+    return [
+        Finding(
+            Status.WARNING,
+            f"{overdue} of PgBouncer's server connections idle at PostgreSQL for over {limit:g} s, far past "
+            f"PgBouncer's own {timeouts} (its anomaly, not an application's leak): PgBouncer should have closed "
+            "them; see whether it is paused or overloaded (SHOW DATABASES, SHOW POOLS), or reload it",
+        )
+    ]

@@ -1,0 +1,256 @@
+"""PgBouncer's own server connections at PostgreSQL are PgBouncer's: no leak, budget or alarm blamed on the
+application whose name PgBouncer's last client gave them. Real Django applications under gunicorn, a real
+PgBouncer in transaction mode and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from datadog_checks.base import AgentCheck
+
+from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.config import parse
+from datadog_checks.django_db.evaluate.pooler import Pooler, overdue_findings, pooler_keys
+from datadog_checks.django_db.records import (
+    POOLER_OWN,
+    ActivityGroup,
+    PgbConfig,
+    PgbServer,
+    PgSnapshot,
+    ServerAddress,
+    ServerSettings,
+)
+from datadog_checks.django_db.sources.pgbouncer import Result, parse_servers
+from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
+from django_db_tools.webapp.harness import Database, Webapp
+
+from .conftest import APP_PASSWORD, Clients, health, metric_values, one_value, run_new_check
+
+POOL_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Sandbox]:
+    """A stack of this module's own: PgBouncer in transaction mode keeping idle servers for a minute, and an
+    application role with its timeouts set, so that a healthy stack has nothing to say."""
+    with Sandbox(max_connections=60, default_pool_size=POOL_SIZE, server_idle_timeout=60) as stack:
+        stack.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+        stack.psql("ALTER ROLE app SET statement_timeout = '30s'")
+        stack.psql("CREATE DATABASE appdb OWNER app")
+        stack.pgbouncer.users["app"] = APP_PASSWORD
+        stack.pgbouncer.reload()
+        yield stack
+
+
+def start(box: Sandbox, through: str = "pgbouncer", **settings: object) -> Webapp:
+    port = box.pgbouncer.port if through == "pgbouncer" else box.postgres.port
+    return Webapp(Database("127.0.0.1", port, "appdb", "app", APP_PASSWORD), **settings).start()  # type: ignore[arg-type]
+
+
+def settle(box: Sandbox, seconds: float) -> None:
+    """Wait until every client backend but our own has been idle for ``seconds``."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(box.postgres.dsn(), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            busy = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid() AND (state <> 'idle' OR state_change > now() - make_interval(secs => %s))",
+                [seconds],
+            ).fetchone()[0]
+            if busy == 0:
+                return
+            time.sleep(0.2)
+    raise AssertionError("backends still busy")
+
+
+def test_a_burst_through_transaction_pooling_then_quiet_is_no_leak_but_a_real_leak_beside_it_is(
+    aggregator, dd_run_check, box
+):
+    """16 slow requests through PgBouncer (pool_size 8) leave 8 idle servers PgBouncer keeps on purpose until
+    server_idle_timeout; 3 connections `leaky` opens straight to PostgreSQL and forgets are a leak."""
+    clients = Clients(box)
+    web = start(box, app_name="web", threads=16, conn_max_age=None)
+    try:
+        replies = web.drive("/sleep/?seconds=0.5", count=16, concurrency=16)
+        assert {r.status for r in replies} == {200}
+        clients.many(3, app="leaky")
+        settle(box, 2.5)
+        instance = {
+            **box.instance(),
+            "leak_idle_seconds": 2,
+            "apps": [{"match": "^web$", "max_connections": 4}],
+        }
+        status, text = health(aggregator, dd_run_check, instance)
+    finally:
+        web.close()
+        clients.close()
+    assert status == AgentCheck.WARNING
+    assert "3 connections of app=leaky idle for over 2 s (leaked)" in text
+    assert "web" not in text  # neither a leak nor over its budget: the 8 are PgBouncer's
+    assert metric_values(aggregator, "django_db.postgres.leaked_connections", "app:web") in ([], [0])
+    assert one_value(aggregator, "django_db.postgres.leaked_connections", "app:leaky") == 3
+    # PgBouncer's servers keep the app tag its last client gave them, and say whose they are.
+    pooled = metric_values(aggregator, "django_db.postgres.connections", "app:web", "pooler:pgbouncer", "state:idle")
+    assert pooled == [POOL_SIZE]
+    leaky = [m.tags for m in aggregator.metrics("django_db.postgres.connections") if "app:leaky" in m.tags]
+    assert leaky and not any("pooler:pgbouncer" in tags for tags in leaky)
+    assert one_value(aggregator, "django_db.app.connections", "app:web") == 0
+
+
+def test_a_healthy_stack_says_nothing(aggregator, dd_run_check, box):
+    """Django's pool through PgBouncer, light load, then quiet past the leak threshold: no finding at all."""
+    web = start(box, app_name="pooled-web", threads=4, pool="django", pool_min_size=2, pool_max_size=4)
+    try:
+        replies = web.drive("/query/", count=20, concurrency=2)
+        assert {r.status for r in replies} == {200}
+        settle(box, 2.5)
+        instance = {**box.instance(), "leak_idle_seconds": 2, "tags": ["env_name:test"]}
+        status, text = health(aggregator, dd_run_check, instance)
+    finally:
+        web.close()
+    assert (status, text) == (AgentCheck.OK, "")
+    aggregator.assert_service_check("django_db.config_alignment", AgentCheck.OK)
+    assert metric_values(aggregator, "django_db.postgres.connections", "app:pooled-web", "pooler:pgbouncer")
+
+
+def test_servers_of_another_postgres_that_pgbouncer_fronts_are_never_taken_for_this_ones(aggregator, dd_run_check, box):
+    """PgBouncer fronts a second PostgreSQL too: its server connections there are not this server's."""
+    second = Sandbox(max_connections=20).start(with_pgbouncer=False)
+    other = second.postgres
+    try:
+        box.pgbouncer.databases["elsewhere"] = f"host=127.0.0.1 port={other.port} dbname=postgres"
+        box.pgbouncer.reload()
+        through = {"host": "127.0.0.1", "port": box.pgbouncer.port, "autocommit": True}
+        with (
+            psycopg.connect(**through, user=SUPERUSER, password=SUPERUSER_PASSWORD, dbname="elsewhere") as there,
+            psycopg.connect(
+                **through, user="app", password=APP_PASSWORD, dbname="appdb", application_name="here"
+            ) as here,
+        ):
+            [there_pid] = there.execute("SELECT pg_backend_pid()").fetchone()
+            here.execute("SELECT 1")
+            check = DjangoDbCheck("django_db", {}, [box.instance()])
+            try:
+                dd_run_check(check)
+                assert check._pooler is not None
+                addrs = {(s.port, s.remote_pid) for s in check._pooler.servers}
+                assert (other.port, there_pid) in addrs  # PgBouncer lists it ...
+                where = check.postgres.address
+                keys = pooler_keys(check._pooler, where)
+                assert there_pid * 65536 not in keys.own and all(k // 65536 != there_pid for k in keys.own)
+                assert metric_values(aggregator, "django_db.postgres.connections", "app:here", "pooler:pgbouncer")
+            finally:
+                check.cancel()
+    finally:
+        del box.pgbouncer.databases["elsewhere"]
+        box.pgbouncer.reload()
+        second.close()
+
+
+def alignment(aggregator, dd_run_check, box: Sandbox, **instance: object) -> tuple[int, str]:
+    run_new_check(aggregator, dd_run_check, {**box.instance(), **instance})
+    [status] = aggregator.service_checks("django_db.config_alignment")
+    print(f"\n[alignment {status.status}] {status.message}")
+    return status.status, status.message or ""
+
+
+def test_conn_max_age_is_judged_against_client_idle_timeout_only(aggregator, dd_run_check, box):
+    """server_idle_timeout (60 s here) closes PgBouncer's unused servers, never Django's connections: no rule.
+    client_idle_timeout closes Django's own idle connections; session mode pins a server per Django thread."""
+    with psycopg.connect(
+        host="127.0.0.1", port=box.pgbouncer.port, user="app", password=APP_PASSWORD, dbname="appdb", autocommit=True
+    ) as client:
+        client.execute("SELECT 1")
+        assert alignment(aggregator, dd_run_check, box, conn_max_age=300) == (AgentCheck.OK, "")
+        assert alignment(aggregator, dd_run_check, box, conn_max_age=None) == (AgentCheck.OK, "")
+    box.pgbouncer.settings["client_idle_timeout"] = 120
+    try:
+        box.pgbouncer.reload()
+        status, text = alignment(aggregator, dd_run_check, box, conn_max_age=300)
+        assert status == AgentCheck.WARNING
+        assert text == (
+            "conn_max_age=300 s is longer than PgBouncer's client_idle_timeout=120 s, after which it closes idle "
+            "client connections (Django's): a request that reuses one fails; keep CONN_MAX_AGE at or below it "
+            "(with CONN_HEALTH_CHECKS=True), or raise client_idle_timeout"
+        )
+        assert alignment(aggregator, dd_run_check, box, conn_max_age=60) == (AgentCheck.OK, "")
+        box.pgbouncer.settings["pool_mode"] = "session"
+        box.pgbouncer.reload()
+        status, text = alignment(aggregator, dd_run_check, box, conn_max_age=60)
+        assert status == AgentCheck.WARNING and "server_idle_timeout" not in text
+        assert text.startswith("conn_max_age=60 s while PgBouncer pools ") and "in session mode" in text
+    finally:
+        del box.pgbouncer.settings["client_idle_timeout"]
+        box.pgbouncer.settings["pool_mode"] = "transaction"
+        box.pgbouncer.reload()
+
+
+def server(pid: int, addr: str = "127.0.0.1", port: int = 5432, local_port: int = 40000, linked: bool = False):
+    return PgbServer("appdb", "app", "active" if linked else "idle", addr, port, local_port, pid, linked, "web")
+
+
+def test_a_pid_of_another_server_is_never_this_ones():
+    """The same pid at another address or port is another server's backend; over TCP the port PostgreSQL sees
+    is part of the key; over a Unix socket, only a server on the check's own host can be this one."""
+    where = ServerAddress(frozenset({"10.0.0.5"}), 5432, False)
+    pooler = Pooler(
+        (
+            server(100, "10.0.0.5", 5432, 40001),
+            server(100, "10.0.0.9", 5432, 40002),  # same pid, another host
+            server(100, "10.0.0.5", 5433, 40003),  # same pid, another port
+            server(100, "unix", 5432, 6432),  # PgBouncer's own host: not known to be the check's
+            server(101, "::ffff:10.0.0.5", 5432, 40004, linked=True),
+        ),
+        frozenset(),
+        PgbConfig(server_idle_timeout=600, server_lifetime=3600),
+    )
+    keys = pooler_keys(pooler, where)
+    assert keys.own == (100 * 65536 + 40001, 101 * 65536 + 40004) and keys.held == ()
+    assert keys.overdue_seconds == 1200
+    local = ServerAddress(frozenset({"127.0.0.1"}), 5432, False)
+    assert pooler_keys(pooler, local).own == (100 * 65536,)  # the Unix socket's, no port
+    session = Pooler(pooler.servers, frozenset({("appdb", "app")}), pooler.config)
+    assert pooler_keys(session, where).held == (101 * 65536 + 40004,)
+
+
+def test_a_server_idle_far_past_server_idle_timeout_is_pgbouncers_anomaly():
+    settings = parse({"postgres": {"host": "h", "username": "datadog", "dbname": "postgres"}, "pgbouncer": {}})
+    groups = (
+        ActivityGroup("idle", "appdb", "app", "web", "", 5, pooler=POOLER_OWN, overdue=3),
+        ActivityGroup("idle", "appdb", "app", "leaky", "", 2, leaked=2),
+    )
+    pg = PgSnapshot(ServerSettings(150000, "15", 100, 3, 0, 0, 0), groups, None, 0.0, False)
+    config = PgbConfig(server_idle_timeout=600, server_lifetime=3600)
+    [finding] = overdue_findings(pg, config, settings)
+    assert finding.text.startswith("3 of PgBouncer's server connections idle at PostgreSQL for over 1200 s, far past")
+    assert "server_idle_timeout=600 s" in finding.text and "not an application's leak" in finding.text
+    # min_pool_size keeps some on purpose; timeouts off keep them all.
+    assert overdue_findings(pg, PgbConfig(server_idle_timeout=600, min_pool_size=3), settings) == []
+    assert overdue_findings(pg, PgbConfig(server_idle_timeout=0), settings) == []
+
+
+SERVERS_1_15 = (
+    "type user database state addr port local_addr local_port connect_time request_time wait wait_us close_needed "
+    "ptr link remote_pid tls"
+).split()
+SERVERS_1_24 = (
+    "type user database replication state addr port local_addr local_port connect_time request_time wait wait_us "
+    "close_needed ptr link remote_pid tls application_name prepared_statements id"
+).split()
+
+
+@pytest.mark.parametrize("columns", [SERVERS_1_15, [*SERVERS_1_15, "application_name"], SERVERS_1_24])
+def test_show_servers_is_read_by_column_name_from_1_15_to_1_26(columns):
+    values = {
+        "type": "S", "user": "app", "database": "appdb", "state": "active", "addr": "127.0.0.1", "port": 5432,
+        "local_addr": "127.0.0.1", "local_port": 40001, "link": "0x55d0", "remote_pid": 4242,
+        "application_name": "web", "replication": "none", "id": 7,
+    }  # fmt: skip
+    rows = [dict(values), {**values, "database": "pgbouncer", "remote_pid": 1}]
+    result = Result(columns, [tuple(row.get(c) for c in columns) for row in rows])
+    [found] = parse_servers(result)
+    app = "web" if "application_name" in columns else ""
+    assert found == PgbServer("appdb", "app", "active", "127.0.0.1", 5432, 40001, 4242, True, app)
