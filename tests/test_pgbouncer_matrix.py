@@ -298,3 +298,30 @@ def test_restart_and_reconnect(aggregator, dd_run_check, bouncer):
     finally:
         client.close()
         check.cancel()
+
+
+def test_pgbouncers_server_connections_are_told_apart_at_postgresql(aggregator, dd_run_check, bouncer):
+    """SHOW SERVERS on each version: the backend of a server PgBouncer keeps idle is tagged pooler:pgbouncer
+    and is no leak; a direct connection beside it is one."""
+    box = bouncer.box
+    with (
+        bouncer.connect(application_name="matrix-pooled") as through,
+        psycopg.connect(box.postgres.dsn(), application_name="matrix-direct", autocommit=True),
+    ):
+        through.execute("SELECT 1")  # the server now carries the client's name
+        time.sleep(1.2)
+        instance = {**box.instance(), "leak_idle_seconds": 1, "applications": {"include": ["^matrix-"]}}
+        check = DjangoDbCheck("django_db", {}, [instance])
+        try:
+            dd_run_check(check)
+        finally:
+            check.cancel()
+    pooled = metric_values(aggregator, "django_db.postgres.connections", "app:matrix-pooled", "pooler:pgbouncer")
+    assert sum(pooled) == 1
+    assert not metric_values(aggregator, "django_db.postgres.connections", "app:matrix-direct", "pooler:pgbouncer")
+    leaked = "django_db.postgres.leaked_connections"
+    assert one_value(aggregator, leaked, "app:matrix-direct") == 1
+    assert metric_values(aggregator, leaked, "app:matrix-pooled") in ([], [0])
+    _, text = _health(aggregator)
+    assert "of app=matrix-direct idle for over 1 s (leaked)" in text, text
+    assert "connections of app=matrix-pooled idle for over" not in text, text  # its client at PgBouncer is its own
