@@ -108,7 +108,13 @@ def test_a_healthy_stack_says_nothing(aggregator, dd_run_check, box):
         replies = web.drive("/query/", count=20, concurrency=2)
         assert {r.status for r in replies} == {200}
         settle(box, 2.5)
-        instance = {**box.instance(), "leak_idle_seconds": 2, "tags": ["env_name:test"]}
+        instance = {
+            **box.instance(),
+            "leak_idle_seconds": 2,
+            "tags": ["env_name:test"],
+            # the pool keeps its connections (to PgBouncer) on purpose, 4 a process
+            "apps": [{"match": "^pooled-web$", "max_connections": 4, "pooled": True}],
+        }
         status, text = health(aggregator, dd_run_check, instance)
     finally:
         web.close()
@@ -225,12 +231,15 @@ def test_a_server_idle_far_past_server_idle_timeout_is_pgbouncers_anomaly():
     )
     pg = PgSnapshot(ServerSettings(150000, "15", 100, 3, 0, 0, 0), groups, None, 0.0, False)
     config = PgbConfig(server_idle_timeout=600, server_lifetime=3600)
-    [finding] = overdue_findings(pg, config, settings)
+    [finding] = overdue_findings(pg, Pooler((), frozenset(), config), settings)
     assert finding.text.startswith("3 of PgBouncer's server connections idle at PostgreSQL for over 1200 s, far past")
     assert "server_idle_timeout=600 s" in finding.text and "not an application's leak" in finding.text
     # min_pool_size keeps some on purpose; timeouts off keep them all.
-    assert overdue_findings(pg, PgbConfig(server_idle_timeout=600, min_pool_size=3), settings) == []
-    assert overdue_findings(pg, PgbConfig(server_idle_timeout=0), settings) == []
+    kept = PgbConfig(server_idle_timeout=600, min_pool_size=3)
+    assert overdue_findings(pg, Pooler((), frozenset(), kept), settings) == []
+    [finding] = overdue_findings(pg, Pooler((), frozenset(), kept, {"appdb": 1}), settings)  # the database's own
+    assert finding.text.startswith("2 of PgBouncer's server connections")
+    assert overdue_findings(pg, Pooler((), frozenset(), PgbConfig(server_idle_timeout=0)), settings) == []
 
 
 SERVERS_1_15 = (

@@ -174,7 +174,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(metrics)
         self.submit(app_metrics(snapshot, self.settings))
         findings = postgres_findings(snapshot, self.settings) + budget_findings(snapshot, self.settings)
-        findings += overdue_findings(snapshot, pooler.config if pooler is not None else None, self.settings)
+        findings += overdue_findings(snapshot, pooler, self.settings)
         return snapshot, findings, []
 
     def churn_findings(self, snapshot: PgSnapshot, run: DjangoRun | None) -> tuple[list[Finding], set[str]]:

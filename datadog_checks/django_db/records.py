@@ -193,7 +193,6 @@ class PgbConfig:
     client_idle_timeout: float | None = None
     max_prepared_statements: float | None = None  # 1.21 and later: protocol-level prepared statements kept
     server_lifetime: float | None = None
-    min_pool_size: float | None = None
 
 
 class PgbServer(NamedTuple):

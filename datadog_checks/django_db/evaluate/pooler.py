@@ -9,7 +9,8 @@ to another address or port.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..addresses import LOOPBACK, normalise
 from ..config import Settings
@@ -60,13 +61,19 @@ class Pooler:
     servers: tuple[PgbServer, ...]
     session: frozenset[tuple[str, str]]  # (database, user) of the session-mode pools
     config: PgbConfig
+    min_pool_sizes: Mapping[str, float] = field(default_factory=dict)  # a database's own min_pool_size
+
+    def min_pool_size(self, db: str) -> float:
+        own = self.min_pool_sizes.get(db)
+        return own if own is not None and own >= 0 else self.config.min_pool_size or 0
 
 
 def pooler_of(pgb: PgbSnapshot) -> Pooler:
     session = frozenset((pool.db, pool.user) for pool in pgb.pools if pool.pool_mode == "session")
     if pgb.config.pool_mode == "session":  # a pool SHOW POOLS does not list yet has the default mode
         session |= {(s.db, s.user) for s in pgb.servers if (s.db, s.user) not in {(p.db, p.user) for p in pgb.pools}}
-    return Pooler(pgb.servers, session, pgb.config)
+    mins = {d.name: d.min_pool_size for d in pgb.databases if d.min_pool_size is not None and d.min_pool_size >= 0}
+    return Pooler(pgb.servers, session, pgb.config, mins)
 
 
 def pooler_keys(pooler: Pooler, where: ServerAddress) -> PoolerKeys:
@@ -82,16 +89,16 @@ def pooler_keys(pooler: Pooler, where: ServerAddress) -> PoolerKeys:
     return PoolerKeys(tuple(sorted(held)), tuple(sorted(own)), overdue_seconds(pooler.config))
 
 
-def overdue_findings(pg: PgSnapshot, config: PgbConfig | None, settings: Settings) -> list[Finding]:
+def overdue_findings(pg: PgSnapshot, pooler: Pooler | None, settings: Settings) -> list[Finding]:
     """PgBouncer's idle server connections far past the timeouts after which it closes them: its anomaly, not an
-    application's leak. ``min_pool_size`` connections a pool keeps whatever their age are left out."""
-    if config is None:
+    application's leak. The ``min_pool_size`` connections a pool keeps whatever their age are left out."""
+    if pooler is None:
         return []
+    config = pooler.config
     limit = overdue_seconds(config)
     own = [g for g in select(pg.groups, settings) if g.pooler == POOLER_OWN]
     overdue = sum(g.overdue for g in own)
-    pools = {(g.db, g.user) for g in own}
-    overdue -= int(len(pools) * (config.min_pool_size or 0))
+    overdue -= int(sum(pooler.min_pool_size(db) for db, _ in {(g.db, g.user) for g in own}))
     if limit is None or overdue <= 0:
         return []
     named = (("server_idle_timeout", config.server_idle_timeout), ("server_lifetime", config.server_lifetime))

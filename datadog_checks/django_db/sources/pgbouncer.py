@@ -183,7 +183,6 @@ def parse_config(result: Result) -> PgbConfig:
         client_idle_timeout=number_of("client_idle_timeout"),
         max_prepared_statements=number_of("max_prepared_statements"),
         server_lifetime=number_of("server_lifetime"),
-        min_pool_size=number_of("min_pool_size"),
     )
 
 
