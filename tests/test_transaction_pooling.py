@@ -1,10 +1,12 @@
 """Real Django applications under gunicorn through real PgBouncer: what transaction pooling breaks (server-side
 cursors, prepared statements) counted once per failure in each log and told with what to change; what it does
-not break (no server-side cursors, or session mode) stays quiet."""
+not break (no server-side cursors, session mode, PgBouncer 1.24 keeping prepared statements) stays quiet."""
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -13,9 +15,11 @@ from datadog_checks.base import AgentCheck
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.evaluate.session_state import version_tuple
 from datadog_checks.django_db.evaluate.signatures import classify_error
-from django_db_tools.sandbox import Sandbox
+from django_db_tools import debian
+from django_db_tools.sandbox import SUPERUSER, Sandbox
+from django_db_tools.webapp.harness import Database, Webapp
 
-from .conftest import metric_values
+from .conftest import APP_PASSWORD, matrix, metric_values
 
 HEALTH = "django_db.connection_health"
 PREFIX = "%m [%p] %q%u@%d/%a "
@@ -163,3 +167,82 @@ def test_the_errors_a_client_meets_are_named_by_their_sqlstate(clients):
         ("DuplicatePreparedStatement", "prepared_statement_lost"),
         ("InvalidCursorName", "server_side_cursor_lost"),
     ]
+
+
+@pytest.fixture(scope="module", params=matrix(("pgbouncer-1.24",)))
+def tracking_bouncer(request) -> Iterator[Sandbox]:
+    """PgBouncer 1.24 (Debian trixie's, fetched once into the user's cache) in transaction mode, with
+    max_prepared_statements 0 to begin with."""
+    build = debian.fetch(debian.PGBOUNCER["1.24"])  # a failure names the suite and package
+    with debian.runnable(build) as runnable:
+        program = runnable.command("pgbouncer")
+        with Sandbox(max_connections=40, default_pool_size=5, max_prepared_statements=0,
+                     pgbouncer_program=program) as box:  # fmt: skip
+            box.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+            box.psql("CREATE DATABASE appdb OWNER app")
+            box.pgbouncer.users["app"] = APP_PASSWORD
+            box.pgbouncer.reload()
+            yield box
+
+
+def set_max_prepared_statements(box: Sandbox, value: int) -> None:
+    """Reload PgBouncer with it; return once its console shows it."""
+    box.pgbouncer.settings["max_prepared_statements"] = value
+    box.pgbouncer.reload()
+    admin = box.pgbouncer.instance(SUPERUSER)
+    with psycopg.connect(
+        host="127.0.0.1", port=admin["port"], user=SUPERUSER, password=admin["password"], dbname="pgbouncer",
+        autocommit=True, cursor_factory=psycopg.ClientCursor, prepare_threshold=None,
+    ) as console:  # fmt: skip
+        deadline = time.monotonic() + 10
+        while {row[0]: row[1] for row in console.execute("SHOW CONFIG")}.get("max_prepared_statements") != str(value):
+            assert time.monotonic() < deadline, "PgBouncer never took max_prepared_statements"
+            time.sleep(0.05)
+
+
+def test_pgbouncer_that_keeps_prepared_statements_makes_the_failures_go(
+    aggregator, dd_run_check, tracking_bouncer, tmp_path
+):
+    """PgBouncer 1.24 with max_prepared_statements 0 fails as 1.18 does, and the finding asks for the setting;
+    failures read after a reload that set it are told with the value now set; set above 0, the same application
+    under the same load fails no request and nothing is told."""
+    box = tracking_bouncer
+    database = Database("127.0.0.1", box.pgbouncer.port, "appdb", "app", APP_PASSWORD)
+    log = tmp_path / "django.log"
+    log.touch()
+    settings: dict = {"app_name": "tracked-web", "workers": 2, "threads": 4, "conn_max_age": None, "log_file": log}
+    settings["env"] = {"WEBAPP_PREPARE_THRESHOLD": "0"}
+    check = DjangoDbCheck("django_db", {}, [{**box.instance(), "log_files": [str(log)]}])
+    try:
+        run(aggregator, dd_run_check, check)
+        with Webapp(database, **settings) as app:
+            failed = sum(r.status == 500 for r in app.drive("/prepared/", count=40, concurrency=8))
+        status, text = run(aggregator, dd_run_check, check)
+        assert failed >= 3 and errors(aggregator, "prepared_statement_lost", log) == failed
+        assert status == AgentCheck.WARNING
+        [finding] = [f for f in text.split("; WARNING: ") if "prepared_statement_lost seen" in f]
+        version = check.pgbouncer.version if check.pgbouncer is not None else None
+        assert (version or "").startswith("1.24.")
+        assert (
+            f"PgBouncer {version} keeps protocol-level prepared statements only with max_prepared_statements "
+            "above 0, and it is 0: set it (200, say) in pgbouncer.ini and reload" in finding
+        )
+
+        # Failures logged before a reload that sets it, read after: never asked to set what is set now
+        with Webapp(database, **settings) as app:
+            failed = sum(r.status == 500 for r in app.drive("/prepared/", count=40, concurrency=8))
+        set_max_prepared_statements(box, 200)
+        status, text = run(aggregator, dd_run_check, check)
+        assert failed >= 3 and errors(aggregator, "prepared_statement_lost", log) == failed
+        [finding] = [f for f in text.split("; WARNING: ") if "prepared_statement_lost seen" in f]
+        assert "keeps protocol-level prepared statements already (max_prepared_statements = 200)" in finding
+        assert "or before the setting was loaded" in finding and "set it" not in finding
+
+        with Webapp(database, **settings) as app:
+            replies = app.drive("/prepared/", count=40, concurrency=8)
+        status, text = run(aggregator, dd_run_check, check)
+    finally:
+        check.cancel()
+    assert {r.status for r in replies} == {200}
+    assert status == AgentCheck.OK, text
+    assert not metric_values(aggregator, "django_db.errors", "signature:prepared_statement_lost")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -15,6 +16,7 @@ from datadog_checks.base import AgentCheck, ConfigurationError
 
 from . import config
 from .connection import describe
+from .evaluate import session_state
 from .evaluate.alignment import alignment_failures
 from .evaluate.apps import app_metrics, budget_findings, excuse_pools
 from .evaluate.churn import authorized_apps, churn_finding
@@ -139,6 +141,9 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             findings += found
         if run is not None:
             findings += django_findings(run, self.settings.thresholds.churn_per_minute, named)
+        if pgb is not None and self.pgbouncer is not None and not pgb.new_connection:
+            if any(name == session_state.PREPARED for name, _, _ in seen):  # its advice turns on a reloadable setting
+                pgb = replace(pgb, config=self.pgbouncer.config_now())
         findings += signature_findings(seen, pg, pgb, self._log_apps)
         for signature, source, server in seen:
             self.count_error(signature, source, server)

@@ -405,6 +405,20 @@ class PgBouncerSource(Reconnecting):
         """SHOW SERVERS when PostgreSQL is monitored too: a few rows, one per server connection."""
         return parse_servers(self._show(conn, "SERVERS", fetch=True)) if self.read_servers else ()
 
+    def config_now(self) -> PgbConfig:
+        """SHOW CONFIG again on the kept connection, where a RELOAD since the check connected matters to what
+        the run says. What was read before stands if the console cannot answer; the connection is then
+        opened again next run."""
+        conn = self.conn
+        if conn is None or conn.closed:
+            return self.config
+        try:
+            with deadline(conn, self.endpoint.query_timeout):
+                self.config = parse_config(self._show(conn, "CONFIG", fetch=True))
+        except Exception:
+            self.close()
+        return self.config
+
     @staticmethod
     def _show(conn: psycopg.Connection[Any], what: LiteralString, fetch: bool = False) -> Result:
         cursor = conn.execute("SHOW " + what)
