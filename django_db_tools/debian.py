@@ -139,8 +139,8 @@ class Build:
         bindir.mkdir()
         for folder in ("usr/sbin", "usr/bin"):
             for program in sorted((self.root / folder).glob("*")) if (self.root / folder).is_dir() else []:
-                if not program.is_file() or (bindir / program.name).exists():
-                    continue
+                if not _is_elf(program) or (bindir / program.name).exists():
+                    continue  # scripts run as they are
                 os.symlink(os.path.relpath(loader, bindir), bindir / program.name)
                 script = wrapped / program.relative_to(self.root / "usr")
                 script.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +150,13 @@ class Build:
         if (self.root / "usr/share").is_dir() and not (wrapped / "share").exists():
             wrapped.mkdir(exist_ok=True)
             os.symlink("../usr/share", wrapped / "share")
+
+
+def _is_elf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"\x7fELF"
 
 
 def cache_root() -> Path:

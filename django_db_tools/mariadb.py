@@ -1,8 +1,12 @@
-"""A throwaway MariaDB server on a free loopback port, with its own data directory and socket.
+"""A throwaway MariaDB (or Oracle MySQL) server on a free loopback port, with its own data directory and socket.
 
 Used by the MySQL tests and ``./run demo --mysql``. Never the system service: ``mariadbd`` runs
 from a temporary folder, as the ``mysql`` user when started by root, and is stopped on ``close``.
-Standard library only; statements go through the ``mariadb`` client over the server's socket.
+The machine's MariaDB by default; another build unpacked by ``django_db_tools.debian`` when given
+(MariaDB 10.5 or 11.8, or MySQL's ``mysqld``, which makes its data directory with
+``--initialize-insecure`` rather than ``mariadb-install-db``).
+Standard library only; statements go through the ``mariadb`` client over the server's socket (the
+build's own client for MariaDB, the machine's for MySQL, whose server package has none).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .sandbox import SandboxError, free_port, wait_for_port
+
+if TYPE_CHECKING:
+    from .debian import Build
 
 RUN_AS = "mysql"
 MONITOR_USER = "datadog"
@@ -45,10 +53,23 @@ def _run_as() -> str | None:
 class MariaDB:
     """One ``mariadbd`` in a temporary folder, listening on 127.0.0.1; removed on ``close``."""
 
-    def __init__(self, max_connections: int = 100, settings: dict[str, str] | None = None):
-        self.mariadbd = _binary("mariadbd", "mysqld")
-        self.install_db = _binary("mariadb-install-db", "mysql_install_db")
-        self.client = _binary("mariadb", "mysql")
+    def __init__(self, max_connections: int = 100, settings: dict[str, str] | None = None, build: Build | None = None):
+        """``build``: a MariaDB or MySQL build to run instead of the machine's MariaDB."""
+        self.build = build
+        self.mysql = build is not None and not (build.root / "usr/sbin/mariadbd").is_file()
+        if build is None:
+            self.mariadbd = [_binary("mariadbd", "mysqld")]
+            self.install_db = [_binary("mariadb-install-db", "mysql_install_db")]
+            self.client = [_binary("mariadb", "mysql")]
+        elif self.mysql:
+            self.mariadbd = build.command("mysqld")
+            self.install_db = []
+            self.client = [_binary("mariadb", "mysql")]
+        else:
+            self.mariadbd = build.command("mariadbd")
+            # A script that runs my_print_defaults, resolveip and mariadbd by path: wrappers, in a basedir of its own.
+            self.install_db = [str(build.root / "usr/bin/mariadb-install-db")]
+            self.client = build.command("mariadb")
         self.root = Path(tempfile.mkdtemp(prefix="django-db-mariadb-"))
         os.chmod(self.root, 0o755)  # noqa: S103 - the server runs as another user
         self.datadir = self.root / "data"
@@ -59,6 +80,7 @@ class MariaDB:
         self.settings = settings or {}
         self.user = _run_as()
         self.proc: subprocess.Popen | None = None
+        self.command: list[str] = []
 
     def start(self) -> MariaDB:
         try:
@@ -72,12 +94,17 @@ class MariaDB:
         if self.user is not None:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
-        subprocess.run(
-            [self.install_db, "--no-defaults", f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
-             "--skip-test-db", "--skip-name-resolve"],
-            user=self.user, check=True, capture_output=True, text=True, timeout=120, cwd=self.root,
-        )  # fmt: skip
-        options = {
+        paths = self._build_paths()
+        if self.mysql:
+            install = [*self.mariadbd, "--no-defaults", *paths, "--initialize-insecure", f"--datadir={self.datadir}"]
+        else:
+            basedir = [f"--basedir={self.build.root / '.wrapped'}"] if self.build is not None else []
+            install = [*self.install_db, "--no-defaults", *basedir, f"--datadir={self.datadir}",
+                       "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve"]  # fmt: skip
+        done = subprocess.run(install, user=self.user, capture_output=True, text=True, timeout=120, cwd=self.root)
+        if done.returncode != 0:
+            raise SandboxError(f"making the data directory failed: {(done.stdout + done.stderr)[-2000:]}")
+        options: dict[str, object] = {
             "datadir": self.datadir,
             "port": self.port,
             "socket": self.socket,
@@ -91,23 +118,48 @@ class MariaDB:
             "innodb-flush-log-at-trx-commit": "0",
             "skip-log-bin": None,
             "performance-schema": "OFF",
-            **self.settings,
         }
+        if self.mysql:
+            # MySQL's defaults kept: performance_schema on. It has no innodb_log_file_size since 8.0.30,
+            # no X protocol wanted, and aborts without --secure-file-priv on a missing /var/lib/mysql-files.
+            del options["innodb-log-file-size"], options["performance-schema"]
+            options.update({"innodb-redo-log-capacity": "8M", "mysqlx": "OFF", "secure-file-priv": ""})
+        options.update(self.settings)
         args = [f"--{key}" if value is None else f"--{key}={value}" for key, value in options.items()]
-        self.proc = subprocess.Popen(
-            [self.mariadbd, "--no-defaults", *args],
-            user=self.user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.root,
-        )  # fmt: skip
-        wait_for_port(self.port, 60, self.proc, self.logfile)
+        self.command = [*self.mariadbd, "--no-defaults", *paths, *args]
+        self.start_again()
         self.sql(
             f"CREATE USER '{MONITOR_USER}'@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';"
             f"GRANT PROCESS ON *.* TO '{MONITOR_USER}'@'%';"
         )
 
+    def start_again(self) -> None:
+        """Start the server on its data directory, made by ``start``; return once it listens."""
+        self.proc = subprocess.Popen(
+            self.command, user=self.user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.root
+        )
+        wait_for_port(self.port, 60, self.proc, self.logfile)
+
+    def _build_paths(self) -> list[str]:
+        """Where a build's server finds its files: its own folders, not the machine's."""
+        if self.build is None:
+            return []
+        usr = self.build.root / "usr"
+        messages = next(d for d in (usr / "share/mariadb", usr / "share/mysql") if (d / "english").is_dir())
+        paths = [f"--basedir={usr}", f"--lc-messages-dir={messages}"]
+        if (usr / "lib/mysql/plugin").is_dir():
+            paths.append(f"--plugin-dir={usr / 'lib/mysql/plugin'}")
+        return paths
+
+    @property
+    def version(self) -> str:
+        """What the server says it is: SELECT VERSION()."""
+        return self.sql("SELECT VERSION()").strip()
+
     def sql(self, statements: str, database: str = "") -> str:
         """Run statements as root over the socket; returns the rows, tab separated."""
         result = subprocess.run(
-            [self.client, "--no-defaults", f"--socket={self.socket}", "-uroot", "-N", "-B", "-e", statements,
+            [*self.client, "--no-defaults", f"--socket={self.socket}", "-uroot", "-N", "-B", "-e", statements,
              *([database] if database else [])],
             check=True, capture_output=True, text=True, timeout=60,
         )  # fmt: skip

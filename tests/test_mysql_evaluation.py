@@ -225,6 +225,8 @@ def test_thread_states():
         ("MySQLdb.OperationalError: (2006, 'MySQL server has gone away')", None, "mysql_server_gone"),
         ("(2013, 'Lost connection to MySQL server during query')", 2013, "mysql_server_gone"),
         ("OperationalError: (2013, 'Lost connection to MySQL server during query')", None, "mysql_server_gone"),
+        ("(1927, 'Connection was killed')", 1927, "mysql_server_gone"),  # MariaDB 10.5 shutting down
+        ("django.db.utils.OperationalError: (1927, 'Connection was killed')", None, "mysql_server_gone"),
         ("(1045, \"Access denied for user 'app'@'10.0.0.7' (using password: YES)\")", 1045, "mysql_access_denied"),
         ("2026-11-21 8:43:35 6 [Warning] Access denied for user 'app'@'127.0.0.1' (using password: YES)", None,
          "mysql_access_denied"),

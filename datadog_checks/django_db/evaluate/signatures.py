@@ -45,11 +45,12 @@ TABLE: tuple[Signature, ...] = (
     ),
     Signature(
         "mysql_server_gone", Status.WARNING, (),
-        _re(r"server has gone away|lost connection to (?:mysql |mariadb )?server (?:during query|at )"),
-        "The MySQL server closed the connection (2006, 2013): most often a persistent connection idle past "
-        "wait_timeout. Keep CONN_MAX_AGE below wait_timeout and set CONN_HEALTH_CHECKS=True; "
-        "else look for restarts or max_allowed_packet.",
-        (2006, 2013, 4031),
+        _re(r"server has gone away|lost connection to (?:mysql |mariadb )?server (?:during query|at )"
+            r"|\b1927\b[^\n]{0,6}connection was killed"),
+        "The MySQL server closed the connection (2006, 2013; 1927 from a MariaDB 10.5 shutting down): most "
+        "often a persistent connection idle past wait_timeout. Keep CONN_MAX_AGE below wait_timeout and set "
+        "CONN_HEALTH_CHECKS=True; else look for restarts or max_allowed_packet.",
+        (2006, 2013, 4031, 1927),
     ),
     Signature(
         "mysql_access_denied", Status.CRITICAL, (),

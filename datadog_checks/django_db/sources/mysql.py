@@ -49,8 +49,9 @@ GROUP BY 1, 2, 3, 4, 5
 INFORMATION_SCHEMA = "information_schema.PROCESSLIST"
 PERFORMANCE_SCHEMA = "performance_schema.processlist"  # MySQL 8.0.22 and later, without the global mutex
 
-# Errors of a connection the server closed: gone away, lost during query, closed for inactivity (MySQL 8).
-BROKEN = (2006, 2013, 4031)
+# Errors of a connection the server closed: gone away, lost during query, closed for inactivity (MySQL 8),
+# killed (what MariaDB 10.5 tells its idle clients as it shuts down cleanly, where later ones close with 2013).
+BROKEN = (2006, 2013, 4031, 1927)
 
 
 class ProcessRow(NamedTuple):
