@@ -11,7 +11,7 @@ from datadog_checks.django_db.evaluate.health import signature_findings
 from datadog_checks.django_db.evaluate.log_prefix import app_finder
 from datadog_checks.django_db.evaluate.session_state import CURSOR, PREPARED, advice
 from datadog_checks.django_db.evaluate.signatures import LogRecords
-from datadog_checks.django_db.records import PgbConfig, PgbPool, PgbSnapshot
+from datadog_checks.django_db.records import PgbClientGroup, PgbClients, PgbConfig, PgbPool, PgbSnapshot
 
 CURSOR_ERROR = 'ERROR:  cursor "_django_curs_140462479124160_sync_5" does not exist'
 
@@ -78,6 +78,21 @@ def test_cursor_advice_names_the_pool_mode_and_the_setting():
     # PgBouncer in session mode keeps cursors: another pooler is to blame, not a mode to change here
     session = advice(CURSOR, pgbouncer(("session",)))
     assert "pools in session mode only" in session and "another pooler in transaction mode" in session
+
+
+def test_the_pools_named_are_those_of_the_applications_the_log_named():
+    pools = (PgbPool("shop", "app", "transaction", 20), PgbPool("reports", "etl", "transaction", 5))
+    pools += (PgbPool("admin", "app", "session", 5),)
+    clients = PgbClients(
+        (PgbClientGroup("reports", "etl", "report-jobs", "active", "10.0.0.9", "", False, 4),
+         PgbClientGroup("shop", "app", "web", "active", "10.0.0.7", "", True, 8)),
+        "", True,
+    )  # fmt: skip
+    pgb = PgbSnapshot(pools, (), (), {}, PgbConfig(), "1.18.0", clients=clients)
+    assert "(pools in transaction mode: reports/etl transaction)" in advice(CURSOR, pgb, ["report-jobs"])
+    # an application PgBouncer shows no client of now: every pool, as without a name
+    every = "(pools in transaction mode: shop/app transaction, reports/etl transaction)"
+    assert every in advice(CURSOR, pgb, ["gone"]) and every in advice(CURSOR, pgb)
 
 
 def test_prepared_statement_advice_fits_the_version_and_max_prepared_statements():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from ..config import Settings
 from ..profiles import profile_for
@@ -67,7 +67,7 @@ def signature_findings(
         also = "; a failure can show in each log" if len(logs[name]) > 1 else ""
         named = apps.get(name) if apps else None
         also += f"; {_apps(named)}" if named else ""
-        text = f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb).rstrip('.')}"
+        text = f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb, named or ()).rstrip('.')}"
         findings.append(Finding(signature.status, text))
     return findings
 
@@ -94,10 +94,11 @@ def _pools(pgb: PgbSnapshot, limit: int = 3) -> str:
     return shown + (f" and {len(pools) - limit} more" if len(pools) > limit else "")
 
 
-def advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None) -> str:
-    """The signature's advice, told for the stack as the run found it where its settings change the answer."""
+def advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None, apps: Collection[str] = ()) -> str:
+    """The signature's advice, told for the stack as the run found it where its settings change the answer;
+    ``apps``: the applications the logs named with it."""
     if signature.name in session_state.NAMES:
-        return session_state.advice(signature.name, pgb)
+        return session_state.advice(signature.name, pgb, apps)
     free = f"; PostgreSQL has {free_slots(pg)} free slots of {pg.settings.usable_slots}" if pg is not None else ""
     if signature.name == "query_wait_timeout" and pgb is not None and pgb.pools:
         modes = {p.pool_mode for p in pgb.pools}

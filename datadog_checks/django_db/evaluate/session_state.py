@@ -11,6 +11,7 @@ found: PgBouncer's pool modes from its console, and for prepared statements its 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from ..records import PgbPool, PgbSnapshot
 
@@ -44,9 +45,18 @@ def _listed(pools: list[PgbPool]) -> str:
     return shown + (f" and {len(pools) - SHOWN} more" if len(pools) > SHOWN else "")
 
 
-def _modes(pgb: PgbSnapshot) -> tuple[str, bool]:
-    """How PgBouncer's pools are set, as its console says, and whether any hands transactions to any server."""
+def _pools_of(pgb: PgbSnapshot, apps: Collection[str]) -> list[PgbPool]:
+    """The pools the named applications' clients are at now (SHOW CLIENTS, 1.18 on), else every pool."""
     pools = list(pgb.pools)
+    if apps and pgb.clients is not None and pgb.clients.has_app:
+        used = {(group.db, group.user) for group in pgb.clients.groups if group.app in apps}
+        return [p for p in pools if (p.db, p.user) in used] or pools
+    return pools
+
+
+def _modes(pgb: PgbSnapshot, apps: Collection[str]) -> tuple[str, bool]:
+    """How PgBouncer's pools are set, as its console says, and whether any hands transactions to any server."""
+    pools = _pools_of(pgb, apps)
     pooling = [p for p in pools if p.pool_mode in POOLING_MODES]
     if pooling:
         return f"pools in {'/'.join(sorted({p.pool_mode for p in pooling}))} mode: {_listed(pooling)}", True
@@ -56,8 +66,9 @@ def _modes(pgb: PgbSnapshot) -> tuple[str, bool]:
     return f"pool_mode = {mode or 'unknown'}, no pools yet", mode in POOLING_MODES
 
 
-def advice(name: str, pgb: PgbSnapshot | None) -> str:
-    """What to change for a signature of ``NAMES``, told for the PgBouncer the run read (None: none configured)."""
+def advice(name: str, pgb: PgbSnapshot | None, apps: Collection[str] = ()) -> str:
+    """What to change for a signature of ``NAMES``, told for the PgBouncer the run read (None: none configured);
+    its pools are those of ``apps`` (the applications the logs named) where PgBouncer shows their clients."""
     what = _first_up(CURSOR_WHAT if name == CURSOR else PREPARED_WHAT)
     if pgb is None:
         cause = (
@@ -70,7 +81,7 @@ def advice(name: str, pgb: PgbSnapshot | None) -> str:
             f"{what}: {cause}. {_first_up(OPTIONS_CHANGE)}, or pool with PgBouncer 1.21 or later and "
             f"max_prepared_statements above 0"
         )
-    modes, pooling = _modes(pgb)
+    modes, pooling = _modes(pgb, apps)
     if not pooling:
         cause = (
             f"PgBouncer keeps each client on one server connection ({modes}): another pooler in transaction "
