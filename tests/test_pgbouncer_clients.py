@@ -12,8 +12,9 @@ from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD
+from django_db_tools.webapp.harness import Database, Webapp
 
-from .conftest import health, metric_values, one_value, run_new_check
+from .conftest import APP_PASSWORD, health, metric_values, one_value, run_new_check
 
 CLIENTS = "django_db.pgbouncer.client_connections"
 LEAKED = "django_db.pgbouncer.leaked_clients"
@@ -200,3 +201,26 @@ def test_before_1_18_clients_are_counted_by_what_exists():
         ("", "10.0.0.7", False, 2),
         ("", "10.0.0.8", True, 1),
     ]
+
+
+def test_a_budget_counts_the_clients_at_pgbouncer_in_transaction_mode(aggregator, dd_run_check, sandbox):
+    # One server connection for the pool: PostgreSQL sees at most one backend, whatever the threads hold.
+    port = sandbox.postgres.port
+    sandbox.pgbouncer.databases["onebudget"] = f"host=127.0.0.1 port={port} dbname=appdb pool_size=1"
+    sandbox.pgbouncer.reload()
+    db = Database("127.0.0.1", sandbox.pgbouncer.port, "onebudget", "app", APP_PASSWORD)
+    try:
+        with Webapp(db, app_name="budget-pgb", threads=4, conn_max_age=None) as web:
+            statuses = web.drive("/sleep/?seconds=0.3", count=4, concurrency=4)
+            assert {r.status for r in statuses} == {200}
+            instance = {**sandbox.instance(), "apps": [{"match": "^budget-pgb$", "max_connections": 3}]}
+            status, text = health(aggregator, dd_run_check, instance)
+    finally:
+        del sandbox.pgbouncer.databases["onebudget"]
+        sandbox.pgbouncer.reload()
+    assert status == AgentCheck.WARNING
+    assert "app=budget-pgb holds 4 connections, over its budget of 3, 4 of them client connections at PgBouncer" in text
+    assert one_value(aggregator, "django_db.app.connections", "app:budget-pgb", "counted_at:pgbouncer") == 4
+    # PgBouncer's server connection, which carries the application's name at PostgreSQL, is not the application's.
+    assert one_value(aggregator, "django_db.app.connections", "app:budget-pgb", "counted_at:postgres") == 0
+    assert one_value(aggregator, "django_db.app.budget_utilization", "app:budget-pgb") == pytest.approx(4 / 3)

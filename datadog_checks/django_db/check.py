@@ -18,7 +18,8 @@ from . import config
 from .connection import describe
 from .evaluate import session_state
 from .evaluate.alignment import alignment_failures
-from .evaluate.apps import app_metrics, budget_findings, excuse_pools
+from .evaluate.apps import excuse_pools
+from .evaluate.budgets import app_metrics, budget_findings
 from .evaluate.churn import authorized_apps, churn_finding
 from .evaluate.django_metrics import DjangoHistory, DjangoRun, django_findings, django_metrics, failure_text
 from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
@@ -128,6 +129,9 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             my, found, errors = self.collect_mysql(self.mysql)
             findings += found
             seen += errors
+        if self.settings.apps and (pg is not None or pgb is not None):
+            self.submit(app_metrics(pg, pgb, self.settings))
+            findings += budget_findings(pg, pgb, self.settings)
         if self.logs is not None:
             if pg is not None:  # the application's name in PostgreSQL's log lines, where they carry it
                 self._app_of = app_finder(pg.settings.log_line_prefix)
@@ -177,9 +181,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         for dimension, values in folded.items():
             self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
         self.submit(metrics)
-        self.submit(app_metrics(snapshot, self.settings))
-        findings = postgres_findings(snapshot, self.settings) + budget_findings(snapshot, self.settings)
-        findings += overdue_findings(snapshot, pooler, self.settings)
+        findings = postgres_findings(snapshot, self.settings) + overdue_findings(snapshot, pooler, self.settings)
         return snapshot, findings, []
 
     def churn_findings(self, snapshot: PgSnapshot, run: DjangoRun | None) -> tuple[list[Finding], set[str]]:

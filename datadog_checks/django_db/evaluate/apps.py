@@ -8,7 +8,6 @@ from dataclasses import replace
 from ..config import Settings
 from ..profiles import AppProfile, profile_for
 from ..records import POOLER_OWN, PgSnapshot
-from .model import Finding, Metric, Status
 from .postgres import select
 
 PREFIX = "django_db.app."
@@ -55,46 +54,3 @@ def excuse_pools(snapshot: PgSnapshot, settings: Settings) -> PgSnapshot:
         )
     )
     return replace(snapshot, groups=tuple(groups), leak_suspects=suspects)
-
-
-def app_metrics(snapshot: PgSnapshot, settings: Settings) -> list[Metric]:
-    """``django_db.app.connections`` for every profile (zero included), and ``budget_utilization`` where it has
-    a budget: one series each per profile, whatever the number of application names it matches."""
-    assert settings.postgres is not None
-    base = (settings.postgres.tag, *settings.tags)
-    metrics = []
-    by_profile = connections_by_profile(snapshot, settings)
-    for profile in settings.apps:
-        tags = (*base, f"app:{profile.name}")
-        count = sum(by_profile[profile.name].values())
-        metrics.append(Metric("gauge", PREFIX + "connections", count, tags))
-        if profile.max_connections is not None:
-            metrics.append(Metric("gauge", PREFIX + "budget_utilization", count / profile.max_connections, tags))
-    return metrics
-
-
-def budget_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]:
-    """A finding per application over its budget: WARNING, CRITICAL from twice the budget."""
-    findings = []
-    by_profile = connections_by_profile(snapshot, settings)
-    for profile in settings.apps:
-        budget = profile.max_connections
-        apps = by_profile[profile.name]
-        count = sum(apps.values())
-        if budget is None or count <= budget:
-            continue
-        status = Status.CRITICAL if count >= 2 * budget else Status.WARNING
-        names = (
-            ""
-            if set(apps) == {profile.name}
-            else " (" + ", ".join(f"{a or 'none'} {n}" for a, n in apps.most_common(3)) + ")"
-        )
-        findings.append(
-            Finding(
-                status,
-                f"app={profile.name} holds {count} connections{names}, over its budget of {budget}: "
-                "more processes or threads than planned, or connections kept outside requests; "
-                "find them, or raise the profile's max_connections if the plan changed",
-            )
-        )
-    return findings
