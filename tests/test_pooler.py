@@ -81,8 +81,9 @@ def test_a_burst_through_transaction_pooling_then_quiet_is_no_leak_but_a_real_le
         instance = {
             **box.instance(),
             "leak_idle_seconds": 2,
-            # persistent connections, as the application runs them; a budget the 8 servers would break
-            "apps": [{"match": "^web$", "max_connections": 4, "conn_max_age": None}],
+            # persistent connections, as the application runs them: its 16 threads' clients at PgBouncer are its
+            # budget; the 8 servers would break it if they were counted too
+            "apps": [{"match": "^web$", "max_connections": 16, "conn_max_age": None}],
         }
         status, text = health(aggregator, dd_run_check, instance)
     finally:
@@ -90,7 +91,9 @@ def test_a_burst_through_transaction_pooling_then_quiet_is_no_leak_but_a_real_le
         clients.close()
     assert status == AgentCheck.WARNING
     assert "3 connections of app=leaky idle for over 2 s (leaked)" in text
-    assert "web" not in text  # neither a leak nor over its budget: the 8 are PgBouncer's
+    # Neither a leak nor over its budget: the 8 servers are PgBouncer's, and its 16 clients at PgBouncer are within
+    # its budget and its leak threshold (600 s for persistent connections).
+    assert "web" not in text
     assert metric_values(aggregator, "django_db.postgres.leaked_connections", "app:web") in ([], [0])
     assert one_value(aggregator, "django_db.postgres.leaked_connections", "app:leaky") == 3
     # PgBouncer's servers keep the app tag its last client gave them, and say whose they are.
@@ -98,7 +101,8 @@ def test_a_burst_through_transaction_pooling_then_quiet_is_no_leak_but_a_real_le
     assert pooled == [POOL_SIZE]
     leaky = [m.tags for m in aggregator.metrics("django_db.postgres.connections") if "app:leaky" in m.tags]
     assert leaky and not any("pooler:pgbouncer" in tags for tags in leaky)
-    assert one_value(aggregator, "django_db.app.connections", "app:web") == 0
+    assert one_value(aggregator, "django_db.app.connections", "app:web", "counted_at:postgres") == 0
+    assert one_value(aggregator, "django_db.app.connections", "app:web", "counted_at:pgbouncer") == 16
 
 
 def test_a_healthy_stack_says_nothing(aggregator, dd_run_check, box):

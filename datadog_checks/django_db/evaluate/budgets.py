@@ -10,6 +10,7 @@ not PgBouncer's server connections, which carry the name of the last client they
 from __future__ import annotations
 
 from collections import Counter
+
 from ..config import Settings
 from ..profiles import AppProfile, profile_for
 from ..records import DIRECT, HELD, PgbSnapshot, PgSnapshot
