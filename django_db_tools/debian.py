@@ -44,6 +44,7 @@ LEFT_OUT = re.compile(r"perl|^libpam-modules|^libsemanage|^libsystemd-shared|^li
 # older than REFRESH_AFTER (the suite may have moved on since), once.
 LISTS_MAX_AGE = 7 * 24 * 3600
 REFRESH_AFTER = 600
+RETRIES = 3  # apt's own, each after a longer pause
 STALE_SECONDS = 3600
 
 
@@ -175,10 +176,19 @@ def fetch(wanted: Wanted, cache: Path | None = None) -> Build:
     build = Build(target)
     if _complete(build, wanted):
         return build
+    try:
+        _fetch(wanted, folder, target)
+    except FetchError as e:
+        raise FetchError(f"cannot fetch {wanted.package}/{wanted.suite} from Debian's archive: {e}") from e
+    return build
+
+
+def _fetch(wanted: Wanted, folder: Path, target: Path) -> None:
+    build = Build(target)
     folder.mkdir(parents=True, exist_ok=True)
     with _locked(folder / ".lock"):
         if _complete(build, wanted):
-            return build
+            return  # made by another process meanwhile
         _remove_stale(folder)
         work = Path(tempfile.mkdtemp(prefix=f".unpacking-{wanted.package}-", dir=folder))
         try:
@@ -201,7 +211,6 @@ def fetch(wanted: Wanted, cache: Path | None = None) -> Build:
             Build(target)._link_programs()  # again: the links and wrappers name the folder they live in
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return build
 
 
 def _complete(build: Build, wanted: Wanted) -> bool:
@@ -270,6 +279,7 @@ class Apt:
             "APT::Architectures": "amd64",
             "Acquire::Languages": "none",
             "APT::Install-Recommends": "false",
+            "Acquire::Retries": RETRIES,
         }
         if os.geteuid() == 0:
             settings["APT::Sandbox::User"] = "root"  # downloads into a folder of root's
@@ -290,14 +300,17 @@ class Apt:
             raise FetchError(f"{what} did not finish in {e.timeout:g} s") from e
         if result.returncode != 0:
             raise FetchError(f"{what} failed ({result.returncode}): {(result.stderr or result.stdout).strip()[-2000:]}")
-        return result.stdout
+        return result.stdout + result.stderr
 
     def update(self, force: bool = False) -> None:
         stamp = self.folder / "updated"  # apt gives the lists the archive's times, not the download's
         age = time.time() - stamp.stat().st_mtime if stamp.is_file() else None
         if age is not None and age < (REFRESH_AFTER if force else LISTS_MAX_AGE):
             return
-        self._apt("update", what=f"apt-get update of Debian {self.suite} ({MIRROR})")
+        what = f"apt-get update of Debian {self.suite} ({MIRROR})"
+        said = self._apt("update", what=what)
+        if not list(self.lists.glob("*_Packages*")):  # apt-get update warns but succeeds when nothing came
+            raise FetchError(f"{what} got no package list: {said.strip()[-2000:]}")
         stamp.touch()
 
     def libraries(self, package: str) -> list[str]:

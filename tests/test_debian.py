@@ -29,6 +29,15 @@ def test_the_private_configuration_keeps_apt_to_its_folder(tmp_path):
     )
 
 
+def test_an_unreachable_archive_fails_naming_suite_and_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(debian, "MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    monkeypatch.setattr(debian, "RETRIES", 0)
+    fails = r"(?s)cannot fetch pgbouncer/bullseye from Debian's archive: .* got no package list: .*Connection refused"
+    with pytest.raises(debian.FetchError, match=fails):
+        debian.fetch(debian.PGBOUNCER["1.15"], cache=tmp_path)
+    assert not (tmp_path / "bullseye" / "pgbouncer").exists()
+
+
 def test_a_package_the_suite_lacks_fails_naming_suite_and_package():
     missing = debian.Wanted("bullseye", "django-db-no-such-package", ("usr/sbin/nothing",))
     with pytest.raises(debian.FetchError, match=r"django-db-no-such-package/bullseye"):

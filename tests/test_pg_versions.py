@@ -28,7 +28,7 @@ from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools import pg_versions
 from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox, reachable_by_others
 
-from .conftest import APP_PASSWORD, Clients, metric_values, one_value
+from .conftest import APP_PASSWORD, VERSIONS_RAN, Clients, metric_values, one_value
 
 MAJORS = (12, 14, 15, 16, 18)
 MAX_CONNECTIONS = 12
@@ -177,6 +177,7 @@ def server(request) -> Iterator[Server]:
             box.psql("GRANT pg_use_reserved_connections TO trusted")
         box.pgbouncer.users["app"] = APP_PASSWORD
         box.pgbouncer.reload()
+        VERSIONS_RAN[f"postgresql-{major}"] = box.psql("SELECT version()").strip()
         yield Server(major, box)
 
 
