@@ -9,6 +9,8 @@ as skipped); a version that cannot be fetched fails its tests, naming the suite 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools import debian
-from django_db_tools.mariadb import MariaDB
+from django_db_tools.mariadb import MONITOR_PASSWORD, MariaDB
 
 from .conftest import APP_PASSWORD, VERSIONS_RAN, matrix, metric_values, one_value
 from .test_mysql import DjangoApp
@@ -108,6 +110,40 @@ def test_runs_the_version_asked_for(aggregator, dd_run_check, server):
     check.cancel()
     aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK)
     assert one_value(aggregator, "django_db.mysql.max_connections", server.tag) == MAX_CONNECTIONS
+    # Each family's default, so the process list is read from performance_schema on MySQL and from
+    # information_schema on MariaDB in the tests that follow.
+    assert server.db.sql("SELECT @@GLOBAL.performance_schema").strip() == ("1" if family == "mysql" else "0")
+
+
+WITHOUT_CRYPTOGRAPHY = """
+import sys
+sys.modules["cryptography"] = None  # as in a virtualenv without it
+import pymysql
+try:
+    pymysql.connect(host="127.0.0.1", port=int(sys.argv[1]), user="datadog", password=sys.argv[2]).close()
+except Exception as e:
+    print(repr(e))
+else:
+    print("connected")
+"""
+
+
+def test_what_authentication_needs_of_the_driver(server):
+    """MySQL's caching_sha2_password needs PyMySQL's `cryptography` for a full authentication over TCP
+    without TLS (the Agent embeds it); MariaDB's mysql_native_password needs nothing more."""
+    plugin = server.db.sql("SELECT plugin FROM mysql.user WHERE user = 'datadog'").strip()
+    server.db.sql("FLUSH PRIVILEGES")  # MySQL forgets the logins it cached: the next one is a full authentication
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_CRYPTOGRAPHY, str(server.db.port), MONITOR_PASSWORD],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    print(f"\n[{server.name}] {plugin}, without cryptography: {result.stdout.strip()}")
+    if server.name.startswith("mysql"):
+        assert plugin == "caching_sha2_password"
+        assert "'cryptography' package is required" in result.stdout, result
+    else:
+        assert plugin == "mysql_native_password"
+        assert result.stdout.strip() == "connected", result
 
 
 def test_connections_by_state_user_and_host_and_utilisation(aggregator, dd_run_check, server, conns):
