@@ -263,6 +263,18 @@ def test_clients_by_application_and_state(aggregator, dd_run_check, bouncer):
             conn.close()
 
 
+def test_no_application_name_before_1_18_is_said_once(dd_run_check, bouncer, caplog):
+    check = DjangoDbCheck("django_db", {}, [bouncer.instance()])
+    try:
+        with caplog.at_level("INFO"):
+            dd_run_check(check)
+            dd_run_check(check)
+    finally:
+        check.cancel()
+    said = [r for r in caplog.records if "no application_name in SHOW CLIENTS" in r.getMessage()]
+    assert len(said) == (1 if bouncer.pgbouncer.version < (1, 18) else 0)
+
+
 def test_console_user_not_allowed(aggregator, dd_run_check, bouncer):
     instance = {"pgbouncer": bouncer.pgbouncer.instance("app", APP_PASSWORD)}
     dd_run_check(DjangoDbCheck("django_db", {}, [instance]))
