@@ -263,6 +263,25 @@ def test_clients_by_application_and_state(aggregator, dd_run_check, bouncer):
             conn.close()
 
 
+def test_idle_clients_past_the_threshold_are_leaked_clients(aggregator, dd_run_check, bouncer):
+    """Idle time from each version's request_time, against PgBouncer's own clock (the console's request)."""
+    held = [bouncer.connect(application_name="matrix-leaky") for _ in range(2)]
+    try:
+        for conn in held:
+            conn.execute("SELECT 1")
+        time.sleep(2.1)  # whole seconds: past leak_idle_seconds=1 on any rounding
+        check = DjangoDbCheck("django_db", {}, [bouncer.instance(leak_idle_seconds=1)])
+        dd_run_check(check)
+        check.cancel()
+        app = "matrix-leaky" if bouncer.pgbouncer.version >= (1, 18) else "none"
+        assert one_value(aggregator, f"{P}leaked_clients", "pgbouncer_db:appdb", "user:app", f"app:{app}") == 2
+        _, text = _health(aggregator)
+        assert f"2 client connections of app={app} held at PgBouncer idle for over 1 s (leaked" in text
+    finally:
+        for conn in held:
+            conn.close()
+
+
 def test_no_application_name_before_1_18_is_said_once(dd_run_check, bouncer, caplog):
     check = DjangoDbCheck("django_db", {}, [bouncer.instance()])
     try:
