@@ -13,10 +13,16 @@ from datadog_checks.base import AgentCheck
 
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.config import parse
+from datadog_checks.django_db.evaluate.churn import POOLER, Churn, ChurnWindow, Sample, churn_finding
+from datadog_checks.django_db.evaluate.django_metrics import DjangoHistory, django_findings
+from datadog_checks.django_db.evaluate.health import signature_findings
+from datadog_checks.django_db.evaluate.model import message
 from datadog_checks.django_db.evaluate.pooler import Pooler, overdue_findings, pooler_keys
 from datadog_checks.django_db.records import (
     POOLER_OWN,
     ActivityGroup,
+    DjangoAlias,
+    DjangoScrape,
     PgbConfig,
     PgbServer,
     PgSnapshot,
@@ -268,3 +274,102 @@ def test_show_servers_is_read_by_column_name_from_1_15_to_1_26(columns):
     [found] = parse_servers(result)
     app = "web" if "application_name" in columns else ""
     assert found == PgbServer("appdb", "app", "active", "127.0.0.1", 5432, 40001, 4242, True, app)
+
+
+# -- churn named by who opens it (pure: the window's figures) ------------------------------------------
+
+
+def churn_settings(**options: object):
+    return parse({"postgres": {"host": "h", "username": "datadog", "dbname": "postgres"}, "pgbouncer": {}, **options})
+
+
+def window_of(*samples: Sample):
+    window = ChurnWindow()
+    found = None
+    for sample in samples:
+        found = window.add(sample)
+    assert found is not None
+    return found
+
+
+def test_pgbouncers_nameless_logins_are_pgbouncers_and_figures_never_exceed_the_churn():
+    """The issue's case, without PgBouncer's log: PostgreSQL's log says 143 logins without a name; the runs saw
+    PgBouncer's servers (named `web` by their last client) started, never a nameless direct connection."""
+    start = Sample(0.0, 0, 9, {POOLER: 8, "": 0})
+    end = Sample(
+        60.0, 147, 9, {POOLER: 8},
+        {"log": {"": 143, "datadog-django-db": 0}, "sampled": {POOLER: 67}},
+    )  # fmt: skip
+    churn = window_of(start, end)
+    assert churn.per_minute == 147
+    assert churn.by_app == ((POOLER, 143.0, "log"),)  # not app=none 143 and web 67 besides
+    # PgBouncer's log, when followed, counts its logins itself; a nameless direct client keeps the rest.
+    end = Sample(60.0, 147, 9, {POOLER: 8}, {"pgbouncer_log": {POOLER: 130}, "log": {"": 143}})
+    assert window_of(start, end).by_app == ((POOLER, 130.0, "pgbouncer_log"), ("", 13.0, "log"))
+    # Sources that overlap are capped at the churn: the best first.
+    end = Sample(60.0, 100, 9, {POOLER: 8}, {"pgbouncer_log": {POOLER: 90}, "django": {"api": 60}})
+    by_app = window_of(start, end).by_app
+    assert by_app == ((POOLER, 90.0, "pgbouncer_log"), ("api", 10.0, "django"))
+    assert sum(rate for _, rate, _ in by_app) <= 100
+
+
+def test_pgbouncers_churn_is_its_settings_not_conn_max_age():
+    settings = churn_settings(conn_max_age=60)
+    churn = Churn(150, 60, 150, 0, ((POOLER, 150.0, "log"),), servers=5)
+    config = PgbConfig(server_lifetime=2, server_idle_timeout=600)
+    finding = churn_finding(churn, settings, settings.thresholds.churn_per_minute, pooler=config)
+    assert finding.text.startswith("150 connections a minute opened and closed again (churn, over 60 s): PgBouncer 150")
+    assert (
+        "PgBouncer opens them: it closes its server connections after server_lifetime=2 s: raise server_lifetime"
+        in (finding.text)
+    )
+    assert "CONN_MAX_AGE" not in finding.text and "server_idle_timeout" not in finding.text
+    # Its own log says why, when followed.
+    told = Churn(150, 60, 150, 0, ((POOLER, 150.0, "pgbouncer_log"),), reasons=(("server idle timeout", 148),))
+    text = churn_finding(told, settings, settings.thresholds.churn_per_minute, pooler=config).text
+    assert "after server_idle_timeout=600 s (`closing because: server idle timeout` 148 times in its log)" in text
+    # Timeouts that cannot explain it: its log can.
+    slow = PgbConfig(server_lifetime=3600, server_idle_timeout=600)
+    text = churn_finding(churn, settings, settings.thresholds.churn_per_minute, pooler=slow).text
+    assert "for another reason than its timeouts: follow PgBouncer's log" in text
+
+
+def test_short_lived_connections_with_conn_max_age_set_name_processes_that_exit():
+    settings = churn_settings(conn_max_age=0, apps=[{"match": "^web$", "conn_max_age": 60}])
+    churn = Churn(150, 60, 150, 0, (("web", 150.0, "log"),), lifetimes={"web": 0.36})
+    text = churn_finding(churn, settings, settings.thresholds.churn_per_minute).text
+    assert "app=web's connections lived about 0.36 s on average, far short of its CONN_MAX_AGE=60 s: processes " in (
+        text
+    )
+    assert "gunicorn max_requests, Celery max_tasks_per_child, autoscaling" in text and "set CONN_MAX_AGE" not in text
+    # CONN_MAX_AGE=0 (the instance's, for an application without a profile): the advice is to set it.
+    other = Churn(150, 60, 150, 0, (("beat", 150.0, "log"),))
+    assert (
+        "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or pool"
+        in churn_finding(other, settings, settings.thresholds.churn_per_minute).text
+    )
+
+
+def test_every_advice_fits_the_conn_max_age_configured():
+    """max_client_conn does not blame CONN_MAX_AGE=None on applications set to 15; reserved slots do not ask to
+    lower a CONN_MAX_AGE that is 0; the processes' own churn with CONN_MAX_AGE set names what ends them."""
+    seen = [("max_client_conn", "pgbouncer", "pgbouncer_server:h:6432"), ("reserved_slots", "postgres", "p")]
+    fifteen = message(signature_findings(seen, settings=churn_settings(conn_max_age=15)))
+    assert "CONN_MAX_AGE=None" not in fifteen and "lower CONN_MAX_AGE" in fifteen
+    assert "(leaks, threads or processes that keep connections they no longer use)" in fifteen
+    persistent = churn_settings(conn_max_age=15, apps=[{"match": "^celery$", "conn_max_age": None}])
+    assert "(leaks, CONN_MAX_AGE=None)" in message(signature_findings(seen, settings=persistent))
+    zero = message(signature_findings(seen, settings=churn_settings(conn_max_age=0)))
+    assert "lower CONN_MAX_AGE" not in zero and "Close idle or leaked connections, or pool through PgBouncer" in zero
+
+    history = DjangoHistory()
+    history.update([DjangoScrape("u", "web", 0.0, (DjangoAlias("default", new_connections=0),))])
+    for t in (15.0, 30.0, 45.0, 60.0):
+        run = history.update([DjangoScrape("u", "web", t, (DjangoAlias("default", new_connections=10 * t),))])
+    threshold = churn_settings().thresholds.churn_per_minute
+    [churn] = [f for f in django_findings(run, threshold, (), churn_settings(conn_max_age=60)) if "opened" in f.text]
+    assert "app=web opened 600 new connections a minute" in churn.text
+    assert "app=web's connections end far short of its CONN_MAX_AGE=60 s: processes that exit" in churn.text
+    assert "set CONN_MAX_AGE" not in churn.text
+    [churn] = [f for f in django_findings(run, threshold, (), churn_settings()) if "opened" in f.text]
+    assert "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS)" in churn.text  # 0, Django's default

@@ -4,6 +4,7 @@ knows the stack."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -162,3 +163,57 @@ def test_query_wait_timeout_counts_once_per_failed_request_in_each_log(aggregato
     assert "The pools are in transaction mode already: shorten transactions" in text
     assert "use transaction pool mode" not in text
     assert "appdb/app transaction pool_size 1" in text
+
+
+def test_churn_is_told_by_who_opens_it_pgbouncers_server_lifetime_and_recycled_workers(aggregator, dd_run_check):
+    """One minute, two churns with CONN_MAX_AGE set: PgBouncer closes its servers after server_lifetime=2 s
+    while Django's connections through it persist; gunicorn workers straight to PostgreSQL exit after 3
+    requests (--max-requests) with CONN_MAX_AGE=60. Neither is told to set CONN_MAX_AGE."""
+    with Sandbox(
+        max_connections=60, default_pool_size=8, server_lifetime=2, pg_settings={"log_connections": "on"}
+    ) as box:
+        box.psql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'")
+        box.psql("CREATE DATABASE appdb OWNER app")
+        box.pgbouncer.users["app"] = APP_PASSWORD
+        box.pgbouncer.reload()
+        through = Database("127.0.0.1", box.pgbouncer.port, "appdb", "app", APP_PASSWORD)
+        direct = Database("127.0.0.1", box.postgres.port, "appdb", "app", APP_PASSWORD)
+        with (
+            Webapp(through, app_name="persist-web", threads=4, conn_max_age=None) as persist,
+            Webapp(direct, app_name="recycled", workers=2, threads=2, max_requests=3, conn_max_age=60) as recycled,
+        ):
+            instance = {
+                **box.instance(),
+                "log_files": [str(box.postgres.logfile), str(box.pgbouncer.logfile)],
+                "apps": [
+                    {"match": "^persist-web$", "conn_max_age": None},
+                    {"match": "^recycled$", "conn_max_age": 60},
+                ],
+                "thresholds": {"churn_per_minute": {"warning": 30}},
+            }
+            check = DjangoDbCheck("django_db", {}, [instance])
+            started = time.monotonic()
+            run(aggregator, dd_run_check, check)
+            loads = [Load(persist, "/query/", rate=4), Load(recycled, "/query/", rate=3)]
+            for load in loads:
+                load.start()
+            try:
+                for seconds in (15, 30, 45, 61):
+                    time.sleep(max(0.0, started + seconds - time.monotonic()))
+                    _, text = run(aggregator, dd_run_check, check)
+            finally:
+                for load in loads:
+                    load.stop()
+                check.cancel()
+    assert all(set(load.statuses) == {200} for load in loads)
+    [finding] = [f for f in text.split("; WARNING: ") if "(churn" in f]
+    total = float(finding.removeprefix("WARNING: ").split()[0])
+    named = {who: float(n) for who, n in re.findall(r"(PgBouncer|app=\S+) (\d+) \(\d+%", finding)}
+    assert set(named) == {"PgBouncer", "app=recycled"}, finding  # persist-web's clients stay: not its churn
+    assert sum(named.values()) <= total + 1, finding  # never more than the churn, whatever the sources
+    assert "PgBouncer " in finding and "PgBouncer's log" in finding
+    assert "PgBouncer opens them: it closes its server connections after server_lifetime=2 s" in finding
+    assert "`closing because: server lifetime over`" in finding and "raise server_lifetime" in finding
+    assert "app=recycled's connections lived about " in finding
+    assert "far short of its CONN_MAX_AGE=60 s: processes that exit (gunicorn max_requests" in finding
+    assert "set CONN_MAX_AGE" not in finding

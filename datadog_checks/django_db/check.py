@@ -20,19 +20,19 @@ from .evaluate import session_state
 from .evaluate.alignment import alignment_failures
 from .evaluate.apps import excuse_pools
 from .evaluate.budgets import app_metrics, budget_findings
-from .evaluate.churn import authorized_apps, churn_finding
+from .evaluate.churn import POOLER, authorized_apps, churn_finding
 from .evaluate.django_metrics import DjangoHistory, DjangoRun, django_findings, django_metrics, failure_text
-from .evaluate.health import pgbouncer_findings, postgres_findings, signature_findings
+from .evaluate.health import fitted, pgbouncer_findings, postgres_findings, signature_findings
 from .evaluate.log_prefix import AppOf, app_finder
 from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.otel import django_pools, pgbouncer_pools, pool_metrics, query_wait_timeouts
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve
-from .evaluate.pooler import Pooler, overdue_findings, pooler_keys, pooler_of
+from .evaluate.pooler import Pooler, ServerEvents, overdue_findings, pooler_keys, pooler_of
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
-from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
+from .records import DIRECT, MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import redact
 from .sources.django_metrics import DjangoMetricsSource
 from .sources.logs import LogFollower
@@ -93,6 +93,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self._app_of: AppOf | None = None  # reads %a of PostgreSQL's log_line_prefix
         self._log_apps: dict[str, Counter[str]] = {}  # this run's signatures in the logs, by application
         self._authorized: Counter[str] = Counter()  # this run's connections PostgreSQL logged, by application
+        self._server_events = ServerEvents()  # this run's logins and closes of servers PgBouncer logged
         self._said_no_app_name = False  # PgBouncer before 1.18 has no application_name: logged once
         self._query_wait_timeouts: Counter[str] = Counter()  # this run's, from PgBouncer's log, by db/user
         self._submitters: dict[Kind, Callable[..., None]] = {
@@ -144,11 +145,11 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             found, named = self.churn_findings(pg, run)
             findings += found
         if run is not None:
-            findings += django_findings(run, self.settings.thresholds.churn_per_minute, named)
+            findings += django_findings(run, self.settings.thresholds.churn_per_minute, named, self.settings)
         if pgb is not None and self.pgbouncer is not None and not pgb.new_connection:
             if any(name == session_state.PREPARED for name, _, _ in seen):  # its advice turns on a reloadable setting
                 pgb = replace(pgb, config=self.pgbouncer.config_now())
-        findings += signature_findings(seen, pg, pgb, self._log_apps)
+        findings += signature_findings(seen, pg, pgb, self._log_apps, self.settings)
         for signature, source, server in seen:
             self.count_error(signature, source, server)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
@@ -188,15 +189,27 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         """The churn verdict, once a minute of runs is behind it; and the applications it names."""
         opened_by_app: dict[str, Mapping[str, float]] = {"log": self._authorized}
         if run is not None:
+            # An application seen at PostgreSQL only through PgBouncer opens its connections at PgBouncer: what
+            # its processes count are PgBouncer's client logins, not sessions of PostgreSQL.
+            behind = {g.app for g in snapshot.groups if g.pooler != DIRECT}
+            behind -= {g.app for g in snapshot.groups if g.pooler == DIRECT}
             django: dict[str, float] = defaultdict(float)
             for interval in run.intervals:
+                if interval.app in behind:
+                    continue
                 for growth in interval.growth.values():
                     django[interval.app] += growth.opened
             opened_by_app["django"] = django
-        churn = self.sessions.churn(snapshot, opened_by_app)
+        reasons: dict[str, float] = {}
+        if self._pooler is not None and self.postgres is not None:
+            logins, reasons = self._server_events.of(self.postgres.address)
+            if logins:
+                opened_by_app["pgbouncer_log"] = {POOLER: logins}
+        churn = self.sessions.churn(snapshot, opened_by_app, reasons)
         if churn is None:
             return [], set()
-        finding = churn_finding(churn, self.settings, self.settings.thresholds.churn_per_minute)
+        config = self._pooler.config if self._pooler is not None else None
+        finding = churn_finding(churn, self.settings, self.settings.thresholds.churn_per_minute, pooler=config)
         return [finding], {app for app, _, _ in churn.by_app}
 
     def collect_pgbouncer(self, source: PgBouncerSource) -> tuple[PgbSnapshot | None, list[Finding], Seen]:
@@ -273,6 +286,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def collect_logs(self, logs: LogFollower) -> Seen:
         seen: Seen = []
         self._authorized = Counter()
+        self._server_events = ServerEvents()
         self._log_apps = defaultdict(Counter)
         self._query_wait_timeouts = Counter()
         for path, lines in logs.poll().items():
@@ -283,6 +297,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             for (name, app), count in records.apps.items():
                 self._log_apps[name][app] += count
             self._authorized += authorized_apps(lines)
+            if self.pgbouncer is not None and self.postgres is not None:
+                self._server_events.feed(lines)
             if self.settings.otel_current and self.pgbouncer is not None:
                 self._query_wait_timeouts += query_wait_timeouts(lines)
         for path, problem in logs.problems.items():
@@ -317,7 +333,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         """CRITICAL for the endpoint's can_connect, with the signature and its advice; returns what was seen."""
         signature = classify_failure(describe(error), mysql_errno(error))
         detail = " ".join(redact(str(error)).split())
-        text = f"{label} {endpoint.server_tag}: {signature.name}: {detail}. {signature.advice}"
+        what = fitted(signature.advice, self.settings)
+        text = f"{label} {endpoint.server_tag}: {signature.name}: {detail}. {what}"
         self.log.warning("%s", text)
         self.service_check(check, Status.CRITICAL, tags=tags, message=text)
         return signature.name, endpoint.kind, endpoint.tag

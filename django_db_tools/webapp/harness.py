@@ -50,6 +50,7 @@ class Webapp:
         app_name: str = "webapp",
         workers: int = 1,
         threads: int = 2,
+        max_requests: int = 0,
         conn_max_age: int | None = 0,
         pool: str = "",
         pool_min_size: int = 1,
@@ -85,6 +86,7 @@ class Webapp:
             "WEBAPP_BIND": f"127.0.0.1:{self.port}",
             "WEBAPP_WORKERS": str(workers),
             "WEBAPP_THREADS": str(threads),
+            "WEBAPP_MAX_REQUESTS": str(max_requests),
             **(env or {}),
         }
         # django-prometheus with several workers: a port for each (the range), or one merged page.

@@ -11,8 +11,9 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from ..config import Level
+from ..config import Level, Settings
 from ..records import DjangoAlias, DjangoPool, DjangoScrape, DjangoScrapeFailure
+from .churn import conn_max_age_of, short_lived
 from .model import Finding, Metric, Status, level, tag_value
 
 PREFIX = "django_db.django."
@@ -177,10 +178,13 @@ def _n(value: float) -> str:
     return f"{value:.0f}"
 
 
-def django_findings(run: DjangoRun, churn_per_minute: Level, named: Collection[str] = ()) -> list[Finding]:
+def django_findings(
+    run: DjangoRun, churn_per_minute: Level, named: Collection[str] = (), settings: Settings | None = None
+) -> list[Finding]:
     """Churn and failed connections per application over the last minute; pool waits and timeouts.
 
-    ``named``: applications the server's churn verdict names already: their churn is not told twice."""
+    ``named``: applications the server's churn verdict names already: their churn is not told twice.
+    ``settings``: the applications' CONN_MAX_AGE, so that the advice never asks to set what is set."""
     findings = []
     by_app: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     pooled: set[str] = set()
@@ -202,8 +206,11 @@ def django_findings(run: DjangoRun, churn_per_minute: Level, named: Collection[s
         # A count over the last minute: bursts shorter than a minute are not stretched into a rate.
         per_minute = figures["opened"] * WINDOW / max(span, WINDOW)
         if app not in named:
+            age = conn_max_age_of(settings, app) if settings is not None else 0.0
             if app in pooled:
                 advice = "the pool replaces its connections too often: raise max_idle and max_lifetime, or min_size"
+            elif age is None or age > 0:
+                advice = short_lived(app, None, age)
             else:
                 advice = (
                     "its connections do not outlive requests: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or use a pool"

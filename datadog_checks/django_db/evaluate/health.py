@@ -41,6 +41,7 @@ def signature_findings(
     pg: PgSnapshot | None = None,
     pgb: PgbSnapshot | None = None,
     apps: Mapping[str, Counter[str]] | None = None,
+    settings: Settings | None = None,
 ) -> list[Finding]:
     """One finding per signature seen this run, from any source (postgres, pgbouncer, log), with advice that
     takes the servers' known settings into account.
@@ -67,7 +68,9 @@ def signature_findings(
         also = "; a failure can show in each log" if len(logs[name]) > 1 else ""
         named = apps.get(name) if apps else None
         also += f"; {_apps(named)}" if named else ""
-        text = f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb, named or ()).rstrip('.')}"
+        text = (
+            f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb, named or (), settings).rstrip('.')}"
+        )
         findings.append(Finding(signature.status, text))
     return findings
 
@@ -94,9 +97,37 @@ def _pools(pgb: PgbSnapshot, limit: int = 3) -> str:
     return shown + (f" and {len(pools) - limit} more" if len(pools) > limit else "")
 
 
-def advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None, apps: Collection[str] = ()) -> str:
+def advice(
+    signature: Signature,
+    pg: PgSnapshot | None,
+    pgb: PgbSnapshot | None,
+    apps: Collection[str] = (),
+    settings: Settings | None = None,
+) -> str:
     """The signature's advice, told for the stack as the run found it where its settings change the answer;
-    ``apps``: the applications the logs named with it."""
+    ``apps``: the applications the logs named with it; and for the CONN_MAX_AGE the applications have
+    (``settings``)."""
+    return fitted(_advice(signature, pg, pgb, apps), settings)
+
+
+KEPT_IDLE = "threads or processes that keep connections they no longer use"
+
+
+def fitted(text: str, settings: Settings | None) -> str:
+    """Advice that fits the configured CONN_MAX_AGE (the instance's and the profiles'): no CONN_MAX_AGE=None
+    blamed where none is persistent, no lowering a CONN_MAX_AGE that is 0 everywhere."""
+    if settings is None:
+        return text
+    ages = {settings.conn_max_age, *(profile.conn_max_age for profile in settings.apps)}
+    if None not in ages:
+        text = text.replace("(leaks, CONN_MAX_AGE=None with many threads)", f"(leaks, {KEPT_IDLE})")
+        text = text.replace("(leaks, CONN_MAX_AGE=None)", f"(leaks, {KEPT_IDLE})")
+    if all(age is not None and age <= 0 for age in ages):
+        text = text.replace(", lower CONN_MAX_AGE,", ",")
+    return text
+
+
+def _advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None, apps: Collection[str]) -> str:
     if signature.name in session_state.NAMES:
         return session_state.advice(signature.name, pgb, apps)
     free = f"; PostgreSQL has {free_slots(pg)} free slots of {pg.settings.usable_slots}" if pg is not None else ""

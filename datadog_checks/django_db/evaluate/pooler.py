@@ -9,7 +9,9 @@ to another address or port.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..addresses import LOOPBACK, normalise
@@ -24,16 +26,59 @@ MARGIN = 60.0  # seconds: PgBouncer's janitor closes late by a few seconds; far 
 
 
 def talks_to(server: PgbServer, where: ServerAddress) -> bool:
-    """Whether PgBouncer's server connection talks to the PostgreSQL the postgres section reaches.
+    """Whether PgBouncer's server connection talks to the PostgreSQL the postgres section reaches."""
+    return is_this_server(server.addr, server.port, where)
+
+
+def is_this_server(addr: str, port: int | None, where: ServerAddress) -> bool:
+    """Whether PgBouncer's ``addr:port`` is the PostgreSQL the postgres section reaches.
 
     Over a Unix socket (addr ``unix``) PgBouncer reaches a server on its own host: it is this one when the
     port is this server's and the check reaches it locally too (its own socket, or a loopback address)."""
-    if server.port != where.port:
+    if port != where.port:
         return False
-    if server.addr == UNIX:
+    if addr == UNIX:
         return where.socket or bool(where.addresses & LOOPBACK)
-    address = normalise(server.addr)
+    address = normalise(addr.strip("[]"))
     return address is not None and address in where.addresses
+
+
+# PgBouncer's log: "S-0x55d...: appdb/app@127.0.0.1:5432 new connection to server (from 127.0.0.1:40000)" and
+# "S-0x55d...: appdb/app@127.0.0.1:5432 closing because: server lifetime over (age=2s)".
+SERVER_LINE = re.compile(
+    r"\bS-0x[0-9a-f]+: \S*@(?P<addr>\S+):(?P<port>\d+) "
+    r"(?:(?P<new>new connection to server)|closing because: (?P<reason>.+?)(?: \(age=.*)?$)"
+)
+
+
+@dataclass
+class ServerEvents:
+    """What PgBouncer's log says of its server connections, by the server's ``addr:port``."""
+
+    logins: Counter[tuple[str, int]] = field(default_factory=Counter)
+    closes: Counter[tuple[str, int, str]] = field(default_factory=Counter)  # (addr, port, reason)
+
+    def feed(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            if "S-0x" not in line:
+                continue
+            match = SERVER_LINE.search(line.rstrip("\r\n"))
+            if match is None:
+                continue
+            where = (match["addr"], int(match["port"]))
+            if match["new"]:
+                self.logins[where] += 1
+            else:
+                self.closes[(*where, match["reason"].strip())] += 1
+
+    def of(self, where: ServerAddress) -> tuple[float, dict[str, float]]:
+        """Logins to the server the postgres section reaches, and why PgBouncer closed its servers there."""
+        logins = sum(n for (addr, port), n in self.logins.items() if is_this_server(addr, port, where))
+        reasons: dict[str, float] = {}
+        for (addr, port, reason), n in self.closes.items():
+            if is_this_server(addr, port, where):
+                reasons[reason] = reasons.get(reason, 0) + n
+        return float(logins), reasons
 
 
 def server_key(pid: int, port: int | None) -> int:

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from ..config import Settings
 from ..records import DIRECT, ActivityGroup, PgSnapshot
-from .churn import Churn, ChurnWindow, Sample
+from .churn import POOLER, Churn, ChurnWindow, Sample
 from .model import Metric, tag_value
 from .otel import pool_metrics, server_pools
 
@@ -97,17 +97,26 @@ class SessionHistory:
         self.opened_total = sum(found.values())
         return found
 
-    def churn(self, snapshot: PgSnapshot, opened_by_app: Mapping[str, Mapping[str, float]]) -> Churn | None:
+    def churn(
+        self,
+        snapshot: PgSnapshot,
+        opened_by_app: Mapping[str, Mapping[str, float]],
+        reasons: Mapping[str, float] | None = None,
+    ) -> Churn | None:
         """Connections opened and closed again over at least a minute of runs (None until then), with what
-        each application opened by source (``log``, ``django``; backends seen started since the previous run
-        are added as ``sampled``)."""
+        each application opened by source (``log``, ``django``, ``pgbouncer_log``; backends seen started since
+        the previous run are added as ``sampled``). PgBouncer's server connections count as PgBouncer's
+        (``POOLER``), whatever name its last client gave them; ``reasons``: why PgBouncer closed its servers."""
         connections: Counter[str] = Counter()
         sampled: Counter[str] = Counter()
         for group in snapshot.groups:
-            connections[group.app] += group.count
-            sampled[group.app] += group.opened
+            opener = group.app if group.pooler == DIRECT else POOLER
+            connections[opener] += group.count
+            sampled[opener] += group.opened
         sources = {**opened_by_app, "sampled": +sampled}
-        sample = Sample(snapshot.server_time, self.opened_total, sum(connections.values()), connections, sources)
+        sample = Sample(
+            snapshot.server_time, self.opened_total, sum(connections.values()), connections, sources, reasons or {}
+        )
         return self.window.add(sample)
 
 
