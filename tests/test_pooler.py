@@ -87,6 +87,7 @@ def test_a_burst_through_transaction_pooling_then_quiet_is_no_leak_but_a_real_le
         instance = {
             **box.instance(),
             "leak_idle_seconds": 2,
+            "report_leak_queries": True,  # the suspects are the leak's, never PgBouncer's servers
             # persistent connections, as the application runs them: its 16 threads' clients at PgBouncer are its
             # budget; the 8 servers would break it if they were counted too
             "apps": [{"match": "^web$", "max_connections": 16, "conn_max_age": None}],
@@ -96,7 +97,7 @@ def test_a_burst_through_transaction_pooling_then_quiet_is_no_leak_but_a_real_le
         web.close()
         clients.close()
     assert status == AgentCheck.WARNING
-    assert "3 connections of app=leaky idle for over 2 s (leaked)" in text
+    assert "3 connections of app=leaky idle for over 2 s (leaked); suspects: app=leaky from 127.0.0.1 idle " in text
     # Neither a leak nor over its budget: the 8 servers are PgBouncer's, and its 16 clients at PgBouncer are within
     # its budget and its leak threshold (600 s for persistent connections).
     assert "web" not in text

@@ -69,15 +69,14 @@ STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, NOW, O
 # server connections to this server (SHOW SERVERS), given as keys: pid * 65536 plus the client port (0 over a
 # Unix socket). Two arrays, one type whatever they hold: the statement stays prepared once.
 BACKEND_KEY = "(pid::int8 * 65536 + greatest(client_port, 0))"
-POOLER_SQL = (
-    f"CASE WHEN {BACKEND_KEY} = ANY(%(held)s::int8[]) THEN 1 WHEN {BACKEND_KEY} = ANY(%(own)s::int8[]) THEN 2 "
-    "ELSE 0 END"
-)
+# The arrays come as text, made int8[] once per execution (a sub-select), not once per row.
+HELD_KEYS, OWN_KEYS = "(SELECT %(held)s::int8[])::int8[]", "(SELECT %(own)s::int8[])::int8[]"
+POOLER_SQL = f"CASE WHEN {BACKEND_KEY} = ANY({HELD_KEYS}) THEN 1 WHEN {BACKEND_KEY} = ANY({OWN_KEYS}) THEN 2 ELSE 0 END"
 # PgBouncer's own idle server connections far past its timeouts (PoolerKeys.overdue_seconds).
 OVERDUE_SQL = (
     "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(overdue)s)))"
 )
-NOT_POOLERS = f"AND coalesce({BACKEND_KEY} <> ALL(%(own)s::int8[]), true)"
+NOT_POOLERS = f"AND coalesce({BACKEND_KEY} <> ALL({OWN_KEYS}), true)"
 NEVER_OVERDUE = 1e9  # seconds: no idle backend is that old
 
 # From PostgreSQL 14, the sessions of each database come in the same statement, one row per database
