@@ -224,3 +224,30 @@ def test_a_budget_counts_the_clients_at_pgbouncer_in_transaction_mode(aggregator
     # PgBouncer's server connection, which carries the application's name at PostgreSQL, is not the application's.
     assert one_value(aggregator, "django_db.app.connections", "app:budget-pgb", "counted_at:postgres") == 0
     assert one_value(aggregator, "django_db.app.budget_utilization", "app:budget-pgb") == pytest.approx(4 / 3)
+
+
+def test_a_hung_pgbouncer_times_out_and_the_postgresql_side_still_reports(aggregator, dd_run_check, sandbox):
+    instance = {
+        **sandbox.instance(),
+        "pgbouncer": {**sandbox.pgbouncer.instance("datadog"), "query_timeout": 1},
+        "apps": [{"match": "^hung-web$", "max_connections": 2}],
+    }
+    check = DjangoDbCheck("django_db", {}, [instance])
+    try:
+        dd_run_check(check)  # the console connection is open: the next run's SHOW statements hang
+        sandbox.pgbouncer.pause()
+        try:
+            aggregator.reset()
+            dd_run_check(check)
+        finally:
+            sandbox.pgbouncer.resume()
+    finally:
+        check.cancel()
+    aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.CRITICAL)
+    aggregator.assert_service_check("django_db.postgres.can_connect", AgentCheck.OK)
+    assert "connect_timeout" in aggregator.service_checks("django_db.pgbouncer.can_connect")[0].message
+    assert metric_values(aggregator, CLIENTS) == []
+    # The budget is counted where it could be read; its utilisation waits for both sides.
+    assert one_value(aggregator, "django_db.app.connections", "app:hung-web", "counted_at:postgres") == 0
+    assert metric_values(aggregator, "django_db.app.connections", "counted_at:pgbouncer") == []
+    assert metric_values(aggregator, "django_db.app.budget_utilization") == []
