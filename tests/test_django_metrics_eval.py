@@ -12,7 +12,7 @@ from datadog_checks.django_db.evaluate.django_metrics import (
     failure_text,
     increase,
 )
-from datadog_checks.django_db.evaluate.model import Status
+from datadog_checks.django_db.evaluate.model import Status, Subject
 from datadog_checks.django_db.records import DjangoAlias, DjangoPool, DjangoScrape, DjangoScrapeFailure
 
 CHURN = Level(100, None)
@@ -76,12 +76,13 @@ def test_churn_named_by_app_from_a_minute_of_counters():
     for t in (15.0, 30.0, 45.0, 60.0):
         run = history.update([scrape("a", t, 40 * t / 15), scrape("b", t, t / 15, app="worker")])
         findings = django_findings(run, CHURN)
-    churn = [f for f in findings if "app=web opened" in f.text]
-    assert churn[0].status == Status.WARNING
-    assert "app=web opened 160 new connections a minute" in churn[0].text
-    assert "CONN_MAX_AGE" in churn[0].text
-    worker = [f for f in findings if "app=worker opened" in f.text]
-    assert worker[0].status == Status.OK
+    churn = {f.subjects: f for f in findings if f.code == "connection_churn"}
+    web = churn[(Subject(("app:web",), 160.0),)]
+    assert (web.status, web.figure, web.threshold) == (Status.WARNING, 160.0, 100)
+    assert "app=web opened 160 new connections a minute" in web.text
+    assert "CONN_MAX_AGE" in web.advice
+    worker = churn[(Subject(("app:worker",), 4.0),)]
+    assert worker.status == Status.OK
 
 
 def test_a_burst_is_not_stretched_into_a_rate():
@@ -113,9 +114,9 @@ def test_failed_connections_in_the_last_minute():
     history = DjangoHistory()
     history.update([scrape("a", 0.0, 10, 0), scrape("b", 0.0, 10, 0)])
     run = history.update([scrape("a", 15.0, 20, 3), scrape("b", 15.0, 14, 2)])
-    failed = [f for f in django_findings(run, CHURN) if "failed to open" in f.text]
-    assert failed[0].status == Status.WARNING
-    assert failed[0].text.startswith("app=web failed to open 5 connections in the last minute (of 14 attempts)")
+    (failed,) = [f for f in django_findings(run, CHURN) if f.code == "connection_failures"]
+    assert (failed.status, failed.figure, failed.subjects) == (Status.WARNING, 5, (Subject(("app:web",), 5),))
+    assert failed.text == "app=web failed to open 5 connections in the last minute (of 14 attempts)"
 
 
 def test_no_failure_no_finding():
@@ -137,7 +138,7 @@ def test_with_a_pool_churn_counts_the_pools_connections_not_check_outs():
     run = history.update([pooled(60.0, 5000, 4)])
     churn = next(f for f in django_findings(run, CHURN) if "opened" in f.text)
     assert churn.status == Status.OK and "opened 0 new connections" in churn.text
-    assert "max_lifetime" in churn.text
+    assert "max_lifetime" in churn.advice
 
 
 def test_pool_waiting_two_runs_in_a_row_and_timeouts():
@@ -151,12 +152,15 @@ def test_pool_waiting_two_runs_in_a_row_and_timeouts():
     once = history.update([pooled(15.0, 3, 0)])
     assert not [f for f in django_findings(once, CHURN) if "waiting" in f.text]  # a burst
     twice = history.update([pooled(30.0, 3, 7)])
-    texts = [f.text for f in django_findings(twice, CHURN) if f.status == Status.WARNING]
-    assert any(
-        t.startswith("app=web: 3 requests waiting for a pool connection (default; 4 open of max_size 4") for t in texts
+    found = {f.code: f for f in django_findings(twice, CHURN) if f.status == Status.WARNING}
+    assert set(found) == {"pool_requests_waiting", "pool_timeouts"}  # timeouts are no failed connections
+    waiting, timeouts = found["pool_requests_waiting"], found["pool_timeouts"]
+    assert (waiting.figure, waiting.subjects) == (3, (Subject(("app:web", "alias:default"), 3),))
+    assert waiting.text.startswith(
+        "app=web has 3 requests waiting for a pool connection (default; 4 open of max_size 4"
     )
-    assert any("app=web got no connection from its pool (default) 7 times in the last minute" in t for t in texts)
-    assert not any("failed to open" in t for t in texts)
+    assert (timeouts.figure, timeouts.subjects) == (7, (Subject(("app:web", "alias:default"), 7),))
+    assert "app=web got no connection from its pool (default) 7 times in the last minute" in timeouts.text
 
 
 def test_failures_are_reported_apart_and_say_what_to_do():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from datadog_checks.django_db.config import parse
-from datadog_checks.django_db.evaluate.model import Status
+from datadog_checks.django_db.evaluate.model import Status, Subject
 from datadog_checks.django_db.evaluate.postgres import (
     SessionHistory,
     fold,
@@ -185,18 +185,22 @@ def test_the_churn_finding_names_applications_with_their_share():
     threshold = settings.thresholds.churn_per_minute
     churn = Churn(600.0, 75.0, 750, 0, (("web", 540.0, "log"), ("beat", 60.0, "log")))
     finding = churn_finding(churn, settings, threshold)
-    assert finding.status == Status.WARNING
-    assert finding.text == (
-        "600 connections a minute opened and closed again (churn, over 75 s): app=web 540 (90%), "
-        "app=beat 60 (10%), by the PostgreSQL log; their connections do not outlive requests: "
+    assert (finding.code, finding.status, finding.figure, finding.threshold) == (
+        "connection_churn", Status.WARNING, 600.0, 100
+    )  # fmt: skip
+    assert finding.subjects == (Subject(("app:web",), 540.0), Subject(("app:beat",), 60.0))
+    assert finding.line() == (
+        "WARNING: 600 connections a minute opened and closed again (churn, over 75 s): app=web 540 (90%), "
+        "app=beat 60 (10%), by the PostgreSQL log: their connections do not outlive requests: "
         "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or pool"
     )
     mixed = churn_finding(Churn(200.0, 60.0, 200, 0, (("api", 150.0, "django"), ("web", 50.0, "log"))), settings,
                           threshold)  # fmt: skip
     assert "app=api 150 (75%, the processes' counters), app=web 50 (25%, the PostgreSQL log)" in mixed.text
-    assert "a pool that replaces its connections" in mixed.text
+    assert mixed.advice.startswith("a pool that replaces its connections")
     unnamed = churn_finding(Churn(300.0, 60.0, 300, 0), settings, threshold)
-    assert "no application named; to name them, turn on log_connections" in unnamed.text
+    assert unnamed.subjects == ()
+    assert unnamed.advice.startswith("no application named; to name them, turn on log_connections")
     assert churn_finding(Churn(3.0, 60.0, 3, 0), settings, threshold).status == Status.OK
 
 

@@ -14,6 +14,7 @@ import pytest
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.config import parse
 from datadog_checks.django_db.evaluate.alignment import timeouts
+from datadog_checks.django_db.evaluate.model import Subject
 from datadog_checks.django_db.records import ActivityGroup, PgbConfig, PgbSnapshot, PgSnapshot, ServerSettings
 from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
@@ -161,10 +162,12 @@ def test_an_unknown_server_value_is_said_not_guessed():
     )  # fmt: skip
     groups = [ActivityGroup("idle", "appdb", user, "web", "", 1) for user in ("app", "worker")]
     pgb = PgbSnapshot((), (), (), {}, PgbConfig(), None)
-    [text] = timeouts(settings, PgSnapshot(masked, tuple(groups), None, 0.0, False), pgb)
+    [finding] = timeouts(settings, PgSnapshot(masked, tuple(groups), None, 0.0, False), pgb)
+    assert finding.code == "timeouts_unknown" and finding.subjects == (Subject(("user:app", "db:appdb")),)
+    text = finding.sentence()
     assert text.startswith("cannot tell whether") and "for app@appdb:" in text and "worker" not in text
     known = replace(masked, masked=())
     assert timeouts(settings, PgSnapshot(known, tuple(groups), None, 0.0, False), pgb) == []
     unset = replace(masked, statement_timeout_ms=0, masked=())
-    [text] = timeouts(settings, PgSnapshot(unset, tuple(groups), None, 0.0, False), pgb)
-    assert "both unset for app@appdb:" in text
+    [finding] = timeouts(settings, PgSnapshot(unset, tuple(groups), None, 0.0, False), pgb)
+    assert finding.code == "timeouts_unset" and "both unset for app@appdb:" in finding.sentence()

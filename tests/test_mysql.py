@@ -241,13 +241,35 @@ def test_wait_timeout_alignment(aggregator, dd_run_check, mariadb, server_global
     assert app.get("/items") == 500  # (2006, 'MySQL server has gone away') on the reused connection
     aggregator.reset()
     dd_run_check(check)
-    # The check's own connection was closed too: opened again at once, no CRITICAL.
+    # The check's own connection was closed too: opened again at once, no CRITICAL, counted once.
     aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK)
-    assert errors(aggregator, "mysql_server_gone", "mysql") == 0
+    assert errors(aggregator, "mysql_server_gone", "mysql") == 1
     assert errors(aggregator, "mysql_server_gone", "log") >= 1
     alignment = service_check(aggregator, ALIGNMENT)
     assert alignment.status == AgentCheck.WARNING
     assert "conn_max_age=60 s is longer than MySQL's wait_timeout=2 s for user app" in alignment.message
+    check.cancel()
+
+
+def test_a_connection_killed_between_runs_is_counted_once(aggregator, dd_run_check, mariadb):
+    """The same contract as the PostgreSQL and PgBouncer sources: the kept connection found broken is
+    opened again at once, the run reports, and what broke it is counted once with the server's tag."""
+    server = f"mysql_server:127.0.0.1:{mariadb.port}"
+    check = DjangoDbCheck("django_db", {}, [mysql_instance(mariadb)])
+    dd_run_check(check)
+    killed = check.mysql.conn.thread_id()
+    mariadb.sql(f"KILL {killed}")
+    aggregator.reset()
+    dd_run_check(check)
+    aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK, tags=[server, "env_name:test"])
+    assert check.mysql.conn.thread_id() != killed
+    (lost,) = [m for m in aggregator.metrics("django_db.errors")]
+    assert lost.value == 1 and server in lost.tags and "source:mysql" in lost.tags
+    assert "signature:mysql_server_gone" in lost.tags
+    assert service_check(aggregator, HEALTH).status == AgentCheck.OK
+    aggregator.reset()
+    dd_run_check(check)  # counted once: the next run has nothing to count
+    assert aggregator.metrics("django_db.errors") == []
     check.cancel()
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from datadog_checks.django_db import config
 from datadog_checks.django_db.evaluate.churn import Churn
-from datadog_checks.django_db.evaluate.model import Status
+from datadog_checks.django_db.evaluate.model import Status, Subject
 from datadog_checks.django_db.evaluate.mysql import (
     MysqlHistory,
     applied_wait_timeout,
@@ -104,7 +104,8 @@ def test_client_hosts_past_the_limit_fold_into_other():
 def test_utilisation_findings_and_the_extra_admin_connection():
     groups = (ProcessGroup("idle", "app", "appdb", "10.0.0.7", 9),)
     (full,) = mysql_findings(snapshot(groups, threads_connected=10, max_connections=10), settings(), None)
-    assert full == (Status.CRITICAL, "10 of 10 MySQL connections in use (100% of max_connections; most: user=app 9)")
+    assert (full.code, full.status, full.figure, full.threshold) == ("utilization", Status.CRITICAL, 1.0, 0.9)
+    assert full.line() == "CRITICAL: 10 of 10 MySQL connections in use (100% of max_connections; most: user=app 9)"
     (extra,) = mysql_findings(snapshot(groups, threads_connected=11, max_connections=10), settings(), None)
     assert extra.status == Status.CRITICAL
     assert extra.text.startswith("11 MySQL connections for max_connections=10 (110%; most: user=app 9)")
@@ -121,13 +122,24 @@ def test_leaks_by_user_long_transactions_churn_and_a_missing_privilege():
     )
     churn = Churn(per_minute=150.0, seconds=75.0, opened=190, growth=2)
     found = mysql_findings(snapshot(groups, threads_connected=8, sees_all_threads=False), settings(), churn)
-    texts = {f.text: f.status for f in found}
-    assert texts["4 MySQL connections idle for over 300 s (leaked): user=app 3, user=reports 1"] == Status.WARNING
-    assert texts["1 MySQL connections idle in transaction (user=app 1)"] == Status.OK
-    oldest = "the oldest MySQL transaction, of user=app on db=appdb from 10.0.0.7, has been open for 400 s"
-    assert texts[oldest] == Status.CRITICAL
-    assert texts["150 MySQL connections a minute opened and closed again (churn, over 75 s)"] == Status.WARNING
-    assert texts["the monitoring user sees only its own MySQL threads: GRANT PROCESS ON *.* TO 'datadog'@'%'"]
+    codes = {f.code: f for f in found}
+    assert len(codes) == len(found)
+    leaked = codes["leaked_connections"]
+    assert (leaked.status, leaked.figure) == (Status.WARNING, 4)
+    assert leaked.subjects == (Subject(("user:app",), 3), Subject(("user:reports",), 1))
+    assert codes["idle_in_transaction"].status == Status.OK
+    oldest = codes["long_transaction"]
+    assert (oldest.status, oldest.figure, oldest.threshold) == (Status.CRITICAL, 400, 300)
+    assert oldest.subjects == (Subject(("user:app", "db:appdb")),)
+    assert (codes["connection_churn"].status, codes["connection_churn"].figure) == (Status.WARNING, 150.0)
+    assert codes["monitoring_role_blind"].advice == "GRANT PROCESS ON *.* TO 'datadog'@'%'"
+    texts = {f.line() for f in found}
+    assert "WARNING: 4 MySQL connections idle for over 300 s (leaked): user=app 3, user=reports 1" in texts
+    oldest_text = "the oldest MySQL transaction, of user=app on db=appdb from 10.0.0.7, has been open for 400 s"
+    assert f"CRITICAL: {oldest_text}" in texts
+    assert (
+        "WARNING: the monitoring user sees only its own MySQL threads: GRANT PROCESS ON *.* TO 'datadog'@'%'" in texts
+    )
 
 
 def test_churn_over_a_minute_on_the_server_clock_and_none_after_a_restart():
@@ -167,22 +179,25 @@ def test_conn_max_age_against_wait_timeout(conn_max_age, wait_timeout, init_conn
         assert failures == []
     else:
         (failure,) = failures
-        assert expected in failure
-        assert "(2006, 'MySQL server has gone away')" in failure
-        assert "datadog" not in failure  # the monitoring user is no application
+        assert failure.code == "conn_max_age_over_wait_timeout"
+        assert (failure.figure, failure.threshold) == (conn_max_age, int(expected.split("wait_timeout=")[1].split()[0]))
+        assert expected in failure.text
+        assert "(2006, 'MySQL server has gone away')" in failure.advice
+        assert "datadog" not in failure.sentence()  # the monitoring user is no application
 
 
 def test_an_app_profile_with_its_own_conn_max_age_is_checked_too():
     s = settings(conn_max_age=60, apps=[{"match": "^reports", "name": "reports", "conn_max_age": None}])
     (failure,) = mysql_alignment(s, snapshot(wait_timeout=300))
-    assert failure.startswith("app=reports: conn_max_age=None (persistent) is longer than MySQL's wait_timeout=300 s")
+    assert failure.subjects == (Subject(("app:reports",)),)
+    assert failure.text.startswith("app=reports: conn_max_age=None (persistent) is longer than MySQL's wait_timeout")
     assert mysql_alignment(settings(conn_max_age=60, apps=[{"match": "^web"}]), snapshot(wait_timeout=300)) == []
 
 
 def test_interactive_timeout_is_named_only_beside_a_wait_timeout_failure():
     short_interactive = snapshot(wait_timeout=300, interactive_timeout=100)
     (failure,) = mysql_alignment(settings(conn_max_age=600), short_interactive)
-    assert "interactive_timeout=100 s, for clients that connect as interactive, is shorter too" in failure
+    assert "interactive_timeout=100 s, for clients that connect as interactive, is shorter too" in failure.advice
     # Django connects as a non-interactive client: interactive_timeout alone is no failure.
     assert mysql_alignment(settings(conn_max_age=200), snapshot(wait_timeout=300, interactive_timeout=100)) == []
 

@@ -245,6 +245,8 @@ def test_a_server_idle_far_past_server_idle_timeout_is_pgbouncers_anomaly():
     [finding] = overdue_findings(pg, Pooler((), frozenset(), config), settings)
     assert finding.text.startswith("3 of PgBouncer's server connections idle at PostgreSQL for over 1200 s, far past")
     assert "server_idle_timeout=600 s" in finding.text and "not an application's leak" in finding.text
+    assert (finding.code, finding.figure, finding.threshold) == ("pgbouncer_servers_overdue", 3, 1200)
+    assert finding.advice.startswith("PgBouncer should have closed them")
     # min_pool_size keeps some on purpose; timeouts off keep them all.
     kept = PgbConfig(server_idle_timeout=600, min_pool_size=3)
     assert overdue_findings(pg, Pooler((), frozenset(), kept), settings) == []

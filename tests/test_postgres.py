@@ -209,10 +209,10 @@ def test_backends_opened_since_previous_snapshot(sandbox, pg_instance, clients):
     settings = config.parse(pg_instance)
     source = PostgresSource(settings.postgres, settings.group_by, 600, logging.getLogger("test"))
     try:
-        first = source.snapshot(None)
+        first = source.snapshot()
         assert sum(g.opened for g in first.groups) == 0
         clients.many(2, app="newcomer")
-        second = source.snapshot(first.server_time)
+        second = source.snapshot()
         assert sum(g.opened for g in second.groups if g.app == "newcomer") == 2
         assert not second.new_connection
     finally:
@@ -228,12 +228,12 @@ def test_settings_are_read_once_per_connection(sandbox, pg_instance):
     settings = config.parse(pg_instance)
     source = PostgresSource(settings.postgres, settings.group_by, 600, logging.getLogger("test"))
     try:
-        first = source.snapshot(None)
-        second = source.snapshot(first.server_time)
+        first = source.snapshot()
+        second = source.snapshot()
         assert first.new_connection and not second.new_connection
         assert second.settings is first.settings
         source.close()
-        third = source.snapshot(None)
+        third = source.snapshot()
         assert third.new_connection and third.settings is not first.settings
         # The monitoring session bounds its own statements on the server.
         assert source.conn.execute("SHOW statement_timeout").fetchone()[0] == "5s"

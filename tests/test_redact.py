@@ -72,3 +72,80 @@ def test_the_runner_prints_ordinary_words_whole(tmp_path, sandbox):
     [can_connect] = [c for c in item["aggregator"]["service_checks"] if c["check"] == "django_db.postgres.can_connect"]
     assert "authentication" in can_connect["message"] and "connection" in can_connect["message"]
     assert MASK not in out.getvalue()
+
+
+class EchoingPeer:
+    """A loopback server that answers libpq's startup as a peer or proxy might: with a FATAL error
+    that quotes the password it was configured with."""
+
+    def __init__(self, echoed: str):
+        import socket
+        import threading
+
+        self.echoed = echoed
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                while True:
+                    head = conn.recv(8, 0x100)  # MSG_WAITALL
+                    if len(head) < 8:
+                        break
+                    length, code = struct.unpack("!ii", head)
+                    conn.recv(length - 8, 0x100) if length > 8 else b""
+                    if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not spoken here
+                        conn.sendall(b"N")
+                        continue
+                    fields = [
+                        b"SFATAL", b"VFATAL", b"C28P01",
+                        b'Mpassword "' + self.echoed.encode() + b'" is not valid for user "datadog"',
+                    ]  # fmt: skip
+                    body = b"".join(f + b"\0" for f in fields) + b"\0"
+                    conn.sendall(b"E" + struct.pack("!i", len(body) + 4) + body)
+                    break
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("password", ["S3cr3t-P@ss", "on"])
+def test_a_password_echoed_by_the_peer_is_masked(aggregator, dd_run_check, caplog, password):
+    peer = EchoingPeer(password)
+    try:
+        instance = {"postgres": {"host": "127.0.0.1", "port": peer.port, "username": "datadog", "password": password}}
+        check = DjangoDbCheck("django_db", {}, [instance])
+        dd_run_check(check)
+        check.cancel()
+    finally:
+        peer.close()
+    (can_connect,) = aggregator.service_checks("django_db.postgres.can_connect")
+    text = can_connect.message
+    print(f"\n{text}")
+    assert can_connect.status == AgentCheck.CRITICAL
+    assert f'password "{MASK}" is not valid for user "datadog"' in text
+    assert f'"{password}"' not in text and f'"{password}"' not in caplog.text
+    assert "connection failed: connection to server" in text  # ordinary words stay whole
+
+
+def test_a_configured_secret_is_masked_as_a_whole_token_only():
+    from datadog_checks.django_db.redact import instance_secrets, secret_patterns
+
+    secrets = secret_patterns(
+        instance_secrets({"postgres": {"password": "on"}, "django_metrics": [{"password": "p@ss!"}]})
+    )
+    assert redact('password "on" is not valid; connection on hold', secrets) == (
+        f'password "{MASK}" is not valid; connection {MASK} hold'
+    )
+    assert redact("user x:p@ss! failed, p@ss!y", secrets) == f"user x:{MASK} failed, {MASK}y"
+    assert redact("connection conditions", secrets) == "connection conditions"

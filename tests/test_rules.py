@@ -10,7 +10,7 @@ from datadog_checks.django_db.evaluate.health import (
     postgres_findings,
     signature_findings,
 )
-from datadog_checks.django_db.evaluate.model import Finding, Status, message, worst
+from datadog_checks.django_db.evaluate.model import Finding, Status, Subject, message, worst
 from datadog_checks.django_db.records import ActivityGroup, LeakSuspect, PgbSnapshot, PgSnapshot, ServerSettings
 from datadog_checks.django_db.sources.pgbouncer import Result, snapshot_from_results
 
@@ -39,15 +39,25 @@ def pgb(pools=(), databases=(), config=None, lists=None) -> PgbSnapshot:
     )
 
 
+def by_code(findings: list[Finding]) -> dict[str, Finding]:
+    found = {f.code: f for f in findings}
+    assert len(found) == len(findings), "one finding per code"
+    return found
+
+
 def test_message_lists_findings_worst_first():
     findings = [
-        Finding(Status.WARNING, "6 connections of app=web idle for over 600 s (leaked)"),
-        Finding(Status.OK, "fine"),
-        Finding(Status.CRITICAL, "38 of 40 usable slots in use (95%)"),
+        Finding("leaked_connections", Status.WARNING, "6 connections of app=web idle for over 600 s (leaked)"),
+        Finding("fine", Status.OK, "fine"),
+        Finding("utilization", Status.CRITICAL, "38 of 40 usable slots in use (95%)"),
+        Finding("timeouts_unset", Status.WARNING, "timeouts unset for web@appdb", "set statement_timeout"),
+        Finding("connection_churn", Status.WARNING, "20 a minute: app=web 20", "set CONN_MAX_AGE"),
     ]
     assert worst(findings) == Status.CRITICAL
     assert message(findings) == (
-        "CRITICAL: 38 of 40 usable slots in use (95%); WARNING: 6 connections of app=web idle for over 600 s (leaked)"
+        "CRITICAL: 38 of 40 usable slots in use (95%); WARNING: 6 connections of app=web idle for over 600 s "
+        "(leaked); WARNING: timeouts unset for web@appdb: set statement_timeout; "
+        "WARNING: 20 a minute: app=web 20: set CONN_MAX_AGE"
     )
 
 
@@ -58,13 +68,26 @@ def test_postgres_findings_name_the_application():
         ActivityGroup("idle in transaction", "app", "u", "worker", "", 2, max_age=320),
         ActivityGroup(None, "app", "other", "cron", "", 5),
     ]
-    text = message(postgres_findings(pg(groups), settings))
+    findings = by_code(postgres_findings(pg(groups), settings))
+    assert set(findings) == {"utilization", "idle_in_transaction", "leaked_connections", "monitoring_role_blind"}
+    slots = findings["utilization"]
+    assert (slots.status, slots.figure, slots.threshold) == (Status.CRITICAL, 38 / 40, 0.9)
+    # One finding for the sessions idle in a transaction, not one for their count and one for the oldest:
+    # its figure is what earned the status (the oldest, 320 s, past the critical 300 s).
+    in_tx = findings["idle_in_transaction"]
+    assert (in_tx.status, in_tx.figure, in_tx.threshold) == (Status.CRITICAL, 320, 300)
+    assert in_tx.subjects == (Subject(("app:worker",), 2),)
+    leaked = findings["leaked_connections"]
+    assert (leaked.status, leaked.figure, leaked.threshold) == (Status.WARNING, 6, 1)
+    assert leaked.subjects == (Subject(("app:web",), 6),)
+    blind = findings["monitoring_role_blind"]
+    assert (blind.status, blind.figure, blind.advice) == (Status.WARNING, 5, "GRANT pg_monitor TO datadog")
+    # How the message renders them.
+    text = message(list(findings.values()))
     assert text.startswith("CRITICAL: 38 of 40 usable slots in use (95%; most: app=web 30)")
     assert "CRITICAL: 2 connections idle in transaction (app=worker 2), the oldest for 320 s (app=worker)" in text
     assert "WARNING: 6 connections of app=web idle for over 600 s (leaked)" in text
     assert "WARNING: 5 backends are hidden from the monitoring role: GRANT pg_monitor TO datadog" in text
-    # One finding for the sessions idle in a transaction, not one for their count and one for the oldest.
-    assert text.count("idle in transaction") == 1
 
 
 def test_leak_suspects_only_when_asked_and_without_literals():
@@ -102,7 +125,13 @@ def test_pgbouncer_findings():
         {"database": "app", "user": "u", "cl_waiting": 4, "maxwait": 6, "maxwait_us": 500000},
         {"database": "pgbouncer", "user": "pgbouncer", "cl_waiting": 0, "maxwait": 90, "maxwait_us": 0},
     ]
-    text = message(pgbouncer_findings(pgb(pools, lists={"used_clients": 95}), settings))
+    findings = by_code(pgbouncer_findings(pgb(pools, lists={"used_clients": 95}), settings))
+    waiting = findings["pgbouncer_clients_waiting"]
+    assert (waiting.status, waiting.figure, waiting.threshold) == (Status.CRITICAL, 6.5, 5)
+    assert waiting.subjects == (Subject(("pgbouncer_db:app", "user:u"), 4),)
+    clients = findings["pgbouncer_client_utilization"]
+    assert (clients.status, clients.figure, clients.threshold) == (Status.CRITICAL, 0.95, 0.9)
+    text = message(list(findings.values()))
     assert "CRITICAL: 4 clients waiting at PgBouncer pool app/u, the oldest for 6.5 s" in text
     assert "CRITICAL: 95 of 100 PgBouncer client connections in use (95% of max_client_conn)" in text
 
@@ -111,6 +140,11 @@ def test_signature_findings_count_sources():
     log = "log_file:/var/log/postgresql/postgresql.log"
     findings = signature_findings([("too_many_clients", "log", log), ("too_many_clients", "log", log),
                                    ("unknown", "postgres", "postgres_server:db:5432")])  # fmt: skip
+    found = by_code(findings)
+    assert found["too_many_clients"].status == Status.CRITICAL
+    assert found["too_many_clients"].subjects == (Subject((log,), 2),)
+    assert found["too_many_clients"].figure == 2
+    assert found["unknown"].subjects == (Subject(("postgres_server:db:5432",), 1),)
     text = message(findings)
     assert text.startswith("CRITICAL: too_many_clients seen (2 from log): PostgreSQL reached max_connections")
     assert "WARNING: unknown seen (1 from postgres)" in text
@@ -120,11 +154,13 @@ def test_alignment_session_mode_and_idle_timeouts():
     settings = parse({**BOTH, "conn_max_age": 900})
     snap = pgb(pools=[{"database": "app", "user": "u", "pool_mode": "session"}],
                config={"client_idle_timeout": "300"})  # fmt: skip
-    failures = alignment_failures(settings, pg([]), snap)
-    assert failures[0].startswith("conn_max_age=900 s while PgBouncer pools app in session mode")
+    failures = by_code(alignment_failures(settings, pg([]), snap))
+    assert failures["session_mode_pins_servers"].text == "conn_max_age=900 s while PgBouncer pools app in session mode"
+    assert failures["session_mode_pins_servers"].server == "pgbouncer_server:db:6432"
     # server_idle_timeout closes only servers no client holds: no rule for CONN_MAX_AGE
-    assert not any("server_idle_timeout" in f for f in failures)
-    assert any("longer than PgBouncer's client_idle_timeout=300 s" in f for f in failures)
+    assert set(failures) == {"session_mode_pins_servers", "conn_max_age_over_client_idle_timeout"}
+    over_client = failures["conn_max_age_over_client_idle_timeout"]
+    assert (over_client.figure, over_client.threshold) == (900, 300)
     assert alignment_failures(parse({**BOTH, "conn_max_age": 0}), pg([], server(statement=30000)), pgb()) == []
 
 
@@ -137,11 +173,13 @@ def test_possible_server_connections_against_usable_slots():
     pools = [{"database": "app", "user": "a"}, {"database": "app", "user": "b"}, {"database": "reports", "user": "a"}]
     snap = pgb(pools, databases)
     assert possible_server_connections(snap) == 2 * 35 + 10
-    failures = alignment_failures(parse(BOTH), pg([], server(statement=1000)), snap)
-    assert failures == [
+    (failure,) = alignment_failures(parse(BOTH), pg([], server(statement=1000)), snap)
+    assert (failure.code, failure.figure, failure.threshold) == ("pool_sizes_over_slots", 80, 40)
+    assert failure.server == "postgres_server:db:5432"
+    assert failure.sentence() == (
         "PgBouncer may open 80 server connections (pool sizes plus reserve pools) but PostgreSQL has 40 usable "
         "slots: lower the pool sizes or set max_db_connections"
-    ]
+    )
 
 
 def test_pools_of_a_database_missing_from_show_databases_count_with_the_defaults():
@@ -159,21 +197,26 @@ def test_timeouts_by_role_and_database():
     assert effective(settings, "appdb", "app", "statement_timeout", 0) == 30000
     assert effective(settings, "appdb", "web", "idle_in_transaction_session_timeout", 0) == 60000
     groups = [ActivityGroup("idle", "otherdb", "web", "x", "", 1), ActivityGroup("idle", "appdb", "app", "x", "", 1)]
-    failures = alignment_failures(parse(BOTH), pg(groups, settings), pgb())
-    assert failures == [
+    (failure,) = alignment_failures(parse(BOTH), pg(groups, settings), pgb())
+    assert failure.code == "timeouts_unset"
+    assert failure.subjects == (Subject(("user:web", "db:otherdb")),)
+    assert failure.sentence() == (
         "statement_timeout and idle_in_transaction_session_timeout are both unset for web@otherdb: a stuck request "
         "holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
-    ]
+    )
 
 
 def test_one_failure_in_two_logs_is_counted_per_log_not_added_up():
     django, bouncer = "log_file:/var/log/shop/django.log", "log_file:/var/log/postgresql/pgbouncer.log"
     seen = [("query_wait_timeout", "log", django)] * 30 + [("query_wait_timeout", "log", bouncer)] * 30
     (finding,) = signature_findings(seen)
-    assert finding.text.startswith(
-        "query_wait_timeout seen (30 in django.log, 30 in pgbouncer.log; a failure can show in each log): "
+    assert (
+        finding.text
+        == "query_wait_timeout seen (30 in django.log, 30 in pgbouncer.log; a failure can show in each log)"
     )
-    assert "60" not in finding.text
+    assert finding.figure == 30
+    assert finding.subjects == (Subject((bouncer,), 30), Subject((django,), 30))
+    assert "60" not in finding.line()
 
 
 def test_query_wait_timeout_advice_follows_the_pool_mode():
@@ -206,6 +249,35 @@ def test_pool_exhaustion_advice_gives_the_servers_free_slots():
     seen = [("pool_timeout", "log", "log_file:/var/log/shop/django.log")] * 3
     (finding,) = signature_findings(seen, pg([ActivityGroup("idle", "app", "u", "web", "", 6)]))
     assert finding.status == Status.CRITICAL
-    assert finding.text.startswith("pool_timeout seen (3 from log): Requests got no connection from the ")
-    assert "max_size" in finding.text and "gunicorn --threads" in finding.text
-    assert finding.text.endswith("PostgreSQL has 33 free slots of 40")
+    assert (finding.code, finding.figure) == ("pool_timeout", 3)
+    assert finding.text == "pool_timeout seen (3 from log)"
+    assert finding.advice.startswith("Requests got no connection from the ")
+    assert "max_size" in finding.advice and "gunicorn --threads" in finding.advice
+    assert finding.advice.endswith("PostgreSQL has 33 free slots of 40")
+
+
+def test_finding_series_one_per_active_finding_and_subject():
+    from datadog_checks.django_db.evaluate.model import app_subjects, finding_metrics
+
+    leaked = Finding("leaked_connections", Status.WARNING, "leaks", subjects=app_subjects({"web": 8, "leaky": 3}))
+    slots = Finding("utilization", Status.CRITICAL, "slots", server="postgres_server:db:5432")
+    quiet = Finding("utilization", Status.OK, "fine", server="mysql_server:db:3306")
+    series = {m.tags: m.value for m in finding_metrics([leaked, slots, quiet], 50, ("env_name:test",))}
+    assert series == {
+        ("finding:leaked_connections", "app:web", "env_name:test"): 1,
+        ("finding:leaked_connections", "app:leaky", "env_name:test"): 1,
+        ("finding:utilization", "postgres_server:db:5432", "env_name:test"): 2,
+    }
+
+
+def test_finding_subjects_fold_past_max_tag_values():
+    from datadog_checks.django_db.evaluate.model import app_subjects, finding_metrics
+
+    names = {f"app-{i:03d}": 300 - i for i in range(300)}
+    leaked = Finding("leaked_connections", Status.CRITICAL, "leaks", subjects=app_subjects(names))
+    series = finding_metrics([leaked], 5)
+    assert [m.tags for m in series] == [
+        *(("finding:leaked_connections", f"app:app-{i:03d}") for i in range(5)),
+        ("finding:leaked_connections", "app:other"),
+    ]
+    assert {m.value for m in series} == {2}

@@ -82,11 +82,19 @@ def test_the_small_stack_sends_at_most_80_series(aggregator, stack):
         check.cancel()
         for conn in held + through:
             conn.close()
-    postgres = {s for s in found if not s[0].startswith("django_db.pgbouncer.")}
-    pgbouncer = found - postgres
-    print(f"\n{len(found)} series: PostgreSQL {len(postgres)}, PgBouncer {len(pgbouncer)}")
+    findings = {s for s in found if s[0] == "django_db.finding"}
+    postgres = {s for s in found if not s[0].startswith("django_db.pgbouncer.")} - findings
+    pgbouncer = found - postgres - findings
+    print(f"\n{len(found)} series: PostgreSQL {len(postgres)}, PgBouncer {len(pgbouncer)}, findings {len(findings)}")
     assert len(found) <= 80
     assert len(postgres) == expected_postgres(postgres)
+    # One per active finding and subject: here the application's role on each of its databases, without
+    # statement_timeout (config_alignment); the transaction left idle for a moment is no finding yet.
+    subjects = {
+        (t["finding"], t["user"], t["db"]) for t in (dict(x.split(":", 1) for x in tags) for _, tags in findings)
+    }
+    assert subjects == {("timeouts_unset", "app", db) for db in {"appdb", *POOLS}} & subjects
+    assert len(subjects) == len(findings) >= 1
     # per pool 9; per application at PgBouncer (pgbouncer_db, user, app): 1 per state its clients are in,
     # 1 leaked_clients; here each pool has one idle client of app=web
     assert len(pgbouncer) == 9 * len(POOLS) + 3 + 2 * len(POOLS)

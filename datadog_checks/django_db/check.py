@@ -10,12 +10,12 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from datadog_checks.base import AgentCheck, ConfigurationError
 
 from . import config
-from .connection import describe
+from .connection import Source, describe
 from .evaluate import session_state
 from .evaluate.alignment import alignment_failures
 from .evaluate.apps import excuse_pools
@@ -24,7 +24,7 @@ from .evaluate.churn import POOLER, authorized_apps, churn_finding
 from .evaluate.django_metrics import DjangoHistory, DjangoRun, django_findings, django_metrics, failure_text
 from .evaluate.health import fitted, pgbouncer_findings, postgres_findings, signature_findings
 from .evaluate.log_prefix import AppOf, app_finder
-from .evaluate.model import Finding, Kind, Metric, Status, message, tag_value, worst
+from .evaluate.model import Finding, Kind, Metric, Status, finding_metrics, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.otel import django_pools, pgbouncer_pools, pool_metrics, query_wait_timeouts
 from .evaluate.pgbouncer import pgbouncer_metrics
@@ -33,7 +33,7 @@ from .evaluate.pooler import Pooler, ServerEvents, overdue_findings, pooler_keys
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
 from .records import DIRECT, MysqlSnapshot, PgbSnapshot, PgSnapshot
-from .redact import redact
+from .redact import instance_secrets, redact, secret_patterns
 from .sources.django_metrics import DjangoMetricsSource
 from .sources.logs import LogFollower
 from .sources.mysql import MysqlSource
@@ -46,8 +46,23 @@ MYSQL_CAN_CONNECT = "django_db.mysql.can_connect"
 CONNECTION_HEALTH = "django_db.connection_health"
 CONFIG_ALIGNMENT = "django_db.config_alignment"
 DJANGO_CAN_SCRAPE = "django_db.django.can_scrape"
+SERVERS = {  # an endpoint's kind: how messages name the server, and its can_connect check
+    "postgres": ("PostgreSQL", POSTGRES_CAN_CONNECT),
+    "pgbouncer": ("PgBouncer", PGBOUNCER_CAN_CONNECT),
+    "mysql": ("MySQL", MYSQL_CAN_CONNECT),
+}
 
 Seen = list[tuple[str, str, str]]  # (signature, source, server tag) of every error met in a run
+
+
+class LogRun(NamedTuple):
+    """What one run read in the log files."""
+
+    seen: Seen  # the signatures, each record once
+    authorized: Counter[str]  # the connections PostgreSQL logged, by application
+    apps: dict[str, Counter[str]]  # by signature, the applications the lines named (PostgreSQL's %a)
+    query_wait_timeouts: Counter[str]  # PgBouncer's, by db/user (for OpenTelemetry's current names)
+    server_events: ServerEvents  # the logins and closes of servers PgBouncer logged
 
 
 class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base class is not typed
@@ -56,12 +71,14 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def __init__(self, name: str, init_config: Any, instances: list[dict[str, Any]]):
         # The base class reads a few options of the instance itself: refuse a malformed one first.
         config.parse(instances[0] if instances else None)
+        # The instance's own secrets, masked wherever a server or proxy echoes one in an error.
+        self.secrets = secret_patterns(instance_secrets(instances[0]))
         try:
             super().__init__(name, init_config, instances)
         except ConfigurationError:
             raise
         except Exception as e:  # an option only the base class reads, of a type it cannot use
-            detail = " ".join(redact(f"{type(e).__name__}: {e}").split())[:200]
+            detail = " ".join(redact(f"{type(e).__name__}: {e}", self.secrets).split())[:200]
             raise ConfigurationError(f"an option of the Agent's own is malformed: {detail}") from None
         # The base class would validate the models lazily, at the first run: validate now, so that
         # a bad instance fails at start. The package path also holds in the checks.d copy.
@@ -73,7 +90,9 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         leak_rules = tuple((app.match, app.leak_idle_seconds) for app in s.apps)
         both = bool(s.postgres and s.pgbouncer)
         self.postgres = (
-            PostgresSource(s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules, pooler=both)
+            PostgresSource(
+                s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules, s.report_leak_queries, pooler=both
+            )
             if s.postgres
             else None
         )
@@ -82,20 +101,24 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         # hung PgBouncer's idle servers are not taken for an application's leak.
         self._pooler: Pooler | None = None
         self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds) if s.mysql else None  # imports PyMySQL
-        self.mysql_history = MysqlHistory()
+        # Each server source with what is kept of it between runs (in its evaluation's history). PgBouncer
+        # first: its server connections tell its backends from the applications' at PostgreSQL.
+        self.servers: list[tuple[Source, Callable[[Any], list[Finding]]]] = []
+        if self.pgbouncer:
+            self.servers.append((self.pgbouncer, self.evaluate_pgbouncer))
+        if self.postgres:
+            self.sessions = SessionHistory()
+            self.servers.append((self.postgres, self.evaluate_postgres))
+        if self.mysql:
+            self.mysql_history = MysqlHistory()
+            self.servers.append((self.mysql, self.evaluate_mysql))
         self.logs = LogFollower(s.log_files, s.log_max_bytes_per_run) if s.log_files else None
-        self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
-        self.django_history = DjangoHistory()
-        self.sessions = SessionHistory()
-        self._last_server_time: float | None = None
         self._log_problems: dict[str, str] = {}
         self._log_records: dict[str, LogRecords] = {}  # per file: a record cut between runs goes on in the next
         self._app_of: AppOf | None = None  # reads %a of PostgreSQL's log_line_prefix
-        self._log_apps: dict[str, Counter[str]] = {}  # this run's signatures in the logs, by application
-        self._authorized: Counter[str] = Counter()  # this run's connections PostgreSQL logged, by application
-        self._server_events = ServerEvents()  # this run's logins and closes of servers PgBouncer logged
         self._said_no_app_name = False  # PgBouncer before 1.18 has no application_name: logged once
-        self._query_wait_timeouts: Counter[str] = Counter()  # this run's, from PgBouncer's log, by db/user
+        self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
+        self.django_history = DjangoHistory()
         self._submitters: dict[Kind, Callable[..., None]] = {
             "gauge": self.gauge,
             "rate": self.rate,
@@ -112,82 +135,125 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def check(self, _: Any) -> None:
         seen: Seen = []
         findings: list[Finding] = []
-        pg = pgb = my = None
-        # PgBouncer first: its server connections tell its backends from the applications' at PostgreSQL.
-        pgb_found: list[Finding] = []
-        pgb_seen: Seen = []
-        if self.pgbouncer is not None:
-            pgb, pgb_found, pgb_seen = self.collect_pgbouncer(self.pgbouncer)
-            if pgb is not None and self.postgres is not None:
-                self._pooler = pooler_of(pgb)
-        if self.postgres is not None:
-            pg, found, errors = self.collect_postgres(self.postgres, self._pooler)
-            findings += found
-            seen += errors
-        findings += pgb_found
-        seen += pgb_seen
-        if self.mysql is not None:
-            my, found, errors = self.collect_mysql(self.mysql)
-            findings += found
-            seen += errors
+        found_by: dict[str, list[Finding]] = {}
+        seen_by: dict[str, Seen] = {}
+        snapshots: dict[str, Any] = {}
+        for source, evaluate in self.servers:  # PgBouncer first: its servers tell its backends at PostgreSQL
+            kind = source.endpoint.kind
+            snapshot = self.read(source, seen_by.setdefault(kind, []))
+            if snapshot is not None:
+                snapshots[kind] = snapshot
+                found_by[kind] = self.on(source, evaluate(snapshot))
+        for kind in ("postgres", "pgbouncer", "mysql"):
+            findings += found_by.get(kind, [])
+            seen += seen_by.get(kind, [])
+        pg: PgSnapshot | None = snapshots.get("postgres")
+        pgb: PgbSnapshot | None = snapshots.get("pgbouncer")
+        my: MysqlSnapshot | None = snapshots.get("mysql")
+        logged = LogRun([], Counter(), {}, Counter(), ServerEvents())
         if self.settings.apps and (pg is not None or pgb is not None):
             self.submit(app_metrics(pg, pgb, self.settings))
-            findings += budget_findings(pg, pgb, self.settings)
+            findings += self.on(self.postgres or self.pgbouncer, budget_findings(pg, pgb, self.settings))
         if self.logs is not None:
             if pg is not None:  # the application's name in PostgreSQL's log lines, where they carry it
                 self._app_of = app_finder(pg.settings.log_line_prefix)
-            seen += self.collect_logs(self.logs)
+            logged = self.collect_logs(self.logs)
+            seen += logged.seen
         run = self.collect_django(self.django) if self.django is not None else None
         if self.settings.otel_current:
-            self.submit_pools(pgb, run)
+            self.submit_pools(pgb, run, logged.query_wait_timeouts)
         named: set[str] = set()
         if pg is not None:
-            found, named = self.churn_findings(pg, run)
-            findings += found
+            found_churn, named = self.churn_findings(pg, run, logged)
+            findings += self.on(self.postgres, found_churn)
         if run is not None:
             findings += django_findings(run, self.settings.thresholds.churn_per_minute, named, self.settings)
         if pgb is not None and self.pgbouncer is not None and not pgb.new_connection:
             if any(name == session_state.PREPARED for name, _, _ in seen):  # its advice turns on a reloadable setting
                 pgb = replace(pgb, config=self.pgbouncer.config_now())
-        findings += signature_findings(seen, pg, pgb, self._log_apps, self.settings)
-        for signature, source, server in seen:
-            self.count_error(signature, source, server)
+        findings += signature_findings(seen, pg, pgb, logged.apps, self.settings)
+        for signature, source_kind, server in seen:
+            self.count_error(signature, source_kind, server)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
         if (pg is not None and pgb is not None) or my is not None:
             failures = alignment_failures(self.settings, pg, pgb) if pg is not None and pgb is not None else []
-            failures += mysql_alignment(self.settings, my) if my is not None else []
-            self.report(
-                CONFIG_ALIGNMENT, Status.WARNING if failures else Status.OK, self.health_tags, "; ".join(failures)
-            )
+            failures += self.on(self.mysql, mysql_alignment(self.settings, my)) if my is not None else []
+            status = worst(failures)
+            self.report(CONFIG_ALIGNMENT, status, self.health_tags, "; ".join(f.sentence() for f in failures))
+            findings += failures
+        self.submit(finding_metrics(findings, self.settings.max_tag_values, self.settings.tags))
 
-    def collect_postgres(
-        self, source: PostgresSource, pooler: Pooler | None = None
-    ) -> tuple[PgSnapshot | None, list[Finding], Seen]:
-        tags = [source.endpoint.tag, *self.settings.tags]
-        servers = None if pooler is None else partial(pooler_keys, pooler)
+    @staticmethod
+    def on(source: Source | None, findings: list[Finding]) -> list[Finding]:
+        """The findings of one server, tagged with it where they name no server of their own."""
+        if source is None:
+            return findings
+        tag = source.endpoint.tag
+        return [f if f.server else f._replace(server=tag) for f in findings]
 
+    def read(self, source: Source, seen: Seen) -> Any:
+        """A server's snapshot, and its can_connect service check; None when it cannot be read, with the
+        error in ``seen``. A connection lost between runs is counted once, whatever the outcome."""
+        endpoint = source.endpoint
+        label, can_connect = SERVERS[endpoint.kind]
+        tags = [endpoint.tag, *self.settings.tags]
         try:
-            snapshot = source.snapshot(self._last_server_time, self.settings.report_leak_queries, servers)
+            snapshot = source.snapshot()
         except Exception as e:
-            return None, [], [self.report_error(e, "PostgreSQL", source.endpoint, POSTGRES_CAN_CONNECT, tags)]
+            seen.append(self.report_error(e, label, endpoint, can_connect, tags))
+            return None
         finally:
-            self.count_lost(source, "PostgreSQL")
-        self.service_check(POSTGRES_CAN_CONNECT, Status.OK, tags=tags)
-        self._last_server_time = snapshot.server_time
+            self.count_lost(source, label)
+        self.service_check(can_connect, Status.OK, tags=tags)
+        return snapshot
+
+    def evaluate_postgres(self, snapshot: PgSnapshot) -> list[Finding]:
         if snapshot.new_connection and not self.pgbouncer:
             self.set_metadata("version", snapshot.settings.version.split()[0])
         snapshot = excuse_pools(snapshot, self.settings)
         opened = self.sessions.opened_by_db(snapshot)
         metrics, folded = postgres_metrics(snapshot, self.settings, opened)
+        self.log_folded(folded)
+        self.submit(metrics)
+        return postgres_findings(snapshot, self.settings) + overdue_findings(snapshot, self._pooler, self.settings)
+
+    def evaluate_pgbouncer(self, snapshot: PgbSnapshot) -> list[Finding]:
+        if snapshot.new_connection and snapshot.version:
+            self.set_metadata("version", snapshot.version)
+        self.submit(pgbouncer_metrics(snapshot, self.settings))
+        clients = resolve(snapshot, self.settings)
+        metrics, folded = client_metrics(clients, self.settings)
+        self.log_folded(folded)
+        self.submit(metrics)
+        if snapshot.clients is not None and not snapshot.clients.has_app and not self._said_no_app_name:
+            self._said_no_app_name = True
+            self.log.info(
+                "PgBouncer %s has no application_name in SHOW CLIENTS (1.18 on): its clients are counted by "
+                "database, user, state and host, all as app:none",
+                snapshot.version or "of an unknown version",
+            )
+        if self.postgres is not None:
+            self._pooler = pooler_of(snapshot)
+            self.postgres.servers = partial(pooler_keys, self._pooler)
+        return pgbouncer_findings(snapshot, self.settings) + leak_findings(clients, snapshot, self.settings)
+
+    def evaluate_mysql(self, snapshot: MysqlSnapshot) -> list[Finding]:
+        if snapshot.new_connection and not (self.postgres or self.pgbouncer):
+            self.set_metadata("version", snapshot.variables.version.split("-")[0])
+        metrics, folded = mysql_metrics(snapshot, self.settings)
+        self.log_folded(folded)
+        self.submit(metrics)
+        return mysql_findings(snapshot, self.settings, self.mysql_history.churn(snapshot))
+
+    def log_folded(self, folded: Mapping[str, list[str]]) -> None:
         for dimension, values in folded.items():
             self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
-        self.submit(metrics)
-        findings = postgres_findings(snapshot, self.settings) + overdue_findings(snapshot, pooler, self.settings)
-        return snapshot, findings, []
 
-    def churn_findings(self, snapshot: PgSnapshot, run: DjangoRun | None) -> tuple[list[Finding], set[str]]:
+    def churn_findings(
+        self, snapshot: PgSnapshot, run: DjangoRun | None, logged: LogRun
+    ) -> tuple[list[Finding], set[str]]:
         """The churn verdict, once a minute of runs is behind it; and the applications it names."""
-        opened_by_app: dict[str, Mapping[str, float]] = {"log": self._authorized}
+        opened_by_app: dict[str, Mapping[str, float]] = {"log": logged.authorized}
         if run is not None:
             # An application seen at PostgreSQL only through PgBouncer opens its connections at PgBouncer: what
             # its processes count are PgBouncer's client logins, not sessions of PostgreSQL.
@@ -202,7 +268,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             opened_by_app["django"] = django
         reasons: dict[str, float] = {}
         if self._pooler is not None and self.postgres is not None:
-            logins, reasons = self._server_events.of(self.postgres.address)
+            logins, reasons = logged.server_events.of(self.postgres.address)
             if logins:
                 opened_by_app["pgbouncer_log"] = {POOLER: logins}
         churn = self.sessions.churn(snapshot, opened_by_app, reasons)
@@ -212,33 +278,6 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         finding = churn_finding(churn, self.settings, self.settings.thresholds.churn_per_minute, pooler=config)
         return [finding], {app for app, _, _ in churn.by_app}
 
-    def collect_pgbouncer(self, source: PgBouncerSource) -> tuple[PgbSnapshot | None, list[Finding], Seen]:
-        tags = [source.endpoint.tag, *self.settings.tags]
-        try:
-            snapshot = source.snapshot()
-        except Exception as e:
-            return None, [], [self.report_error(e, "PgBouncer", source.endpoint, PGBOUNCER_CAN_CONNECT, tags)]
-        finally:
-            self.count_lost(source, "PgBouncer")
-        self.service_check(PGBOUNCER_CAN_CONNECT, Status.OK, tags=tags)
-        if snapshot.new_connection and snapshot.version:
-            self.set_metadata("version", snapshot.version)
-        self.submit(pgbouncer_metrics(snapshot, self.settings))
-        clients = resolve(snapshot, self.settings)
-        metrics, folded = client_metrics(clients, self.settings)
-        for dimension, values in folded.items():
-            self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
-        self.submit(metrics)
-        if snapshot.clients is not None and not snapshot.clients.has_app and not self._said_no_app_name:
-            self._said_no_app_name = True
-            self.log.info(
-                "PgBouncer %s has no application_name in SHOW CLIENTS (1.18 on): its clients are counted by "
-                "database, user, state and host, all as app:none",
-                snapshot.version or "of an unknown version",
-            )
-        findings = pgbouncer_findings(snapshot, self.settings) + leak_findings(clients, snapshot, self.settings)
-        return snapshot, findings, []
-
     def collect_django(self, source: DjangoMetricsSource) -> DjangoRun:
         """The processes' own view. A failed endpoint shows in its own service check and in
         django_db.errors (source:django), never in connection_health: the servers' view stands."""
@@ -247,19 +286,19 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             self.service_check(DJANGO_CAN_SCRAPE, Status.OK, tags=self.django_tags(scrape.url, scrape.app))
         for failure in run.failures:
             tags = self.django_tags(failure.url, failure.app)
-            text = failure_text(failure)
+            text = redact(failure_text(failure), self.secrets)
             self.log.warning("%s", text)
             self.service_check(DJANGO_CAN_SCRAPE, Status.CRITICAL, tags=tags, message=text)
             self.count("django_db.errors", 1, tags=[f"signature:{failure.problem}", "source:django", *tags])
         self.submit(django_metrics(run, self.settings.tags))
         return run
 
-    def submit_pools(self, pgb: PgbSnapshot | None, run: DjangoRun | None) -> None:
+    def submit_pools(self, pgb: PgbSnapshot | None, run: DjangoRun | None, timeouts: Mapping[str, int]) -> None:
         """OpenTelemetry's current metrics of the PgBouncer and Django pools (PostgreSQL's and MySQL's come
         with their other metrics), once this run's logs have told the PgBouncer pools' timeouts."""
         s = self.settings
         if pgb is not None and s.pgbouncer is not None:
-            pools = pgbouncer_pools(pgb, s.pgbouncer.server_tag, s.max_tag_values, self._query_wait_timeouts)
+            pools = pgbouncer_pools(pgb, s.pgbouncer.server_tag, s.max_tag_values, timeouts)
             self.submit(pool_metrics(pools, (s.pgbouncer.tag, *s.tags)))
         if run is not None:
             self.submit(pool_metrics(django_pools(run), s.tags))
@@ -267,47 +306,32 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def django_tags(self, url: str, app: str) -> list[str]:
         return [f"django_endpoint:{url}", f"app:{tag_value(app)}", *self.settings.tags]
 
-    def collect_mysql(self, source: MysqlSource) -> tuple[MysqlSnapshot | None, list[Finding], Seen]:
-        tags = [source.endpoint.tag, *self.settings.tags]
-        try:
-            snapshot = source.snapshot()
-        except Exception as e:
-            return None, [], [self.report_error(e, "MySQL", source.endpoint, MYSQL_CAN_CONNECT, tags)]
-        self.service_check(MYSQL_CAN_CONNECT, Status.OK, tags=tags)
-        if snapshot.new_connection and not (self.postgres or self.pgbouncer):
-            self.set_metadata("version", snapshot.variables.version.split("-")[0])
-        metrics, folded = mysql_metrics(snapshot, self.settings)
-        for dimension, values in folded.items():
-            self.log.debug("%d values of %s folded into `other`: %s", len(values), dimension, ", ".join(values))
-        self.submit(metrics)
-        churn = self.mysql_history.churn(snapshot)
-        return snapshot, mysql_findings(snapshot, self.settings, churn), []
-
-    def collect_logs(self, logs: LogFollower) -> Seen:
+    def collect_logs(self, logs: LogFollower) -> LogRun:
+        """What the lines the log files got since the previous run say."""
         seen: Seen = []
-        self._authorized = Counter()
-        self._server_events = ServerEvents()
-        self._log_apps = defaultdict(Counter)
-        self._query_wait_timeouts = Counter()
+        authorized: Counter[str] = Counter()
+        log_apps: dict[str, Counter[str]] = defaultdict(Counter)
+        timeouts: Counter[str] = Counter()
+        server_events = ServerEvents()
         for path, lines in logs.poll().items():
             records = self._log_records.setdefault(path, LogRecords())
             records.app_of = self._app_of
             for name, count in records.feed(lines).items():
                 seen += [(name, "log", f"log_file:{path}")] * count
             for (name, app), count in records.apps.items():
-                self._log_apps[name][app] += count
-            self._authorized += authorized_apps(lines)
+                log_apps[name][app] += count
+            authorized += authorized_apps(lines)
             if self.pgbouncer is not None and self.postgres is not None:
-                self._server_events.feed(lines)
+                server_events.feed(lines)
             if self.settings.otel_current and self.pgbouncer is not None:
-                self._query_wait_timeouts += query_wait_timeouts(lines)
+                timeouts += query_wait_timeouts(lines)
         for path, problem in logs.problems.items():
             if self._log_problems.get(path) != problem:
                 self.warning("Cannot read log file %s: %s", path, problem)
         self._log_problems = dict(logs.problems)
-        return seen
+        return LogRun(seen, authorized, log_apps, timeouts, server_events)
 
-    def count_lost(self, source: PostgresSource | PgBouncerSource, label: str) -> None:
+    def count_lost(self, source: Source, label: str) -> None:
         """Count the error that broke the connection kept from the previous run, once.
 
         The run went on over a new connection: the error is a fact for django_db.errors and the log,
@@ -319,7 +343,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         signature = classify_failure(source.lost)
         self.log.warning(
             "%s %s: the server closed the connection kept from the previous run (%s: %s); connecting again",
-            label, endpoint.server_tag, signature.name, " ".join(redact(source.lost.text).split()),
+            label, endpoint.server_tag, signature.name, " ".join(redact(source.lost.text, self.secrets).split()),
         )  # fmt: skip
         self.count_error(signature.name, endpoint.kind, endpoint.tag)
 
@@ -332,7 +356,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     ) -> tuple[str, str, str]:
         """CRITICAL for the endpoint's can_connect, with the signature and its advice; returns what was seen."""
         signature = classify_failure(describe(error), mysql_errno(error))
-        detail = " ".join(redact(str(error)).split())
+        detail = " ".join(redact(str(error), self.secrets).split())
         what = fitted(signature.advice, self.settings)
         text = f"{label} {endpoint.server_tag}: {signature.name}: {detail}. {what}"
         self.log.warning("%s", text)

@@ -180,18 +180,70 @@ def connect(endpoint: Endpoint, **kwargs: Any) -> psycopg.Connection:
     return psycopg.connect(autocommit=True, **params)
 
 
-class Reconnecting:
-    """A source's one connection to its server: opened when needed, closed on any failure.
+class Source:
+    """What every server source is: one connection to its server, opened when needed, closed on any
+    failure; ``snapshot()`` reads the server once; ``lost`` says what broke the connection kept from
+    the previous run, when the last snapshot found it broken; ``close()`` lets it go.
 
     A connection kept from the previous run may have been closed by the server since (a restart,
-    pg_terminate_backend, a PgBouncer restart): its first statement then fails at once, although the
-    server may well be back. ``read`` tells that apart from a server that is down.
+    pg_terminate_backend, a PgBouncer restart, MySQL's wait_timeout): its first statement then fails at
+    once, although the server may well be back. ``read`` tells that apart from a server that is down.
     """
 
     endpoint: Endpoint
-    conn: psycopg.Connection[Any] | None = None
     lost: Failure | None = None  # what broke the kept connection during the last read
+
+    def snapshot(self) -> Any:
+        """The server's state as a record (PgSnapshot, PgbSnapshot, MysqlSnapshot)."""
+        raise NotImplementedError
+
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    def broken(self, error: BaseException) -> Failure | None:
+        """What closed the kept connection, when ``error`` says the server closed it; else None."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def read(self, attempt: Callable[[], T]) -> T:
+        """``attempt()``, and once more on a new connection when the kept one was found broken.
+
+        Only a connection error that left a kept connection broken is retried: never a timeout of
+        our own (a hung server) nor a failure of a new connection, so the retry costs no wait
+        beyond the bounds of one new connection. Whatever fails closes the connection and is raised.
+        """
+        self.lost = None
+        kept = self.connected()
+        try:
+            return attempt()
+        except BaseException as e:
+            lost = self.broken(e) if kept else None
+            self.close()
+            if lost is None:
+                raise
+            self.lost = lost
+        try:
+            return attempt()
+        except BaseException:
+            self.close()
+            raise
+
+
+class Reconnecting(Source):
+    """A source over one psycopg connection."""
+
+    conn: psycopg.Connection[Any] | None = None
     _farewell: Failure | None = None  # the server's last word before it closed the connection
+
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def broken(self, error: BaseException) -> Failure | None:
+        if isinstance(error, psycopg.OperationalError) and self.conn is not None and self.conn.broken:
+            return self._farewell or describe(error)
+        return None
 
     def open(self, **kwargs: Any) -> psycopg.Connection[Any]:
         self.conn = conn = connect(self.endpoint, **kwargs)
@@ -210,29 +262,6 @@ class Reconnecting:
     def close(self) -> None:
         close_quietly(self.conn)
         self.conn = None
-
-    def read(self, attempt: Callable[[], T]) -> T:
-        """``attempt()``, and once more on a new connection when the kept one was found broken.
-
-        Only a connection error that left a kept connection broken is retried: never a timeout of
-        our own (a hung server) nor a failure of a new connection, so the retry costs no wait
-        beyond the bounds of one new connection. Whatever fails closes the connection and is raised.
-        """
-        self.lost = None
-        kept = self.conn is not None and not self.conn.closed
-        try:
-            return attempt()
-        except BaseException as e:
-            broken = kept and isinstance(e, psycopg.OperationalError) and self.conn is not None and self.conn.broken
-            self.close()
-            if not broken:
-                raise
-            self.lost = self._farewell or describe(e)
-        try:
-            return attempt()
-        except BaseException:
-            self.close()
-            raise
 
 
 # libpq's words before the reason a connection failed, and the server's own message within them.

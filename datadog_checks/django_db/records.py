@@ -21,6 +21,7 @@ class Failure:
     sqlstate: str | None = None
     message: str = ""  # the server's primary message; else the client library's own words, without the address
     timeout: bool = False  # the check's own deadline, or connect_timeout, ran out
+    errno: int | None = None  # a MySQL error's number
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections import Counter
 
 from ..config import Settings
 from ..records import PgbSnapshot, PgSnapshot, ServerSettings
+from .model import Finding, Status, Subject, for_app, tag_value
 from .postgres import select
 
 
@@ -13,7 +14,7 @@ def _age(conn_max_age: float | None) -> str:
     return "conn_max_age=None (persistent)" if conn_max_age is None else f"conn_max_age={conn_max_age:g} s"
 
 
-def session_mode(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
+def session_mode(conn_max_age: float | None, pgb: PgbSnapshot) -> list[Finding]:
     if conn_max_age is not None and conn_max_age <= 0:
         return []
     modes = {pool.db: pool.pool_mode for pool in pgb.pools}
@@ -25,12 +26,17 @@ def session_mode(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
     if not pinned:
         return []
     return [
-        f"{_age(conn_max_age)} while PgBouncer pools {', '.join(pinned)} in session mode: "
-        "every Django thread pins a server connection; use pool_mode=transaction"
+        Finding(
+            "session_mode_pins_servers",
+            Status.WARNING,
+            f"{_age(conn_max_age)} while PgBouncer pools {', '.join(pinned)} in session mode",
+            "every Django thread pins a server connection; use pool_mode=transaction",
+            figure=conn_max_age,
+        )
     ]
 
 
-def idle_timeouts(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
+def idle_timeouts(conn_max_age: float | None, pgb: PgbSnapshot) -> list[Finding]:
     """CONN_MAX_AGE against the one PgBouncer timeout that closes Django's connections: client_idle_timeout.
 
     server_idle_timeout and server_lifetime close only PgBouncer's server connections no client holds:
@@ -41,9 +47,16 @@ def idle_timeouts(conn_max_age: float | None, pgb: PgbSnapshot) -> list[str]:
     if conn_max_age is not None and conn_max_age <= timeout:
         return []
     return [
-        f"{_age(conn_max_age)} is longer than PgBouncer's client_idle_timeout={timeout:g} s, after which it "
-        "closes idle client connections (Django's): a request that reuses one fails; keep CONN_MAX_AGE at or "
-        "below it (with CONN_HEALTH_CHECKS=True), or raise client_idle_timeout"
+        Finding(
+            "conn_max_age_over_client_idle_timeout",
+            Status.WARNING,
+            f"{_age(conn_max_age)} is longer than PgBouncer's client_idle_timeout={timeout:g} s, after which it "
+            "closes idle client connections (Django's)",
+            "a request that reuses one fails; keep CONN_MAX_AGE at or below it (with CONN_HEALTH_CHECKS=True), "
+            "or raise client_idle_timeout",
+            figure=conn_max_age,
+            threshold=timeout,
+        )
     ]
 
 
@@ -75,13 +88,20 @@ def possible_server_connections(pgb: PgbSnapshot) -> int:
     return int(total)
 
 
-def slots(pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
+def slots(pg: PgSnapshot, pgb: PgbSnapshot) -> list[Finding]:
     possible, usable = possible_server_connections(pgb), pg.settings.usable_slots
     if possible <= usable:
         return []
     return [
-        f"PgBouncer may open {possible} server connections (pool sizes plus reserve pools) "
-        f"but PostgreSQL has {usable} usable slots: lower the pool sizes or set max_db_connections"
+        Finding(
+            "pool_sizes_over_slots",
+            Status.WARNING,
+            f"PgBouncer may open {possible} server connections (pool sizes plus reserve pools) "
+            f"but PostgreSQL has {usable} usable slots",
+            "lower the pool sizes or set max_db_connections",
+            figure=possible,
+            threshold=usable,
+        )
     ]
 
 
@@ -110,7 +130,7 @@ def _milliseconds(value: str) -> int:
         return 0
 
 
-def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[str]:
+def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[Finding]:
     pairs = {(g.db, g.user) for g in select(pg.groups, settings) if g.db and g.user}
     if not pairs and pgb is not None:
         pairs = {(pool.db, pool.user) for pool in pgb.pools}
@@ -129,18 +149,30 @@ def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> lis
     failures = []
     if unset:
         failures.append(
-            f"statement_timeout and idle_in_transaction_session_timeout are both unset for {_some(unset)}"
-            ": a stuck request holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'"
+            Finding(
+                "timeouts_unset",
+                Status.WARNING,
+                f"statement_timeout and idle_in_transaction_session_timeout are both unset for {_some(unset)}",
+                "a stuck request holds its connection for ever; ALTER ROLE ... SET statement_timeout = '30s'",
+                _role_subjects(unset),
+                len(unset),
+            )
         )
     if untold:
         monitor = settings.postgres.username if settings.postgres else "the monitoring role"
         hidden = ", ".join(f"{name} (source {source})" for name, source in sorted(masked.items()))
         reset = " and ".join(_reset(settings, name, source) for name, source in sorted(masked.items()))
         failures.append(
-            f"cannot tell whether statement_timeout or idle_in_transaction_session_timeout is set for "
-            f"{_some(untold)}: they have no role or database setting of their own, and the server's value is "
-            f"hidden from {monitor} by its own session's {hidden} while pg_file_settings is closed to it: "
-            f"{reset} (the check bounds its own queries), or set the timeouts on the application's roles"
+            Finding(
+                "timeouts_unknown",
+                Status.WARNING,
+                f"cannot tell whether statement_timeout or idle_in_transaction_session_timeout is set for "
+                f"{_some(untold)}: they have no role or database setting of their own, and the server's value "
+                f"is hidden from {monitor} by its own session's {hidden} while pg_file_settings is closed to it",
+                f"{reset} (the check bounds its own queries), or set the timeouts on the application's roles",
+                _role_subjects(untold),
+                len(untold),
+            )
         )
     return failures
 
@@ -162,20 +194,28 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def django_rules(settings: Settings, pgb: PgbSnapshot) -> list[str]:
+def _role_subjects(names: list[str]) -> tuple[Subject, ...]:
+    """``role@db`` names as user and db subjects."""
+    pairs = (name.rpartition("@") for name in names)
+    return tuple(Subject((f"user:{tag_value(role)}", f"db:{tag_value(db)}")) for role, _, db in pairs)
+
+
+def django_rules(settings: Settings, pgb: PgbSnapshot) -> list[Finding]:
     """The CONN_MAX_AGE rules: once for the instance's conn_max_age, then for each application profile
     that gives its own, named after it."""
     failures = [*session_mode(settings.conn_max_age, pgb), *idle_timeouts(settings.conn_max_age, pgb)]
     for profile in settings.apps:
         if profile.conn_max_age != settings.conn_max_age:
             own = [*session_mode(profile.conn_max_age, pgb), *idle_timeouts(profile.conn_max_age, pgb)]
-            failures += [f"app={profile.name}: {failure}" for failure in own]
+            failures += [for_app(failure, profile.name) for failure in own]
     return failures
 
 
-def alignment_failures(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> list[str]:
-    return [
-        *django_rules(settings, pgb),
-        *slots(pg, pgb),
-        *timeouts(settings, pg, pgb),
+def alignment_failures(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot) -> list[Finding]:
+    on_pgbouncer = [
+        f._replace(server=settings.pgbouncer.tag) if settings.pgbouncer else f for f in django_rules(settings, pgb)
     ]
+    on_postgres = [*slots(pg, pgb), *timeouts(settings, pg, pgb)]
+    if settings.postgres:
+        on_postgres = [f._replace(server=settings.postgres.tag) for f in on_postgres]
+    return on_pgbouncer + on_postgres

@@ -14,7 +14,7 @@ from collections import Counter
 from ..config import Settings
 from ..profiles import AppProfile, profile_for
 from ..records import DIRECT, HELD, PgbSnapshot, PgSnapshot
-from .model import Finding, Metric, Status
+from .model import Finding, Metric, Status, Subject, tag_value
 from .postgres import select
 
 PREFIX = "django_db.app."
@@ -106,9 +106,14 @@ def _over_budget(profile: AppProfile, places: dict[str, Counter[str]], count: in
         where = f", {at_pgbouncer} of them client connections at PgBouncer" + (
             f" and {direct} straight to PostgreSQL" if direct else ""
         )
+    status = Status.CRITICAL if count >= 2 * budget else Status.WARNING
     return Finding(
-        Status.CRITICAL if count >= 2 * budget else Status.WARNING,
-        f"app={profile.name} holds {count} connections{names}, over its budget of {budget}{where}: "
+        "over_budget",
+        status,
+        f"app={profile.name} holds {count} connections{names}, over its budget of {budget}{where}",
         "more processes or threads than planned, or connections kept outside requests; "
         "find them, or raise the profile's max_connections if the plan changed",
+        (Subject((f"app:{tag_value(profile.name)}",), count),),
+        count,
+        budget if status == Status.WARNING else 2 * budget,
     )

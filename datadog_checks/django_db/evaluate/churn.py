@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ..config import Level, Settings
 from ..profiles import profile_for
 from ..records import PgbConfig
-from .model import Finding, Status, level
+from .model import Finding, Status, Subject, crossed, level, tag_value
 
 WINDOW = 60.0  # seconds: the least history behind a churn verdict
 SOURCES = ("pgbouncer_log", "log", "django", "sampled")  # the best first
@@ -196,13 +196,14 @@ def churn_finding(
     named = [
         (app, rate, source) for app, rate, source in churn.by_app if app == POOLER or settings.applications.allows(app)
     ]
+    finding = Finding("connection_churn", status, text, figure=churn.per_minute, threshold=crossed(threshold, status))
     if not named:
-        if status != Status.OK:
-            text += (
-                ": no application named; to name them, turn on log_connections and follow PostgreSQL's log "
-                "(log_files), or read the processes' counters (django_metrics)"
-            )
-        return Finding(status, text)
+        if status == Status.OK:
+            return finding
+        return finding._replace(
+            advice="no application named; to name them, turn on log_connections and follow PostgreSQL's log "
+            "(log_files), or read the processes' counters (django_metrics)"
+        )
     total = max(churn.per_minute, sum(rate for _, rate, _ in named))
     sources = {source for _, _, source in named[:3]}
     parts = []
@@ -218,7 +219,13 @@ def churn_finding(
     shown = [app for app, _, _ in named[:3]]
     advice = [pooler_advice(churn, pooler)] if POOLER in shown else []
     advice += app_advice([app for app in shown if app != POOLER], churn.lifetimes, settings)
-    return Finding(status, text + "; " + "; ".join(advice))
+    subjects = tuple(Subject((subject_tag(app),), rate) for app, rate, _ in named)
+    return finding._replace(text=text, advice="; ".join(advice), subjects=subjects)
+
+
+def subject_tag(app: str) -> str:
+    """The tag of who opens connections: an application, or PgBouncer itself."""
+    return "pooler:pgbouncer" if app == POOLER else f"app:{tag_value(app)}"
 
 
 # A setting that closes PgBouncer's servers explains the churn when the servers it holds, closed that often,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..config import Level, Settings
 from ..records import DjangoAlias, DjangoPool, DjangoScrape, DjangoScrapeFailure
 from .churn import conn_max_age_of, short_lived
-from .model import Finding, Metric, Status, level, tag_value
+from .model import Finding, Metric, Status, Subject, crossed, level, tag_value
 
 PREFIX = "django_db.django."
 WINDOW = 60.0  # seconds of history behind the findings
@@ -215,31 +215,43 @@ def django_findings(
                 advice = (
                     "its connections do not outlive requests: set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or use a pool"
                 )
+            status = level(per_minute, churn_per_minute)
             findings.append(
                 Finding(
-                    level(per_minute, churn_per_minute),
-                    f"app={app} opened {_n(per_minute)} new connections a minute, by its processes' own counters: "
-                    f"{advice}",
+                    "connection_churn",
+                    status,
+                    f"app={app} opened {_n(per_minute)} new connections a minute, by its processes' own counters",
+                    advice,
+                    (Subject((f"app:{tag_value(app)}",), per_minute),),
+                    per_minute,
+                    crossed(churn_per_minute, status),
                 )
             )
         if figures["failed"]:
             findings.append(
                 Finding(
+                    "connection_failures",
                     Status.WARNING,
                     f"app={app} failed to open {_n(figures['failed'])} connections in the last minute "
-                    f"(of {_n(figures['attempts'])} attempts): its processes cannot reach the database "
-                    f"(refused, full, DNS, TLS or credentials); django_db.errors by signature and the "
-                    f"can_connect checks say which",
+                    f"(of {_n(figures['attempts'])} attempts)",
+                    "its processes cannot reach the database (refused, full, DNS, TLS or credentials); "
+                    "django_db.errors by signature and the can_connect checks say which",
+                    (Subject((f"app:{tag_value(app)}",), figures["failed"]),),
+                    figures["failed"],
                 )
             )
     for (app, alias), n in sorted(timeouts.items()):
         if n:
             findings.append(
                 Finding(
+                    "pool_timeouts",
                     Status.WARNING,
                     f"app={app} got no connection from its pool ({alias}) {_n(n)} times in the last minute "
-                    f"(PoolTimeout): raise OPTIONS['pool']['max_size'] within the server's free slots, "
-                    f"or shorten what holds connections",
+                    f"(PoolTimeout)",
+                    "raise OPTIONS['pool']['max_size'] within the server's free slots, "
+                    "or shorten what holds connections",
+                    (Subject((f"app:{tag_value(app)}", f"alias:{tag_value(alias)}"), n),),
+                    n,
                 )
             )
     before = pool_sums(run.previous.values())
@@ -248,11 +260,14 @@ def django_findings(
         if waiting and before.get((app, alias), {}).get("requests_waiting", 0.0):
             findings.append(
                 Finding(
+                    "pool_requests_waiting",
                     Status.WARNING,
-                    f"app={app}: {_n(waiting)} requests waiting for a pool connection ({alias}; "
+                    f"app={app} has {_n(waiting)} requests waiting for a pool connection ({alias}; "
                     f"{_n(now.get('size', 0.0))} open of max_size {_n(now.get('max_size', 0.0))}, "
-                    f"{_n(now.get('available', 0.0))} available), two runs in a row: raise "
-                    f"OPTIONS['pool']['max_size'] within the server's free slots, or shorten transactions",
+                    f"{_n(now.get('available', 0.0))} available), two runs in a row",
+                    "raise OPTIONS['pool']['max_size'] within the server's free slots, or shorten transactions",
+                    (Subject((f"app:{tag_value(app)}", f"alias:{tag_value(alias)}"), waiting),),
+                    waiting,
                 )
             )
     return findings

@@ -9,7 +9,7 @@ from ..config import Settings
 from ..profiles import profile_for
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from . import session_state
-from .model import Finding, Status, level
+from .model import Finding, Status, Subject, app_subjects, crossed, level, tag_value
 from .pgbouncer import client_utilization
 from .pgbouncer_clients import holders, waiting_apps
 from .postgres import client_backends, select, utilization
@@ -51,8 +51,10 @@ def signature_findings(
     ``apps``: by signature, the applications log lines named (PostgreSQL's %a), with their counts."""
     by_name: dict[str, Counter[str]] = defaultdict(Counter)
     logs: dict[str, Counter[str]] = defaultdict(Counter)
+    servers: dict[str, Counter[str]] = defaultdict(Counter)
     for name, source, server in seen:
         by_name[name][source] += 1
+        servers[name][server] += 1
         if source == "log":
             logs[name][server.removeprefix("log_file:")] += 1
     findings = []
@@ -68,10 +70,18 @@ def signature_findings(
         also = "; a failure can show in each log" if len(logs[name]) > 1 else ""
         named = apps.get(name) if apps else None
         also += f"; {_apps(named)}" if named else ""
-        text = (
-            f"{name} seen ({', '.join(where)}{also}): {advice(signature, pg, pgb, named or (), settings).rstrip('.')}"
+        subjects = tuple(Subject((server,), n) for server, n in sorted(servers[name].items()))
+        findings.append(
+            Finding(
+                name,
+                signature.status,
+                f"{name} seen ({', '.join(where)}{also})",
+                advice(signature, pg, pgb, named or (), settings).rstrip("."),
+                subjects,
+                # one failure can show in several logs: the most any one place saw
+                figure=float(max(servers[name].values())),
+            )
         )
-        findings.append(Finding(signature.status, text))
     return findings
 
 
@@ -171,13 +181,17 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]
     by_app: Counter[str] = Counter()
     for g in snapshot.groups:
         by_app[g.app] += g.count
+    status = level(ratio, t.utilization)
     findings.append(
         Finding(
-            level(ratio, t.utilization),
+            "utilization",
+            status,
             f"{used} of {usable} usable slots in use ({ratio:.0%}; most: {_apps(by_app, 1)})"
             if used <= usable
             else f"{used} connections for {usable} usable slots: {used - usable} of the reserved slots taken "
             f"({ratio:.0%}; most: {_apps(by_app, 1)})",
+            figure=ratio,
+            threshold=crossed(t.utilization, status),
         )
     )
 
@@ -205,12 +219,23 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]
             text += f": {_apps(leaked)}"
         if settings.report_leak_queries and snapshot.leak_suspects:
             text += "; suspects: " + " | ".join(describe_suspect(s) for s in _suspects(snapshot, settings))
-        findings.append(Finding(level(total_leaked, t.leaked_connections), text))
+        status = level(total_leaked, t.leaked_connections)
+        findings.append(
+            Finding(
+                "leaked_connections",
+                status,
+                text,
+                subjects=app_subjects(leaked),
+                figure=total_leaked,
+                threshold=crossed(t.leaked_connections, status),
+            )
+        )
 
     total_tx = sum(in_tx.values())
     if total_tx:
         # One finding for them all: how many, of which applications, and the oldest.
-        status = max(level(total_tx, t.idle_in_transaction_count), level(oldest_tx, t.idle_in_transaction_seconds))
+        by_count = level(total_tx, t.idle_in_transaction_count)
+        by_age = level(oldest_tx, t.idle_in_transaction_seconds)
         if total_tx == 1:
             text = f"a connection of app={oldest_app or 'none'} idle in transaction for {oldest_tx:.0f} s"
         else:
@@ -218,17 +243,32 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]
                 f"{total_tx} connections idle in transaction ({_apps(in_tx)}), "
                 f"the oldest for {oldest_tx:.0f} s (app={oldest_app or 'none'})"
             )
-        text += (
-            ": a transaction left open while the code waits on something else (a slow call inside atomic(), "
-            "a task that never commits); set idle_in_transaction_session_timeout"
+        # the figure is what earned the status: the count where it does, else the oldest's age
+        figure, threshold = (
+            (float(total_tx), crossed(t.idle_in_transaction_count, by_count))
+            if by_count >= by_age
+            else (oldest_tx, crossed(t.idle_in_transaction_seconds, by_age))
         )
-        findings.append(Finding(status, text))
+        findings.append(
+            Finding(
+                "idle_in_transaction",
+                max(by_count, by_age),
+                text,
+                "a transaction left open while the code waits on something else (a slow call inside atomic(), "
+                "a task that never commits); set idle_in_transaction_session_timeout",
+                app_subjects(in_tx),
+                figure,
+                threshold,
+            )
+        )
     if hidden:
         findings.append(
             Finding(
+                "monitoring_role_blind",
                 Status.WARNING,
-                f"{hidden} backends are hidden from the monitoring role: GRANT pg_monitor TO "
-                f"{settings.postgres.username if settings.postgres else 'the monitoring role'}",
+                f"{hidden} backends are hidden from the monitoring role",
+                f"GRANT pg_monitor TO {settings.postgres.username if settings.postgres else 'the monitoring role'}",
+                figure=hidden,
             )
         )
     return findings
@@ -246,16 +286,31 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
         )
         if status != Status.OK and (held := holders(snapshot.clients)):
             text += f"; held most by {held}"
-        findings.append(Finding(status, text))
+        findings.append(
+            Finding(
+                "pgbouncer_client_utilization",
+                status,
+                text,
+                figure=ratio,
+                threshold=crossed(t.pgbouncer_client_utilization, status),
+            )
+        )
     waiting = [pool for pool in snapshot.pools if pool.maxwait]
     if waiting:
         pool = max(waiting, key=lambda p: p.maxwait or 0.0)
+        status = level(pool.maxwait or 0.0, t.pgbouncer_maxwait_seconds)
         findings.append(
             Finding(
-                level(pool.maxwait or 0.0, t.pgbouncer_maxwait_seconds),
+                "pgbouncer_clients_waiting",
+                status,
                 f"{pool.cl_waiting or 0:.0f} clients waiting at PgBouncer pool {pool.db}/{pool.user}, "
                 f"the oldest for {pool.maxwait:.1f} s"
                 + (f" ({apps})" if (apps := waiting_apps(snapshot.clients, pool.db, pool.user)) else ""),
+                subjects=(
+                    Subject((f"pgbouncer_db:{tag_value(pool.db)}", f"user:{tag_value(pool.user)}"), pool.cl_waiting),
+                ),
+                figure=pool.maxwait,
+                threshold=crossed(t.pgbouncer_maxwait_seconds, status),
             )
         )
     return findings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -26,12 +27,84 @@ class Status(IntEnum):
     CRITICAL = 2
 
 
+class Subject(NamedTuple):
+    """Who a finding is about, as tags (``app:web``, ``pgbouncer_db:appdb``, ``log_file:/var/log/x``), with its
+    share of the finding's figure where it has one."""
+
+    tags: tuple[str, ...]
+    figure: float | None = None
+
+
 class Finding(NamedTuple):
+    """One thing the run found, as data: a stable ``code`` (listed in the README), how bad, what was measured
+    and about whom. ``text`` states the fact with its figures; ``advice`` what to do. The message line is
+    rendered from these at submission (``line``); ``subjects`` and ``server`` tag django_db.finding."""
+
+    code: str
     status: Status
     text: str
+    advice: str = ""
+    subjects: tuple[Subject, ...] = ()
+    figure: float | None = None
+    threshold: float | None = None
+    server: str = ""
+
+    def sentence(self) -> str:
+        """The fact, then what to do."""
+        return f"{self.text}: {self.advice}" if self.advice else self.text
 
     def line(self) -> str:
-        return f"{self.status.name}: {self.text}"
+        return f"{self.status.name}: {self.sentence()}"
+
+
+def app_subjects(counts: Mapping[str, float]) -> tuple[Subject, ...]:
+    """One subject per application (``app:none`` for an empty name), largest first."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return tuple(Subject((f"app:{tag_value(app)}",), n) for app, n in ranked)
+
+
+def for_app(finding: Finding, app: str) -> Finding:
+    """A finding about one application's profile: named in the text, and its subject."""
+    return finding._replace(text=f"app={app}: {finding.text}", subjects=(Subject((f"app:{tag_value(app)}",)),))
+
+
+def crossed(threshold: Level, status: Status) -> float | None:
+    """The threshold a status was earned against: critical for CRITICAL, warning for WARNING."""
+    if status == Status.CRITICAL:
+        return threshold.critical
+    if status == Status.WARNING:
+        return threshold.warning
+    return None
+
+
+OTHER = "other"
+FINDING = "django_db.finding"
+
+
+def finding_metrics(findings: Iterable[Finding], limit: int, tags: Sequence[str] = ()) -> list[Metric]:
+    """``django_db.finding``: one series per active non-OK finding and subject, 1 for WARNING, 2 for CRITICAL.
+
+    A finding's subjects past the ``limit`` largest fold into one ``other`` subject, as every client-chosen
+    tag value does; where two findings give the same series, the worse one stands."""
+    series: dict[tuple[str, ...], int] = {}
+    for finding in findings:
+        if finding.status == Status.OK:
+            continue
+        server = (finding.server,) if finding.server else ()
+        for subject in fold_subjects(finding.subjects, limit) or (Subject(()),):
+            key = (f"finding:{finding.code}", *subject.tags, *server, *tags)
+            series[key] = max(series.get(key, 0), int(finding.status))
+    return [Metric("gauge", FINDING, value, key) for key, value in series.items()]
+
+
+def fold_subjects(subjects: Sequence[Subject], limit: int) -> tuple[Subject, ...]:
+    """The ``limit`` largest subjects as they are; the rest as one subject whose tag values are ``other``."""
+    if len(subjects) <= limit:
+        return tuple(subjects)
+    ranked = sorted(subjects, key=lambda s: -(s.figure or 0.0))
+    rest = ranked[limit:]
+    tags = tuple(f"{tag.partition(':')[0]}:{OTHER}" for tag in rest[0].tags)
+    return (*ranked[:limit], Subject(tags, sum(s.figure or 0.0 for s in rest)))
 
 
 def level(value: float, threshold: Level) -> Status:

@@ -16,7 +16,7 @@ from dataclasses import field as _field
 from ..config import Settings
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
 from .churn import Churn, ChurnWindow, Sample
-from .model import Finding, Metric, Status, level, tag_value
+from .model import Finding, Metric, Status, Subject, crossed, for_app, level, tag_value
 from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.mysql."
@@ -95,19 +95,19 @@ def mysql_metrics(snapshot: MysqlSnapshot, settings: Settings) -> tuple[list[Met
     """The MySQL metrics of one snapshot, and the values folded into ``other``."""
     assert settings.mysql is not None
     base = (settings.mysql.tag, *settings.tags)
-    variables, status = snapshot.variables, snapshot.status
+    variables, counters = snapshot.variables, snapshot.status
     metrics: list[Metric] = []
 
     def gauge(name: str, value: float, tags: tuple[str, ...] = ()) -> None:
         metrics.append(Metric("gauge", PREFIX + name, value, base + tags))
 
     gauge("max_connections", variables.max_connections)
-    gauge("connections_available", max(0, variables.max_connections - status.threads_connected))
+    gauge("connections_available", max(0, variables.max_connections - counters.threads_connected))
     gauge("connection_utilization", utilization(snapshot))
-    gauge("threads_running", status.threads_running)
-    gauge("max_used_connections", status.max_used_connections)
+    gauge("threads_running", counters.threads_running)
+    gauge("max_used_connections", counters.max_used_connections)
     for name, field in STATUS_RATES:
-        metrics.append(Metric("rate", PREFIX + name, getattr(status, field), base))
+        metrics.append(Metric("rate", PREFIX + name, getattr(counters, field), base))
 
     names = dimensions(settings.group_by)
     groups, folded = fold(select(snapshot.groups, settings), ("db", "user", "client_host"), settings.max_tag_values)
@@ -145,13 +145,13 @@ def _by(counts: Counter[str], key: str, limit: int = 3) -> str:
 def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | None) -> list[Finding]:
     assert settings.mysql is not None
     t = settings.thresholds
-    variables, status = snapshot.variables, snapshot.status
+    variables, counters = snapshot.variables, snapshot.status
     findings = []
     by_user: Counter[str] = Counter()
     for g in snapshot.groups:
         by_user[g.user] += g.count
     ratio = utilization(snapshot)
-    used, limit = status.threads_connected, variables.max_connections
+    used, limit = counters.threads_connected, variables.max_connections
     most = f"; most: {_by(by_user, 'user', 1)}" if by_user else ""
     text = f"{used} of {limit} MySQL connections in use ({ratio:.0%} of max_connections{most})"
     if used > limit:
@@ -159,7 +159,8 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
             f"{used} MySQL connections for max_connections={limit} ({ratio:.0%}{most}): past the limit only "
             "one more, for SUPER / CONNECTION_ADMIN, is admitted; other clients are refused (1040)"
         )
-    findings.append(Finding(level(ratio, t.utilization), text))
+    status = level(ratio, t.utilization)
+    findings.append(Finding("utilization", status, text, figure=ratio, threshold=crossed(t.utilization, status)))
 
     groups = select(snapshot.groups, settings)
     leaked: Counter[str] = Counter()
@@ -175,40 +176,70 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
     total_leaked = sum(leaked.values())
     if total_leaked:
         text = f"{total_leaked} MySQL connections idle for over {settings.leak_idle_seconds:g} s (leaked): "
-        findings.append(Finding(level(total_leaked, t.leaked_connections), text + _by(leaked, "user")))
-    total_tx = sum(in_tx.values())
-    if total_tx:
+        status = level(total_leaked, t.leaked_connections)
         findings.append(
             Finding(
-                level(total_tx, t.idle_in_transaction_count),
+                "leaked_connections",
+                status,
+                text + _by(leaked, "user"),
+                subjects=_subjects(leaked, "user"),
+                figure=total_leaked,
+                threshold=crossed(t.leaked_connections, status),
+            )
+        )
+    total_tx = sum(in_tx.values())
+    if total_tx:
+        status = level(total_tx, t.idle_in_transaction_count)
+        findings.append(
+            Finding(
+                "idle_in_transaction",
+                status,
                 f"{total_tx} MySQL connections idle in transaction ({_by(in_tx, 'user')})",
+                subjects=_subjects(in_tx, "user"),
+                figure=total_tx,
+                threshold=crossed(t.idle_in_transaction_count, status),
             )
         )
     if oldest is not None:
+        status = level(oldest.max_transaction_age, t.idle_in_transaction_seconds)
         findings.append(
             Finding(
-                level(oldest.max_transaction_age, t.idle_in_transaction_seconds),
+                "long_transaction",
+                status,
                 f"the oldest MySQL transaction, of user={oldest.user or 'none'} on db={oldest.db or 'none'} "
                 f"from {oldest.client_host or 'unknown'}, has been open for {oldest.max_transaction_age:.0f} s",
+                subjects=(Subject((f"user:{tag_value(oldest.user)}", f"db:{tag_value(oldest.db)}")),),
+                figure=oldest.max_transaction_age,
+                threshold=crossed(t.idle_in_transaction_seconds, status),
             )
         )
     if churn is not None:
+        status = level(churn.per_minute, t.churn_per_minute)
         findings.append(
             Finding(
-                level(churn.per_minute, t.churn_per_minute),
+                "connection_churn",
+                status,
                 f"{churn.per_minute:.0f} MySQL connections a minute opened and closed again "
                 f"(churn, over {churn.seconds:.0f} s)",
+                figure=churn.per_minute,
+                threshold=crossed(t.churn_per_minute, status),
             )
         )
     if not snapshot.sees_all_threads:
         findings.append(
             Finding(
+                "monitoring_role_blind",
                 Status.WARNING,
-                "the monitoring user sees only its own MySQL threads: "
+                "the monitoring user sees only its own MySQL threads",
                 f"GRANT PROCESS ON *.* TO '{settings.mysql.username}'@'%'",
             )
         )
     return findings
+
+
+def _subjects(counts: Counter[str], key: str) -> tuple[Subject, ...]:
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return tuple(Subject((f"{key}:{tag_value(value)}",), n) for value, n in ranked)
 
 
 _INIT_WAIT_TIMEOUT = re.compile(r"\bwait_timeout\s*(?::=|=)\s*(\d+)", re.IGNORECASE)
@@ -226,7 +257,7 @@ def applied_wait_timeout(variables: MysqlVariables) -> tuple[int, str]:
     return variables.wait_timeout, "global"
 
 
-def mysql_alignment(settings: Settings, snapshot: MysqlSnapshot) -> list[str]:
+def mysql_alignment(settings: Settings, snapshot: MysqlSnapshot) -> list[Finding]:
     """CONN_MAX_AGE longer than the wait_timeout after which the server closes an idle connection: once for
     the instance's conn_max_age, then for each application profile that gives its own, named after it."""
     assert settings.mysql is not None
@@ -236,11 +267,11 @@ def mysql_alignment(settings: Settings, snapshot: MysqlSnapshot) -> list[str]:
     for profile in settings.apps:
         if profile.conn_max_age != settings.conn_max_age:
             own = wait_timeout_rule(profile.conn_max_age, snapshot.variables, "")
-            failures += [f"app={profile.name}: {failure}" for failure in own]
+            failures += [for_app(failure, profile.name) for failure in own]
     return failures
 
 
-def wait_timeout_rule(age: float | None, variables: MysqlVariables, who: str) -> list[str]:
+def wait_timeout_rule(age: float | None, variables: MysqlVariables, who: str) -> list[Finding]:
     if age is not None and age <= 0:
         return []  # Django closes the connection after each request
     wait_timeout, source = applied_wait_timeout(variables)
@@ -255,8 +286,14 @@ def wait_timeout_rule(age: float | None, variables: MysqlVariables, who: str) ->
         else ""
     )
     return [
-        f"{described} is longer than MySQL's wait_timeout={wait_timeout} s{origin}{who}, which applies to "
-        f"non-interactive clients such as Django: the server closes the idle connection first and the next "
-        f"query fails with (2006, 'MySQL server has gone away'); keep CONN_MAX_AGE below wait_timeout and "
-        f"set CONN_HEALTH_CHECKS=True{also}"
+        Finding(
+            "conn_max_age_over_wait_timeout",
+            Status.WARNING,
+            f"{described} is longer than MySQL's wait_timeout={wait_timeout} s{origin}{who}, which applies to "
+            f"non-interactive clients such as Django",
+            f"the server closes the idle connection first and the next query fails with (2006, 'MySQL server has "
+            f"gone away'); keep CONN_MAX_AGE below wait_timeout and set CONN_HEALTH_CHECKS=True{also}",
+            figure=age,
+            threshold=wait_timeout,
+        )
     ]

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from ..config import Settings
 from ..profiles import profile_for
 from ..records import PgbClientGroup, PgbClients, PgbSnapshot
-from .model import Finding, Metric, level, tag_value
+from .model import Finding, Metric, app_subjects, crossed, level, tag_value
 
 PREFIX = "django_db.pgbouncer."
 OTHER = "other"
@@ -260,11 +260,17 @@ def leak_findings(rows: list[Clients], snapshot: PgbSnapshot, settings: Settings
     rest = ranked[SHOWN:]
     if rest:
         total = sum(leak.total for _, leak in rest)
+        most = max(leak.total for _, leak in rest)
+        status = level(most, settings.thresholds.leaked_connections)
         findings.append(
             Finding(
-                level(max(leak.total for _, leak in rest), settings.thresholds.leaked_connections),
+                "leaked_clients",
+                status,
                 f"{total} more client connections of {len(rest)} more applications held at PgBouncer idle past "
                 f"their leak threshold: " + ", ".join(f"{_app(app)} {leak.total}" for app, leak in rest[:SHOWN]),
+                subjects=app_subjects({app: leak.total for app, leak in rest}),
+                figure=total,
+                threshold=crossed(settings.thresholds.leaked_connections, status),
             )
         )
     return findings
@@ -289,8 +295,15 @@ def _leak_finding(app: str, leak: _Leak, snapshot: PgbSnapshot, settings: Settin
         text += f": in session mode each also pins a server connection ({n} at PostgreSQL) and takes a client slot"
     else:
         text += f": {leak.linked} of them, in session mode, also pin a server connection each; all take client slots"
+    status = level(n, settings.thresholds.leaked_connections)
     return Finding(
-        level(n, settings.thresholds.leaked_connections), f"{text}. {_why(conn_max_age, leak.longest, snapshot)}"
+        "leaked_clients",
+        status,
+        text,
+        _why(conn_max_age, leak.longest, snapshot),
+        app_subjects({app: n}),
+        n,
+        crossed(settings.thresholds.leaked_connections, status),
     )
 
 
@@ -306,18 +319,18 @@ def _why(conn_max_age: float | None, longest: float, snapshot: PgbSnapshot) -> s
     close = "call django.db.close_old_connections() when such a thread finishes its work"
     if conn_max_age is not None and longest > 2 * conn_max_age:
         return (
-            f"Idle far longer than its CONN_MAX_AGE={conn_max_age:g} s, their threads have served no request since: "
+            f"idle far longer than its CONN_MAX_AGE={conn_max_age:g} s, their threads have served no request since: "
             "Django closes an expired connection only when a request starts or ends, so threads that ended or "
             "stopped serving requests (a thread per request, as runserver runs them, or background threads) keep "
             f"them. Serve requests from a fixed set of worker threads (gunicorn), {close}, and {backstop}"
         )
     if conn_max_age is None:
         return (
-            "CONN_MAX_AGE=None keeps a connection for its thread's whole life, so threads that stopped serving "
+            "with CONN_MAX_AGE=None a connection stays for its thread's whole life, so threads that stopped serving "
             f"requests (background threads, idle workers) keep theirs: {close}, or give CONN_MAX_AGE a value; "
             f"{backstop}"
         )
-    return f"A thread keeps a connection it no longer uses: {close}; {backstop}"
+    return f"a thread keeps a connection it no longer uses: {close}; {backstop}"
 
 
 def clients_by_app(clients: PgbClients | None) -> Iterator[tuple[str, int]]:

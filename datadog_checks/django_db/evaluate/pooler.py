@@ -150,9 +150,13 @@ def overdue_findings(pg: PgSnapshot, pooler: Pooler | None, settings: Settings) 
     timeouts = ", ".join(f"{name}={value:g} s" for name, value in named if value is not None)
     return [
         Finding(
+            "pgbouncer_servers_overdue",
             Status.WARNING,
             f"{overdue} of PgBouncer's server connections idle at PostgreSQL for over {limit:g} s, far past "
-            f"PgBouncer's own {timeouts} (its anomaly, not an application's leak): PgBouncer should have closed "
-            "them; see whether it is paused or overloaded (SHOW DATABASES, SHOW POOLS), or reload it",
+            f"PgBouncer's own {timeouts} (its anomaly, not an application's leak)",
+            "PgBouncer should have closed them; see whether it is paused or overloaded (SHOW DATABASES, "
+            "SHOW POOLS), or reload it",
+            figure=overdue,
+            threshold=limit,
         )
     ]

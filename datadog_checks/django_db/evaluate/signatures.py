@@ -256,6 +256,7 @@ def classify(text: str, sqlstate: str | None = None, errno: int | None = None, t
 def classify_failure(failure: Failure, errno: int | None = None) -> Signature:
     """The signature of a failure as a source describes it: by its flag and SQLSTATE first, then by the
     server's primary message (the client library's own words where the server said nothing)."""
+    errno = failure.errno if errno is None else errno
     return classify(failure.message or failure.text, failure.sqlstate, errno, failure.timeout)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ..config import Endpoint
-from ..connection import APPLICATION_NAME, ClientTimeout
-from ..records import MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup
+from ..connection import APPLICATION_NAME, ClientTimeout, Source
+from ..records import Failure, MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup
 
 VARIABLES_SQL = (
     "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('version', 'max_connections', 'wait_timeout', "
@@ -86,7 +86,7 @@ def state_of(command: str, in_transaction: bool) -> str:
     return command.strip().lower().replace(" ", "_") or "unknown"
 
 
-class MysqlSource:
+class MysqlSource(Source):
     def __init__(self, endpoint: Endpoint, leak_idle_seconds: float):
         import pymysql  # only here: a PostgreSQL-only Agent never needs the driver
 
@@ -104,13 +104,19 @@ class MysqlSource:
             except Exception:  # noqa: S110 - a broken connection may fail to close; it is dropped either way
                 pass
 
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def broken(self, error: BaseException) -> Failure | None:
+        """The server closed the connection while it sat idle between runs (wait_timeout, a restart)."""
+        if not isinstance(error, self.pymysql.err.Error) or not self._broken(error):
+            return None
+        code = error.args[0] if error.args and isinstance(error.args[0], int) else None
+        return Failure(str(error), None, str(error), errno=code)
+
     def snapshot(self) -> MysqlSnapshot:
-        """Read the server; any failure closes the connection, to be opened again next run."""
-        try:
-            return self._snapshot()
-        except BaseException:
-            self.close()
-            raise
+        """Read the server; a connection found broken is opened again at once, any other failure next run."""
+        return self.read(self._snapshot)
 
     def _snapshot(self) -> MysqlSnapshot:
         new = self.conn is None
@@ -118,14 +124,6 @@ class MysqlSource:
             self._connect()
         try:
             return self._read(new)
-        except self.pymysql.err.Error as e:
-            if new or not self._broken(e):
-                raise self._timeout(e) from None
-        # The server closed the connection while it sat idle between runs: once more, on a new one.
-        self.close()
-        self._connect()
-        try:
-            return self._read(True)
         except self.pymysql.err.Error as e:
             raise self._timeout(e) from None
 

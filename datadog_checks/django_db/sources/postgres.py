@@ -168,12 +168,17 @@ class PostgresSource(Reconnecting):
         leak_idle_seconds: float,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
         leak_rules: tuple[tuple[NamePattern, float], ...] = (),
+        want_suspects: bool = False,
         pooler: bool = False,
     ):
         """``leak_rules``: (application_name pattern, its leak threshold), the first match wins; others
-        use ``leak_idle_seconds``. ``pooler``: PgBouncer fronts this server and its server connections are
-        told apart (the ``servers`` of ``snapshot``)."""
+        use ``leak_idle_seconds``. ``want_suspects``: read the leaked connections' last queries too.
+        ``pooler``: PgBouncer fronts this server and its server connections are told apart (``servers``)."""
         self.endpoint = endpoint
+        self.want_suspects = want_suspects
+        self.since: float | None = None  # the server's time at the previous snapshot
+        # PgBouncer's server connections, as the last read of its console found them; None without one.
+        self.servers: Callable[[ServerAddress], PoolerKeys] | None = None
         self.leak_idle_seconds = leak_idle_seconds
         self.leak_rules = leak_rules
         self.thresholds = sorted({leak_idle_seconds, *(seconds for _, seconds in leak_rules)})
@@ -210,16 +215,13 @@ class PostgresSource(Reconnecting):
         self.leak_index: dict[str, int] = {}  # application_name: the index of its threshold in `leaked`
         self.address = ServerAddress(frozenset(), endpoint.port, False)  # where the connection reaches the server
 
-    def snapshot(
-        self,
-        since: float | None,
-        want_suspects: bool = False,
-        servers: Callable[[ServerAddress], PoolerKeys] | None = None,
-    ) -> PgSnapshot:
+    def snapshot(self) -> PgSnapshot:
         """Read the server; a connection found broken is opened again at once, any other failure next run.
-
-        ``servers``: PgBouncer's server connections to the server the connection reaches (the source's pooler)."""
-        return self.read(lambda: self._snapshot(since, want_suspects, servers))
+        Backends that started since the previous snapshot count as opened; those ``servers`` names are
+        PgBouncer's server connections to the server the connection reaches (the source's pooler)."""
+        snapshot = self.read(lambda: self._snapshot(self.since, self.want_suspects, self.servers))
+        self.since = snapshot.server_time
+        return snapshot
 
     def _snapshot(
         self, since: float | None, want_suspects: bool, servers: Callable[[ServerAddress], PoolerKeys] | None

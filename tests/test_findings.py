@@ -1,0 +1,48 @@
+"""Findings as data against a real PostgreSQL: django_db.finding comes with a leak and goes with it."""
+
+from __future__ import annotations
+
+import time
+
+from datadog_checks.django_db import DjangoDbCheck
+
+
+def finding_series(aggregator) -> dict[tuple[str, ...], float]:
+    return {tuple(sorted(m.tags)): m.value for m in aggregator.metrics("django_db.finding")}
+
+
+def test_a_leak_brings_its_finding_series_and_takes_it_away(aggregator, dd_run_check, sandbox, pg_instance, clients):
+    server = f"postgres_server:127.0.0.1:{sandbox.postgres.port}"
+    instance = {**pg_instance, "leak_idle_seconds": 1, "applications": {"include": ["^finding-"]}}
+    check = DjangoDbCheck("django_db", {}, [instance])
+    held = clients.many(2, app="finding-leaky") + clients.many(1, app="finding-web")
+    dd_run_check(check)
+    assert "finding:leaked_connections" not in str(finding_series(aggregator))  # idle for less than a second
+    time.sleep(1.2)
+    held[2].execute("SELECT 1")  # finding-web works: not a leak
+    aggregator.reset()
+    dd_run_check(check)
+    leaks = {tags: v for tags, v in finding_series(aggregator).items() if "finding:leaked_connections" in tags}
+    assert leaks == {tuple(sorted(["finding:leaked_connections", "app:finding-leaky", server, "env_name:test"])): 1}
+    for conn in held[:2]:
+        conn.close()
+    aggregator.reset()
+    dd_run_check(check)
+    assert not [tags for tags in finding_series(aggregator) if "finding:leaked_connections" in tags]
+    check.cancel()
+
+
+def test_a_leak_past_the_critical_threshold_is_2(aggregator, dd_run_check, sandbox, pg_instance, clients):
+    instance = {
+        **pg_instance,
+        "leak_idle_seconds": 1,
+        "applications": {"include": ["^finding-crit$"]},
+        "thresholds": {"leaked_connections": {"warning": 1, "critical": 3}},
+    }
+    check = DjangoDbCheck("django_db", {}, [instance])
+    clients.many(3, app="finding-crit")
+    time.sleep(1.2)
+    dd_run_check(check)
+    (value,) = [v for tags, v in finding_series(aggregator).items() if "app:finding-crit" in tags]
+    assert value == 2
+    check.cancel()
