@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import pkgutil
 import subprocess
 import sys
 
+import datadog_checks.django_db.evaluate as evaluate
+
+# Every evaluation module, the records the sources return and the settings they all read.
 PURE = (
     "datadog_checks.django_db.records",
-    "datadog_checks.django_db.evaluate.model",
-    "datadog_checks.django_db.evaluate.postgres",
-    "datadog_checks.django_db.evaluate.pgbouncer",
-    "datadog_checks.django_db.evaluate.health",
-    "datadog_checks.django_db.evaluate.alignment",
-    "datadog_checks.django_db.evaluate.signatures",
-    "datadog_checks.django_db.evaluate.mysql",
+    "datadog_checks.django_db.settings",
+    *(f"{evaluate.__name__}.{module.name}" for module in pkgutil.iter_modules(evaluate.__path__)),
 )
 DRIVERS = ("psycopg", "psycopg_c", "psycopg_binary", "pymysql", "requests")
+# Nor what builds the settings: the configuration models and the Agent's base package.
+BUILDERS = (
+    "pydantic",
+    "datadog_checks.base",
+    "datadog_checks.django_db.config",
+    "datadog_checks.django_db.config_models",
+)
 
 
 def loaded_after_importing(*modules: str) -> set[str]:
@@ -27,7 +33,9 @@ def loaded_after_importing(*modules: str) -> set[str]:
 def test_the_evaluation_loads_no_driver():
     loaded = loaded_after_importing(*PURE)
     assert set(PURE) <= loaded
+    assert len(PURE) > 12  # the walk found the evaluation's modules
     assert not {name for name in loaded if name.split(".")[0] in DRIVERS}
+    assert not {name for name in loaded if any(name == b or name.startswith(b + ".") for b in BUILDERS)}
 
 
 def test_the_sources_do_load_their_driver():

@@ -87,11 +87,10 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             raise ConfigurationError("the configuration models of the check are missing")
         self.settings = config.settings_from(self._config_model_instance)
         s = self.settings
-        leak_rules = tuple((app.match, app.leak_idle_seconds) for app in s.apps)
         both = bool(s.postgres and s.pgbouncer)
         self.postgres = (
             PostgresSource(
-                s.postgres, s.group_by, s.leak_idle_seconds, self.log, leak_rules, s.report_leak_queries, pooler=both
+                s.postgres, s.group_by, s.leak_idle_seconds, self.log, s.apps, s.report_leak_queries, pooler=both
             )
             if s.postgres
             else None

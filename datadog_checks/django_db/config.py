@@ -8,8 +8,6 @@ rules in config_models/validators.py are the one validation path: every mistake 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from datadog_checks.base import ConfigurationError
@@ -25,9 +23,9 @@ from .config_models.validators import (
     METRIC_GROUPS,
     OTEL_SEMCONV,
 )
-from .patterns import NamePattern, compile_name_pattern
-from .profiles import AppProfile, profiles_from
-from .redact import bare_url
+from .patterns import compile_name_pattern
+from .profiles import profiles_from
+from .settings import DjangoEndpoint, Endpoint, Level, NameFilter, Settings, Thresholds
 
 __all__ = [
     "DIMENSIONS",
@@ -44,110 +42,6 @@ __all__ = [
 ]
 
 SSL_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    kind: str  # postgres, pgbouncer or mysql
-    host: str
-    port: int
-    username: str
-    password: str = field(repr=False)
-    dbname: str
-    connect_timeout: float
-    query_timeout: float
-    ssl: Mapping[str, str]
-
-    # Made once: the values are read on every run (cached_property writes past the frozen fields).
-    @cached_property
-    def server_tag(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @cached_property
-    def tag(self) -> str:
-        """``postgres_server:<host>:<port>``, ``pgbouncer_server:...`` or ``mysql_server:...``."""
-        return f"{self.kind}_server:{self.server_tag}"
-
-
-@dataclass(frozen=True)
-class DjangoEndpoint:
-    """A Prometheus endpoint of Django processes and the application they connect as."""
-
-    url: str = field(repr=False)  # may hold credentials
-    app: str
-    timeout: float  # the whole read, connecting included
-    http: Mapping[str, Any] = field(repr=False)  # the options of the base's HTTP wrapper
-
-    @property
-    def label(self) -> str:
-        """The URL without credentials, query string or fragment: safe in tags and messages."""
-        return bare_url(self.url)
-
-
-@dataclass(frozen=True)
-class Level:
-    warning: float | None
-    critical: float | None
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    utilization: Level
-    pgbouncer_client_utilization: Level
-    idle_in_transaction_seconds: Level
-    idle_in_transaction_count: Level
-    leaked_connections: Level
-    pgbouncer_maxwait_seconds: Level
-    churn_per_minute: Level
-
-
-@dataclass(frozen=True)
-class NameFilter:
-    include: tuple[NamePattern, ...] = ()
-    exclude: tuple[NamePattern, ...] = ()
-
-    @property
-    def everything(self) -> bool:
-        """Whether every name passes (no include, no exclude)."""
-        return not (self.include or self.exclude)
-
-    def allows(self, name: str) -> bool:
-        if self.include and not any(p.search(name) for p in self.include):
-            return False
-        return not any(p.search(name) for p in self.exclude)
-
-
-@dataclass(frozen=True)
-class Settings:
-    postgres: Endpoint | None
-    pgbouncer: Endpoint | None
-    mysql: Endpoint | None
-    conn_max_age: float | None  # None: persistent connections
-    leak_idle_seconds: float
-    applications: NameFilter
-    databases: NameFilter
-    group_by: tuple[str, ...]
-    max_tag_values: int
-    thresholds: Thresholds
-    log_files: tuple[str, ...]
-    log_max_bytes_per_run: int
-    report_leak_queries: bool
-    emit_otel_metrics: bool
-    tags: tuple[str, ...]
-    extra_metrics: frozenset[str] = frozenset()  # the opt-in metric groups asked for (METRIC_GROUPS)
-    apps: tuple[AppProfile, ...] = ()
-    django_metrics: tuple[DjangoEndpoint, ...] = ()
-    otel_semconv: str = "legacy"  # legacy, current or both (OTEL_SEMCONV)
-
-    @property
-    def otel_legacy(self) -> bool:
-        """Whether to send db.client.connections.usage, the name before the semantic conventions 1.26."""
-        return self.emit_otel_metrics and self.otel_semconv != "current"
-
-    @property
-    def otel_current(self) -> bool:
-        """Whether to send the db.client.connection.* metrics of the semantic conventions 1.26 and later."""
-        return self.emit_otel_metrics and self.otel_semconv != "legacy"
 
 
 def default_leak_idle_seconds(conn_max_age: float | None) -> float:

@@ -8,29 +8,13 @@ idle connections on purpose. The options are checked in config_models/validators
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from .config_models.validators import profile_label
-from .patterns import NamePattern, compile_name_pattern
+from .patterns import compile_name_pattern
+from .settings import AppProfile, profile_for
 
-
-@dataclass(frozen=True)
-class AppProfile:
-    name: str  # the `app` tag of its metrics and its name in messages
-    match: NamePattern
-    max_connections: int | None  # its budget
-    conn_max_age: float | None  # None: persistent connections
-    leak_idle_seconds: float
-    pooled: bool
-
-
-def profile_for(apps: tuple[AppProfile, ...], application_name: str) -> AppProfile | None:
-    """The first profile whose pattern is found in the application name."""
-    for profile in apps:
-        if profile.match.search(application_name):
-            return profile
-    return None
+__all__ = ["AppProfile", "profile_for", "profiles_from"]
 
 
 def profiles_from(

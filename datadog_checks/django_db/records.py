@@ -24,6 +24,18 @@ class Failure:
     errno: int | None = None  # a MySQL error's number
 
 
+def milliseconds(value: str) -> int:
+    """A time setting as a configuration file writes it ('30s', '1min', '500'): milliseconds."""
+    units = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+    text = value.strip().strip("'").strip()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = text[len(number) :].strip() or "ms"
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        return 0
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 

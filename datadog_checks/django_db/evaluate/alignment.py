@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..config import Settings
-from ..records import PgbSnapshot, PgSnapshot, ServerSettings
+from ..records import PgbSnapshot, PgSnapshot, ServerSettings, milliseconds
+from ..settings import Settings
+from .groups import select
 from .model import Finding, Status, Subject, for_app, tag_value
-from .postgres import select
 
 
 def _age(conn_max_age: float | None) -> str:
@@ -114,20 +114,8 @@ def effective(server: ServerSettings, db: str, role: str, name: str, server_valu
             found[(set_role != "", set_db != "")] = config[name]
     for key in ((True, True), (True, False), (False, True)):
         if key in found:
-            return _milliseconds(found[key])
+            return milliseconds(found[key])
     return server_value
-
-
-def _milliseconds(value: str) -> int:
-    units = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
-    text = value.strip()
-    for unit in sorted(units, key=len, reverse=True):
-        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(text[: -len(unit)]) * units[unit])
-    try:
-        return int(float(text))
-    except ValueError:
-        return 0
 
 
 def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[Finding]:

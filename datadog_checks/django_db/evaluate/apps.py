@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from ..config import Settings
-from ..profiles import AppProfile, profile_for
 from ..records import POOLER_OWN, PgSnapshot
-from .postgres import select
+from ..settings import AppProfile, Settings, profile_for
+from .groups import select
 
 PREFIX = "django_db.app."
 

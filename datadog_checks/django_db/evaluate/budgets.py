@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..config import Settings
-from ..profiles import AppProfile, profile_for
 from ..records import DIRECT, HELD, PgbSnapshot, PgSnapshot
+from ..settings import AppProfile, Settings, profile_for
+from .groups import select
 from .model import Finding, Metric, Status, Subject, tag_value
-from .postgres import select
 
 PREFIX = "django_db.app."
 POSTGRES, PGBOUNCER = "postgres", "pgbouncer"

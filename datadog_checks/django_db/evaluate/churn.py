@@ -26,9 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..config import Level, Settings
-from ..profiles import profile_for
 from ..records import PgbConfig
+from ..settings import Level, Settings, profile_for
 from .model import Finding, Status, Subject, crossed, level, tag_value
 
 WINDOW = 60.0  # seconds: the least history behind a churn verdict

@@ -11,8 +11,8 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from ..config import Level, Settings
 from ..records import DjangoAlias, DjangoPool, DjangoScrape, DjangoScrapeFailure
+from ..settings import Level, Settings
 from .churn import conn_max_age_of, short_lived
 from .model import Finding, Metric, Status, Subject, crossed, level, tag_value
 

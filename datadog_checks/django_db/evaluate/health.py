@@ -5,23 +5,18 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 
-from ..config import Settings
-from ..profiles import profile_for
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
+from ..settings import Settings
 from . import session_state
+from .groups import select
 from .model import Finding, Status, Subject, app_subjects, crossed, level, tag_value
 from .pgbouncer import client_utilization
 from .pgbouncer_clients import holders, waiting_apps
-from .postgres import client_backends, select, utilization
+from .postgres import client_backends, utilization
 from .queries import normalize_query
 from .signatures import BY_NAME, Signature
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
-
-
-def leak_idle_seconds(settings: Settings, app: str) -> float:
-    profile = profile_for(settings.apps, app)
-    return profile.leak_idle_seconds if profile is not None else settings.leak_idle_seconds
 
 
 def _apps(counts: Counter[str], limit: int = 3) -> str:
@@ -212,7 +207,7 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]
 
     total_leaked = sum(leaked.values())
     if total_leaked:
-        limits = {leak_idle_seconds(settings, app) for app in leaked}
+        limits = {settings.leak_idle_seconds_for(app) for app in leaked}
         over = f"{limits.pop():g} s" if len(limits) == 1 else "their application's leak threshold"
         text = f"{total_leaked} connections {_of_apps(leaked)}idle for over {over} (leaked)"
         if len(leaked) > 1:

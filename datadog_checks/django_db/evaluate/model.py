@@ -6,8 +6,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from .groups import OTHER
+
 if TYPE_CHECKING:
-    from ..config import Level
+    from ..settings import Level
 
 Kind = Literal["gauge", "rate", "count", "monotonic_count"]
 
@@ -77,7 +79,6 @@ def crossed(threshold: Level, status: Status) -> float | None:
     return None
 
 
-OTHER = "other"
 FINDING = "django_db.finding"
 
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from dataclasses import field as _field
 
-from ..config import Settings
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
+from ..settings import Settings
 from .churn import Churn, ChurnWindow, Sample
+from .groups import fold, ratio, select
 from .model import Finding, Metric, Status, Subject, crossed, for_app, level, tag_value
 from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.mysql."
-OTHER = "other"
 DIMENSION_OF = {"db": "db", "user": "user", "app": "client_host", "client_addr": "client_host"}
 STATUS_RATES = (
     ("aborted_clients", "aborted_clients"),
@@ -39,29 +39,6 @@ def dimensions(group_by: Iterable[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def select(groups: Iterable[ProcessGroup], settings: Settings) -> list[ProcessGroup]:
-    """The groups of the databases the user asked to see."""
-    return [g for g in groups if settings.databases.allows(g.db)]
-
-
-def fold(
-    groups: list[ProcessGroup], names: Iterable[str], limit: int
-) -> tuple[list[ProcessGroup], dict[str, list[str]]]:
-    """Keep the ``limit`` largest values of each dimension; the rest become ``other``."""
-    folded: dict[str, list[str]] = {}
-    for name in names:
-        sizes: Counter[str] = Counter()
-        for group in groups:
-            sizes[getattr(group, name)] += group.count
-        if len(sizes) <= limit:
-            continue
-        ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
-        kept = set(ranked[:limit])
-        folded[name] = sorted(ranked[limit:])
-        groups = [g if getattr(g, name) in kept else replace(g, **{name: OTHER}) for g in groups]  # type: ignore[arg-type]
-    return groups, folded
-
-
 def _tags(group: ProcessGroup, names: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"{name}:{tag_value(getattr(group, name))}" for name in names)
 
@@ -73,8 +50,7 @@ def utilization(snapshot: MysqlSnapshot) -> float:
     CONNECTION_ADMIN; that extra connection is not counted as capacity, so while it is
     taken utilisation is above 1.
     """
-    limit = snapshot.variables.max_connections
-    return snapshot.status.threads_connected / limit if limit else 1.0
+    return ratio(snapshot.status.threads_connected, snapshot.variables.max_connections)
 
 
 @dataclass

@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 from ..records import PgbSnapshot
 from .django_metrics import DjangoRun
+from .groups import OTHER
 from .model import Metric, tag_value
-from .pgbouncer_fold import OTHER, fold_pgbouncer
+from .pgbouncer_fold import fold_pgbouncer
 
 COUNT = "db.client.connection.count"
 MAX = "db.client.connection.max"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from operator import itemgetter
 
-from ..config import Settings
 from ..records import PgbPool, PgbSnapshot
+from ..settings import Settings
 from .model import Kind, Metric, tag_value
 from .pgbouncer_fold import fold_pgbouncer
 

@@ -19,13 +19,12 @@ from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
 
-from ..config import Settings
-from ..profiles import profile_for
 from ..records import PgbClientGroup, PgbClients, PgbSnapshot
+from ..settings import Settings, profile_for
+from .groups import OTHER
 from .model import Finding, Metric, app_subjects, crossed, level, tag_value
 
 PREFIX = "django_db.pgbouncer."
-OTHER = "other"
 EPOCH = datetime(1970, 1, 1)  # PgBouncer's times are compared with each other only
 SHOWN = 3  # applications or hosts a message names; the rest are counted
 # group_by's dimensions and the client fields and tags they mean on PgBouncer's side

@@ -17,8 +17,7 @@ from itertools import chain
 from typing import Any, TypeVar
 
 from ..records import PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSnapshot, PgbStats
-
-OTHER = "other"
+from .groups import OTHER
 
 # Connections a pool holds now, clients and servers alike: what ranks a database or a user.
 HELD = ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..addresses import LOOPBACK, normalise
-from ..config import Settings
 from ..records import POOLER_OWN, PgbConfig, PgbServer, PgbSnapshot, PgSnapshot, PoolerKeys, ServerAddress
+from ..settings import Settings
+from .groups import select
 from .model import Finding, Status
-from .postgres import select
 
 UNIX = "unix"  # SHOW SERVERS' addr of a connection over a Unix socket
 PORTS = 65536  # a backend's key: pid * PORTS + client port

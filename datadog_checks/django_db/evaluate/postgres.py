@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ..config import Settings
-from ..records import DIRECT, ActivityGroup, PgSnapshot
+from ..records import DIRECT, PgSnapshot
+from ..settings import Settings
 from .churn import POOLER, Churn, ChurnWindow, Sample
+from .groups import fold, ratio, select
 from .model import Metric, tag_value
 from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.postgres."
-OTHER = "other"
 POOLER_TAG = "pooler:pgbouncer"
 
 # pg_stat_activity's state names as tag values.
@@ -34,39 +34,6 @@ def state_tag(state: str | None) -> str:
     return STATE_TAGS.get(state) or str(state).replace(" ", "_").replace("(", "").replace(")", "")
 
 
-def select(groups: Iterable[ActivityGroup], settings: Settings) -> list[ActivityGroup]:
-    """The groups the user asked to see, by application and database name."""
-    if settings.applications.everything and settings.databases.everything:
-        return list(groups)
-    return [g for g in groups if settings.applications.allows(g.app) and settings.databases.allows(g.db)]
-
-
-def fold(
-    groups: list[ActivityGroup], dimensions: Iterable[str], limit: int
-) -> tuple[list[ActivityGroup], dict[str, list[str]]]:
-    """Keep the ``limit`` largest values of each dimension; the rest become ``other``.
-
-    Returns the groups with folded values and, per dimension, the values folded away.
-    """
-    folded: dict[str, list[str]] = {}
-    if len(groups) <= limit:
-        return groups, folded  # no dimension can have more values than there are groups
-    for dimension in dimensions:
-        sizes: Counter[str] = Counter()
-        for group in groups:
-            sizes[getattr(group, dimension)] += group.count
-        if len(sizes) <= limit:
-            continue
-        ranked = sorted(sizes, key=lambda value: (-sizes[value], value))
-        kept = set(ranked[:limit])
-        folded[dimension] = sorted(ranked[limit:])
-        groups = [
-            g if getattr(g, dimension) in kept else replace(g, **{dimension: OTHER})  # type: ignore[arg-type]
-            for g in groups
-        ]
-    return groups, folded
-
-
 def client_backends(snapshot: PgSnapshot) -> int:
     """Every client backend; the groups leave out the check's own and those on template databases,
     which take a slot all the same."""
@@ -74,9 +41,7 @@ def client_backends(snapshot: PgSnapshot) -> int:
 
 
 def utilization(snapshot: PgSnapshot) -> float:
-    usable = snapshot.settings.usable_slots
-    used = client_backends(snapshot)
-    return used / usable if usable else 1.0
+    return ratio(client_backends(snapshot), snapshot.settings.usable_slots)
 
 
 @dataclass

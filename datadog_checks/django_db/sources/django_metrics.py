@@ -20,8 +20,8 @@ import requests
 from datadog_checks.base.utils.http import RequestsWrapper
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..config import DjangoEndpoint
 from ..records import DjangoAlias, DjangoPool, DjangoScrape, DjangoScrapeFailure
+from ..settings import DjangoEndpoint
 
 MAX_BYTES = 8 * 1024 * 1024  # django-prometheus pages weigh tens of kilobytes
 MAX_PARALLEL = 8

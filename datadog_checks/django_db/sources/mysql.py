@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ..config import Endpoint
 from ..connection import APPLICATION_NAME, ClientTimeout, Source
 from ..records import Failure, MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup
+from ..settings import Endpoint
 
 VARIABLES_SQL = (
     "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('version', 'max_connections', 'wait_timeout', "

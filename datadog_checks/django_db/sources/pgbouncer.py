@@ -17,9 +17,9 @@ from typing import Any, Generic, LiteralString, TypeVar
 import psycopg
 from psycopg.types.numeric import FloatLoader
 
-from ..config import Endpoint
 from ..connection import Reconnecting, deadline
 from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbServer, PgbSnapshot, PgbStats
+from ..settings import Endpoint
 from .pgbouncer_clients import parse_clients
 
 PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS", "CLIENTS")

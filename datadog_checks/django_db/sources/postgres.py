@@ -11,9 +11,7 @@ import psycopg
 from psycopg import sql
 
 from ..addresses import addresses_of
-from ..config import Endpoint
 from ..connection import Reconnecting, deadline
-from ..patterns import NamePattern
 from ..records import (
     POOLER_OWN,
     ActivityGroup,
@@ -23,7 +21,9 @@ from ..records import (
     PoolerKeys,
     ServerAddress,
     ServerSettings,
+    milliseconds,
 )
+from ..settings import AppProfile, Endpoint, profile_for
 
 # Client backends, and rows the monitoring role may not see in full (their backend_type
 # is NULL then): of those, only sessions tied to a database can be client backends.
@@ -167,12 +167,12 @@ class PostgresSource(Reconnecting):
         group_by: tuple[str, ...],
         leak_idle_seconds: float,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger],
-        leak_rules: tuple[tuple[NamePattern, float], ...] = (),
+        apps: tuple[AppProfile, ...] = (),
         want_suspects: bool = False,
         pooler: bool = False,
     ):
-        """``leak_rules``: (application_name pattern, its leak threshold), the first match wins; others
-        use ``leak_idle_seconds``. ``want_suspects``: read the leaked connections' last queries too.
+        """``apps``: the profiles whose leak thresholds their applications use (the first match wins);
+        others use ``leak_idle_seconds``. ``want_suspects``: read the leaked connections' last queries too.
         ``pooler``: PgBouncer fronts this server and its server connections are told apart (``servers``)."""
         self.endpoint = endpoint
         self.want_suspects = want_suspects
@@ -180,8 +180,8 @@ class PostgresSource(Reconnecting):
         # PgBouncer's server connections, as the last read of its console found them; None without one.
         self.servers: Callable[[ServerAddress], PoolerKeys] | None = None
         self.leak_idle_seconds = leak_idle_seconds
-        self.leak_rules = leak_rules
-        self.thresholds = sorted({leak_idle_seconds, *(seconds for _, seconds in leak_rules)})
+        self.apps = apps
+        self.thresholds = sorted({leak_idle_seconds, *(app.leak_idle_seconds for app in apps)})
         self.log = log
         extra = CLIENT_ADDR if "client_addr" in group_by else "''"
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
@@ -330,10 +330,8 @@ class PostgresSource(Reconnecting):
             conn.prepare_threshold = None
 
     def leak_seconds(self, application_name: str) -> float:
-        for pattern, seconds in self.leak_rules:
-            if pattern.search(application_name):
-                return seconds
-        return self.leak_idle_seconds
+        profile = profile_for(self.apps, application_name)
+        return profile.leak_idle_seconds if profile is not None else self.leak_idle_seconds
 
     def _read_settings(self, conn: psycopg.Connection) -> ServerSettings:
         timeout = self.endpoint.query_timeout
@@ -381,27 +379,13 @@ class PostgresSource(Reconnecting):
         if not _scalar(conn, FILE_SETTINGS_READABLE_SQL):
             return values, tuple((name, source) for name, (source, _) in sorted(hidden.items()))
         found: dict[str, str] = dict(conn.execute(FILE_SETTINGS_SQL, {"names": list(hidden)}).fetchall())
-        server = {
-            name: str(_milliseconds(found[name])) if name in found else boot for name, (_, boot) in hidden.items()
-        }
+        server = {name: str(milliseconds(found[name])) if name in found else boot for name, (_, boot) in hidden.items()}
         return {**values, **server}, ()
 
 
 def keys_text(keys: tuple[int, ...]) -> str:
     """An int8[] literal: one parameter of one type whatever the keys, so the statement is prepared once."""
     return "{" + ",".join(map(str, keys)) + "}"
-
-
-def _milliseconds(value: str) -> int:
-    """A time setting as a configuration file writes it ('30s', '1min', '500'): milliseconds."""
-    units = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
-    text = value.strip().strip("'").strip()
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
-    unit = text[len(number) :].strip() or "ms"
-    try:
-        return int(float(number) * units[unit])
-    except (KeyError, ValueError):
-        return 0
 
 
 def _scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
