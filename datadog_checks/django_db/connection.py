@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from .config import Endpoint
+from .settings import Endpoint
 from .records import Failure
 
 APPLICATION_NAME = "datadog-django-db"
