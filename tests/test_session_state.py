@@ -112,7 +112,9 @@ def test_prepared_statement_advice_fits_the_version_and_max_prepared_statements(
 def test_the_finding_names_the_applications_the_log_named():
     seen = [(CURSOR, "log", "log_file:/var/log/postgresql.log")] * 3 + [(CURSOR, "log", "log_file:/app/django.log")]
     [finding] = signature_findings(seen, None, pgbouncer(("transaction",)), {CURSOR: Counter({"web": 3})})
-    assert finding.text.startswith(
+    assert (finding.code, finding.figure) == (CURSOR, 3)
+    assert finding.text == (
         "server_side_cursor_lost seen (1 in django.log, 3 in postgresql.log; a failure can show in each log; "
-        "app=web 3): A server-side cursor was read on another server connection"
+        "app=web 3)"
     )
+    assert finding.advice.startswith("A server-side cursor was read on another server connection")
