@@ -6,6 +6,8 @@ import time
 
 from datadog_checks.django_db import DjangoDbCheck
 
+from .conftest import wait_for
+
 
 def finding_series(aggregator) -> dict[tuple[str, ...], float]:
     return {tuple(sorted(m.tags)): m.value for m in aggregator.metrics("django_db.finding")}
@@ -26,6 +28,7 @@ def test_a_leak_brings_its_finding_series_and_takes_it_away(aggregator, dd_run_c
     assert leaks == {tuple(sorted(["finding:leaked_connections", "app:finding-leaky", server, "env_name:test"])): 1}
     for conn in held[:2]:
         conn.close()
+    wait_for(sandbox, "finding-leaky", 0)  # the server ends the backends once it reads the goodbye
     aggregator.reset()
     dd_run_check(check)
     assert not [tags for tags in finding_series(aggregator) if "finding:leaked_connections" in tags]

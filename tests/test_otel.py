@@ -174,7 +174,7 @@ def test_legacy_is_unchanged_and_current_adds_only_its_names(aggregator, dd_run_
     clients.connect(app="otel-legacy", port=sandbox.pgbouncer.port, prepare_threshold=None).execute("SELECT 1")
     instance = sandbox.instance()
     check = DjangoDbCheck("django_db", {}, [instance])
-    pg = check.postgres.snapshot(None, False)
+    pg = check.postgres.snapshot()
     pgb = check.pgbouncer.snapshot()
     by_option = {
         option: (postgres_metrics(pg, settings, {"appdb": 1})[0], list(pgbouncer_metrics(pgb, settings)))

@@ -114,7 +114,6 @@ def test_the_finding_names_the_applications_the_log_named():
     [finding] = signature_findings(seen, None, pgbouncer(("transaction",)), {CURSOR: Counter({"web": 3})})
     assert (finding.code, finding.figure) == (CURSOR, 3)
     assert finding.text == (
-        "server_side_cursor_lost seen (1 in django.log, 3 in postgresql.log; a failure can show in each log; "
-        "app=web 3)"
+        "server_side_cursor_lost seen (1 in django.log, 3 in postgresql.log; a failure can show in each log; app=web 3)"
     )
     assert finding.advice.startswith("A server-side cursor was read on another server connection")
