@@ -226,7 +226,11 @@ def test_wait_timeout_alignment_and_reconnect(aggregator, dd_run_check, server, 
         dd_run_check(check)
         aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK)
         assert check.mysql.conn.thread_id() != first  # opened again at once, no page
-        assert metric_values(aggregator, "django_db.errors") == []
+        # ... and what closed it counted once, with the server's tag, as on the PostgreSQL side
+        assert metric_values(
+            aggregator, "django_db.errors", server.tag, "source:mysql", "signature:mysql_server_gone"
+        ) == [1]
+        assert len(aggregator.metrics("django_db.errors")) == 1
         check.cancel()
     finally:
         server.set_global("wait_timeout", 28800)
@@ -277,6 +281,8 @@ def test_restart_then_stopped_server(aggregator, dd_run_check, server):
         dd_run_check(check)  # the kept connection is gone: a new one, no page
         aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK)
         assert _service_check(aggregator, HEALTH).status == AgentCheck.OK
+        lost = [m.value for m in aggregator.metrics("django_db.errors")]
+        assert lost == [1] and metric_values(aggregator, "django_db.errors", "signature:mysql_server_gone") == [1]
 
         server.db.stop()
         aggregator.reset()
@@ -289,6 +295,10 @@ def test_restart_then_stopped_server(aggregator, dd_run_check, server):
             tuple(t for t in m.tags if t.startswith(("signature:", "source:"))): m.value
             for m in aggregator.metrics("django_db.errors")
         }
-        assert counted == {("signature:mysql_cannot_connect", "source:mysql"): 1}, counted
+        # The kept connection the shutdown closed, then the refusal of a new one: two facts, each once.
+        assert counted == {
+            ("signature:mysql_server_gone", "source:mysql"): 1,
+            ("signature:mysql_cannot_connect", "source:mysql"): 1,
+        }, counted
     finally:
         check.cancel()
