@@ -16,7 +16,7 @@ from datadog_checks.django_db.config import parse
 from datadog_checks.django_db.evaluate.churn import POOLER, Churn, ChurnWindow, Sample, churn_finding
 from datadog_checks.django_db.evaluate.django_metrics import DjangoHistory, django_findings
 from datadog_checks.django_db.evaluate.health import signature_findings
-from datadog_checks.django_db.evaluate.model import message
+from datadog_checks.django_db.evaluate.model import Subject, message
 from datadog_checks.django_db.evaluate.pooler import Pooler, overdue_findings, pooler_keys
 from datadog_checks.django_db.records import (
     POOLER_OWN,
@@ -322,25 +322,25 @@ def test_pgbouncers_churn_is_its_settings_not_conn_max_age():
     config = PgbConfig(server_lifetime=2, server_idle_timeout=600)
     finding = churn_finding(churn, settings, settings.thresholds.churn_per_minute, pooler=config)
     assert finding.text.startswith("150 connections a minute opened and closed again (churn, over 60 s): PgBouncer 150")
-    assert (
+    assert finding.subjects == (Subject(("pooler:pgbouncer",), 150.0),)
+    assert finding.advice.startswith(
         "PgBouncer opens them: it closes its server connections after server_lifetime=2 s: raise server_lifetime"
-        in (finding.text)
     )
-    assert "CONN_MAX_AGE" not in finding.text and "server_idle_timeout" not in finding.text
+    assert "CONN_MAX_AGE" not in finding.line() and "server_idle_timeout" not in finding.line()
     # Its own log says why, when followed.
     told = Churn(150, 60, 150, 0, ((POOLER, 150.0, "pgbouncer_log"),), reasons=(("server idle timeout", 148),))
-    text = churn_finding(told, settings, settings.thresholds.churn_per_minute, pooler=config).text
+    text = churn_finding(told, settings, settings.thresholds.churn_per_minute, pooler=config).advice
     assert "after server_idle_timeout=600 s (`closing because: server idle timeout` 148 times in its log)" in text
     # Timeouts that cannot explain it: its log can.
     slow = PgbConfig(server_lifetime=3600, server_idle_timeout=600)
-    text = churn_finding(churn, settings, settings.thresholds.churn_per_minute, pooler=slow).text
+    text = churn_finding(churn, settings, settings.thresholds.churn_per_minute, pooler=slow).advice
     assert "for another reason than its timeouts: follow PgBouncer's log" in text
 
 
 def test_short_lived_connections_with_conn_max_age_set_name_processes_that_exit():
     settings = churn_settings(conn_max_age=0, apps=[{"match": "^web$", "conn_max_age": 60}])
     churn = Churn(150, 60, 150, 0, (("web", 150.0, "log"),), lifetimes={"web": 0.36})
-    text = churn_finding(churn, settings, settings.thresholds.churn_per_minute).text
+    text = churn_finding(churn, settings, settings.thresholds.churn_per_minute).advice
     assert "app=web's connections lived about 0.36 s on average, far short of its CONN_MAX_AGE=60 s: processes " in (
         text
     )
@@ -349,7 +349,7 @@ def test_short_lived_connections_with_conn_max_age_set_name_processes_that_exit(
     other = Churn(150, 60, 150, 0, (("beat", 150.0, "log"),))
     assert (
         "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS) or pool"
-        in churn_finding(other, settings, settings.thresholds.churn_per_minute).text
+        in churn_finding(other, settings, settings.thresholds.churn_per_minute).advice
     )
 
 
@@ -372,7 +372,7 @@ def test_every_advice_fits_the_conn_max_age_configured():
     threshold = churn_settings().thresholds.churn_per_minute
     [churn] = [f for f in django_findings(run, threshold, (), churn_settings(conn_max_age=60)) if "opened" in f.text]
     assert "app=web opened 600 new connections a minute" in churn.text
-    assert "app=web's connections end far short of its CONN_MAX_AGE=60 s: processes that exit" in churn.text
-    assert "set CONN_MAX_AGE" not in churn.text
+    assert "app=web's connections end far short of its CONN_MAX_AGE=60 s: processes that exit" in churn.advice
+    assert "set CONN_MAX_AGE" not in churn.advice
     [churn] = [f for f in django_findings(run, threshold, (), churn_settings()) if "opened" in f.text]
-    assert "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS)" in churn.text  # 0, Django's default
+    assert "set CONN_MAX_AGE (with CONN_HEALTH_CHECKS)" in churn.advice  # 0, Django's default

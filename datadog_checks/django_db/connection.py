@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from .settings import Endpoint
 from .records import Failure
+from .settings import Endpoint
 
 APPLICATION_NAME = "datadog-django-db"
 MAX_DEADLINE = 24 * 3600.0  # seconds; the configuration allows an hour at most
