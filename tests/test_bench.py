@@ -72,8 +72,8 @@ def test_bench_prints_every_figure_beside_its_target(bench: ModuleType, capsys: 
             figure(f"{clients} clients: peak memory, no-op aggregator", rf"{NUMBER} KiB", None),
         ]
     expected += [
-        figure("4 clients: series", r"\d+ \(4 clients counted\)", None),
-        r"(?m)^  8 clients: series\s+\d+ \(8 clients counted\)\s+== \d+\s+(PASS|FAIL)$",
+        figure("4 clients: series", r"\d+ \(4 clients counted; \d+ django_db.finding apart\)", None),
+        r"(?m)^  8 clients: series\s+\d+ \(8 clients counted; \d+ django_db.finding apart\)\s+== \d+\s+(PASS|FAIL)$",
         figure("8 distinct names: app values, series", r"\d+ app values, \d+ series", "<= 51"),
     ]
     missing = [pattern for pattern in expected if not re.search(pattern, out)]
