@@ -127,6 +127,11 @@ def test_max_client_conn_reached_names_the_holding_application(
     assert "PgBouncer client connections in use (100% of max_client_conn); held most by app=hog-report 5" in message
     assert "max_client_conn seen (1 from log)" in message
     assert "PgBouncer's client connections now: app=hog-report 5 (from 127.0.0.1 5)" in message
+    # The utilisation finding's series name the holders, so that a monitor can say who.
+    finding = [
+        m.tags for m in aggregator.metrics("django_db.finding") if "finding:pgbouncer_client_utilization" in m.tags
+    ]
+    assert {"app:hog-report", "app:hog-web"} <= {t for tags in finding for t in tags}
 
 
 def test_waiting_clients_are_named_by_application(aggregator, dd_run_check, sandbox, clients):
@@ -173,8 +178,10 @@ def test_hostile_application_names_fold_into_other(aggregator, dd_run_check, san
     leaked_tags = {t for m in aggregator.metrics(LEAKED) for t in m.tags if t.startswith("app:")}
     assert "app:other" in leaked_tags and len(leaked_tags) <= 11
     assert sum(metric_values(aggregator, CLIENTS, "pgbouncer_db:appdb")) >= 300
-    # Findings name a few applications and count the rest.
+    # Findings name a few applications and count the rest; their series name at most 10 applications and other.
     assert "more applications" in text
+    finding_apps = {t for m in aggregator.metrics("django_db.finding") for t in m.tags if t.startswith("app:")}
+    assert "app:other" in finding_apps and len(finding_apps) <= 11
 
 
 def test_before_1_18_clients_are_counted_by_what_exists():

@@ -11,7 +11,7 @@ from . import session_state
 from .groups import select
 from .model import Finding, Status, Subject, app_subjects, crossed, level, tag_value
 from .pgbouncer import client_utilization
-from .pgbouncer_clients import holders, waiting_apps
+from .pgbouncer_clients import holders, top_holders, waiting_apps
 from .postgres import client_backends, utilization
 from .queries import normalize_query
 from .signatures import BY_NAME, Signature
@@ -279,13 +279,16 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
             f"{snapshot.lists.get('used_clients')} of {snapshot.config.max_client_conn:g} "
             f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)"
         )
+        subjects: tuple[Subject, ...] = ()
         if status != Status.OK and (held := holders(snapshot.clients)):
             text += f"; held most by {held}"
+            subjects = app_subjects(top_holders(snapshot.clients))
         findings.append(
             Finding(
                 "pgbouncer_client_utilization",
                 status,
                 text,
+                subjects=subjects,
                 figure=ratio,
                 threshold=crossed(t.pgbouncer_client_utilization, status),
             )

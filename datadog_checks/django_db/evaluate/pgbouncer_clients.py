@@ -22,7 +22,7 @@ from typing import NamedTuple
 from ..records import PgbClientGroup, PgbClients, PgbSnapshot
 from ..settings import Settings, profile_for
 from .groups import OTHER
-from .model import Finding, Metric, app_subjects, crossed, level, tag_value
+from .model import Finding, Metric, app_subjects, crossed, fold_subjects, level, tag_value
 
 PREFIX = "django_db.pgbouncer."
 EPOCH = datetime(1970, 1, 1)  # PgBouncer's times are compared with each other only
@@ -192,14 +192,24 @@ def _hosts(counts: Counter[str], unit: str = "") -> str:
     return listed + (f" and {more} more hosts" if more > 0 else "") + unit
 
 
+def _by_app(clients: PgbClients | None) -> Counter[str]:
+    by_app: Counter[str] = Counter()
+    for g in clients.groups if clients is not None else ():
+        by_app[g.app] += g.connections
+    return by_app
+
+
+def top_holders(clients: PgbClients | None, shown: int = SHOWN) -> dict[str, int]:
+    """The applications holding most of PgBouncer's client slots, with their clients."""
+    return dict(_ranked(_by_app(clients), shown))
+
+
 def holders(clients: PgbClients | None, shown: int = SHOWN) -> str:
     """Who holds PgBouncer's client slots: ``app=web 60 (from 10.0.0.7 40, 10.0.0.8 20), app=report 30 (...)``;
     every client counted, whatever the filters, since the slots are shared. Empty without SHOW CLIENTS."""
     if clients is None or not clients.groups:
         return ""
-    by_app: Counter[str] = Counter()
-    for g in clients.groups:
-        by_app[g.app] += g.connections
+    by_app = _by_app(clients)
     ranked = _ranked(by_app, shown)
     hosts: dict[str, Counter[str]] = {app: Counter() for app, _ in ranked}
     for g in clients.groups:
@@ -252,11 +262,13 @@ def _leaks(rows: Iterable[Clients], modes: dict[tuple[str, str], str]) -> dict[s
 
 def leak_findings(rows: list[Clients], snapshot: PgbSnapshot, settings: Settings) -> list[Finding]:
     """One finding per application whose clients sit idle at PgBouncer past its leak threshold, the most first;
-    past ``SHOWN`` applications, one more for the rest."""
+    past ``SHOWN`` applications, one more for the rest. Their subjects name at most ``max_tag_values``
+    applications in all, the rest as ``other``: a flood of leaking names never grows django_db.finding."""
     leaks = _leaks(rows, pool_modes(snapshot))
     ranked = sorted(leaks.items(), key=lambda item: (-item[1].total, item[0]))
-    findings = [_leak_finding(app, leak, snapshot, settings) for app, leak in ranked[:SHOWN]]
-    rest = ranked[SHOWN:]
+    shown = min(SHOWN, settings.max_tag_values)
+    findings = [_leak_finding(app, leak, snapshot, settings) for app, leak in ranked[:shown]]
+    rest = ranked[shown:]
     if rest:
         total = sum(leak.total for _, leak in rest)
         most = max(leak.total for _, leak in rest)
@@ -267,7 +279,9 @@ def leak_findings(rows: list[Clients], snapshot: PgbSnapshot, settings: Settings
                 status,
                 f"{total} more client connections of {len(rest)} more applications held at PgBouncer idle past "
                 f"their leak threshold: " + ", ".join(f"{_app(app)} {leak.total}" for app, leak in rest[:SHOWN]),
-                subjects=app_subjects({app: leak.total for app, leak in rest}),
+                subjects=fold_subjects(
+                    app_subjects({app: leak.total for app, leak in rest}), settings.max_tag_values - shown
+                ),
                 figure=total,
                 threshold=crossed(settings.thresholds.leaked_connections, status),
             )
