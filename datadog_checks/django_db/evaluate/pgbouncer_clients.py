@@ -14,7 +14,7 @@ a transaction, not idle: PostgreSQL's own findings cover it.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
@@ -61,8 +61,12 @@ def state_of(group: PgbClientGroup) -> str:
     return group.state or "unknown"
 
 
-def pool_modes(snapshot: PgbSnapshot) -> dict[tuple[str, str], str]:
-    return {(pool.db, pool.user): pool.pool_mode for pool in snapshot.pools}
+def pool_modes(snapshot: PgbSnapshot, pairs: Collection[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The pool mode of the pools (database, user) asked for: one pass over SHOW POOLS, and none when no pool
+    is asked for, as in a run without a leak."""
+    if not pairs:
+        return {}
+    return {(pool.db, pool.user): pool.pool_mode for pool in snapshot.pools if (pool.db, pool.user) in pairs}
 
 
 def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
@@ -72,7 +76,7 @@ def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
     if clients is None:
         return []
     now = seconds(clients.now)
-    modes = pool_modes(snapshot)
+    modes: dict[tuple[str, str], str] | None = None  # read only when a linked client is idle past its threshold
     apps, dbs = settings.applications, settings.databases
     if apps.everything and dbs.everything:
         chosen: Iterable[PgbClientGroup] = clients.groups
@@ -90,8 +94,11 @@ def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
         threshold = limit(g.app)
         if idle is None or threshold is None or idle <= threshold:
             continue
-        if g.linked and modes.get((g.db, g.user), "session") != "session":
-            continue  # inside a transaction: PostgreSQL sees it idle in transaction or active
+        if g.linked:
+            if modes is None:
+                modes = pool_modes(snapshot, {(c.db, c.user) for c in chosen if c.linked})
+            if modes.get((g.db, g.user), "session") != "session":
+                continue  # inside a transaction: PostgreSQL sees it idle in transaction or active
         into[1] += g.connections
         into[2] += g.connections if g.linked else 0
         into[3] = max(into[3], idle)
@@ -264,7 +271,7 @@ def leak_findings(rows: list[Clients], snapshot: PgbSnapshot, settings: Settings
     """One finding per application whose clients sit idle at PgBouncer past its leak threshold, the most first;
     past ``SHOWN`` applications, one more for the rest. Their subjects name at most ``max_tag_values``
     applications in all, the rest as ``other``: a flood of leaking names never grows django_db.finding."""
-    leaks = _leaks(rows, pool_modes(snapshot))
+    leaks = _leaks(rows, pool_modes(snapshot, {(r.db, r.user) for r in rows if r.leaked}))
     ranked = sorted(leaks.items(), key=lambda item: (-item[1].total, item[0]))
     shown = min(SHOWN, settings.max_tag_values)
     findings = [_leak_finding(app, leak, snapshot, settings) for app, leak in ranked[:shown]]
