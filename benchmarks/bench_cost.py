@@ -54,7 +54,9 @@ POSTGRES_RATIO_LAST = 1.3  # at the most (2,000 by default)
 PGBOUNCER_RATIO_LAST = 3.0  # at the most pools (200 by default)
 MEMORY_RATIO = 2.0  # the peak at the most pools over the peak at the fewest
 POSTGRES_ROUND_TRIPS = 1
-PGBOUNCER_ROUND_TRIPS = 5
+# SHOW POOLS, STATS, DATABASES, LISTS and CLIENTS; and SERVERS where a postgres section beside it has the check
+# tell PgBouncer's server connections among PostgreSQL's backends, as on the small stack.
+PGBOUNCER_ROUND_TRIPS = 6
 CLIENTS_RATIO_LAST = 2.0  # the PgBouncer side over its bare SHOW statements, at the most clients (5,000)
 CLIENT_APPS = ("shop-web", "shop-worker", "shop-beat")
 
