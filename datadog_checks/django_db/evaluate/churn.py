@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from ..records import PgbConfig
 from ..settings import Level, Settings, profile_for
+from .groups import ranked
 from .model import Finding, Status, Subject, crossed, level, tag_value
 
 WINDOW = 60.0  # seconds: the least history behind a churn verdict
@@ -125,8 +126,7 @@ class ChurnWindow:
         for s in later:
             reasons.update(s.reasons)
         servers = max(s.by_app.get(POOLER, 0) for s in self.samples)
-        ranked = tuple(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
-        return Churn(per_minute, seconds, opened, growth, by_app, lifetimes, ranked, servers)
+        return Churn(per_minute, seconds, opened, growth, by_app, lifetimes, tuple(ranked(reasons)), servers)
 
     def _opened(self) -> dict[str, dict[str, float]]:
         """What each source says each application opened over the window; PgBouncer's nameless logins at

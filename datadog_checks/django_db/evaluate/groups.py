@@ -4,7 +4,7 @@ client-chosen dimension fold into ``other`` past ``max_tag_values``, and how ful
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
@@ -24,6 +24,7 @@ class Group(Protocol):
 
 
 G = TypeVar("G", bound=Group)
+N = TypeVar("N", int, float)
 
 
 def select(groups: Iterable[G], settings: Settings) -> list[G]:
@@ -54,6 +55,12 @@ def fold(groups: list[G], dimensions: Iterable[str], limit: int) -> tuple[list[G
         changed: dict[str, Any] = {dimension: OTHER}
         groups = [g if getattr(g, dimension) in kept else replace(g, **changed) for g in groups]  # type: ignore[type-var]
     return groups, folded
+
+
+def ranked(counts: Mapping[str, N]) -> list[tuple[str, N]]:
+    """Values with their counts, the largest first and, between equals, by name: the one order every listing
+    and every choice of what to keep uses."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def ratio(used: float, limit: float) -> float:

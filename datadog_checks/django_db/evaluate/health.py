@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable, Mapping
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from ..settings import Settings
 from . import session_state
-from .groups import select
+from .groups import ranked, select
 from .model import Finding, Status, Subject, app_subjects, crossed, level, tag_value
 from .pgbouncer import client_utilization
 from .pgbouncer_clients import holders, top_holders, waiting_apps
@@ -20,8 +20,7 @@ IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 
 
 def _apps(counts: Counter[str], limit: int = 3) -> str:
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(f"app={app or 'none'} {n}" for app, n in ranked[:limit])
+    return ", ".join(f"app={app or 'none'} {n}" for app, n in ranked(counts)[:limit])
 
 
 def _of_apps(counts: Counter[str]) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from .groups import OTHER
+from .groups import OTHER, ranked
 
 if TYPE_CHECKING:
     from ..settings import Level
@@ -59,10 +59,14 @@ class Finding(NamedTuple):
         return f"{self.status.name}: {self.sentence()}"
 
 
+def subjects_by(key: str, counts: Mapping[str, float]) -> tuple[Subject, ...]:
+    """One subject per value of a tag (``none`` for an empty one), largest first."""
+    return tuple(Subject((f"{key}:{tag_value(value)}",), n) for value, n in ranked(counts))
+
+
 def app_subjects(counts: Mapping[str, float]) -> tuple[Subject, ...]:
     """One subject per application (``app:none`` for an empty name), largest first."""
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return tuple(Subject((f"app:{tag_value(app)}",), n) for app, n in ranked)
+    return subjects_by("app", counts)
 
 
 def for_app(finding: Finding, app: str) -> Finding:

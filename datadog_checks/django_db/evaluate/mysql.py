@@ -16,8 +16,8 @@ from dataclasses import field as _field
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
 from ..settings import Settings
 from .churn import Churn, ChurnWindow, Sample
-from .groups import fold, ratio, select
-from .model import Finding, Metric, Status, Subject, crossed, for_app, level, tag_value
+from .groups import fold, ranked, ratio, select
+from .model import Finding, Metric, Status, Subject, crossed, for_app, level, subjects_by, tag_value
 from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.mysql."
@@ -114,8 +114,7 @@ def mysql_metrics(snapshot: MysqlSnapshot, settings: Settings) -> tuple[list[Met
 
 
 def _by(counts: Counter[str], key: str, limit: int = 3) -> str:
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return ", ".join(f"{key}={value or 'none'} {n}" for value, n in ranked[:limit])
+    return ", ".join(f"{key}={value or 'none'} {n}" for value, n in ranked(counts)[:limit])
 
 
 def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | None) -> list[Finding]:
@@ -158,7 +157,7 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
                 "leaked_connections",
                 status,
                 text + _by(leaked, "user"),
-                subjects=_subjects(leaked, "user"),
+                subjects=subjects_by("user", leaked),
                 figure=total_leaked,
                 threshold=crossed(t.leaked_connections, status),
             )
@@ -171,7 +170,7 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
                 "idle_in_transaction",
                 status,
                 f"{total_tx} MySQL connections idle in transaction ({_by(in_tx, 'user')})",
-                subjects=_subjects(in_tx, "user"),
+                subjects=subjects_by("user", in_tx),
                 figure=total_tx,
                 threshold=crossed(t.idle_in_transaction_count, status),
             )
@@ -211,11 +210,6 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
             )
         )
     return findings
-
-
-def _subjects(counts: Counter[str], key: str) -> tuple[Subject, ...]:
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return tuple(Subject((f"{key}:{tag_value(value)}",), n) for value, n in ranked)
 
 
 _INIT_WAIT_TIMEOUT = re.compile(r"\bwait_timeout\s*(?::=|=)\s*(\d+)", re.IGNORECASE)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from ..records import PgbClientGroup, PgbClients, PgbSnapshot
 from ..settings import Settings, profile_for
-from .groups import OTHER
+from .groups import OTHER, ranked
 from .model import Finding, Metric, app_subjects, crossed, fold_subjects, level, tag_value
 
 PREFIX = "django_db.pgbouncer."
@@ -190,7 +190,7 @@ def _app(name: str) -> str:
 
 
 def _ranked(counts: Counter[str], shown: int = SHOWN) -> list[tuple[str, int]]:
-    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]
+    return ranked(counts)[:shown]
 
 
 def _hosts(counts: Counter[str], unit: str = "") -> str:
