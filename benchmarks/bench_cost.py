@@ -152,6 +152,23 @@ def against_bare(
     return interleaved(steps, runs, warmup)
 
 
+def report_times(report: Report, label: str, times: dict[str, list[float]], target: float | None) -> None:
+    """Two lines of one level: the check beside the bare statements (against ``target``, where it has one),
+    and the check with the stub aggregator."""
+    bare_median = median_ms(times["bare"])
+    ratio = median_ms(times["check"]) / bare_median
+    report.line(
+        f"{label}: run time, no-op aggregator",
+        f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
+        f"<= {target:g}x" if target else None,
+        ratio <= target if target else None,
+    )
+    report.line(
+        f"{label}: run time, stub aggregator",
+        f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
+    )
+
+
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
@@ -465,19 +482,8 @@ def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int
                 bare.execute("SHOW STATS").fetchall()
 
             times = against_bare(silent, stub, show_pools_and_stats, runs, warmup)
-            bare_median = median_ms(times["bare"])
-            ratio = median_ms(times["check"]) / bare_median
             last = level == levels[-1] and len(levels) > 1
-            report.line(
-                f"{level} pools: run time, no-op aggregator",
-                f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
-                f"<= {PGBOUNCER_RATIO_LAST:g}x" if last else None,
-                ratio <= PGBOUNCER_RATIO_LAST if last else None,
-            )
-            report.line(
-                f"{level} pools: run time, stub aggregator",
-                f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
-            )
+            report_times(report, f"{level} pools", times, PGBOUNCER_RATIO_LAST if last else None)
             memory[level] = (
                 peak_memory(lambda: silent.check(None)),
                 peak_memory(lambda: stub.check(None), before=aggregator.reset),
@@ -558,19 +564,8 @@ def pgbouncer_clients_side(report: Report, levels: Sequence[int], runs: int, war
                     bare.execute("SHOW " + what).fetchall()
 
             times = against_bare(silent, stub, show_statements, runs, warmup)
-            bare_median = median_ms(times["bare"])
-            ratio = median_ms(times["check"]) / bare_median
             last = level == levels[-1] and len(levels) > 1
-            report.line(
-                f"{level} clients: run time, no-op aggregator",
-                f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
-                f"<= {CLIENTS_RATIO_LAST:g}x" if last else None,
-                ratio <= CLIENTS_RATIO_LAST if last else None,
-            )
-            report.line(
-                f"{level} clients: run time, stub aggregator",
-                f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
-            )
+            report_times(report, f"{level} clients", times, CLIENTS_RATIO_LAST if last else None)
             quiet = peak_memory(lambda: silent.check(None))
             report.line(f"{level} clients: peak memory, no-op aggregator", f"{quiet / 1024:.0f} KiB")
 
@@ -627,19 +622,8 @@ def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int)
                 bare.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
 
             times = against_bare(silent, stub, count_sessions, runs, warmup)
-            bare_median = median_ms(times["bare"])
-            ratio = median_ms(times["check"]) / bare_median
             target = POSTGRES_RATIO_FIRST if i == 0 else POSTGRES_RATIO_LAST if i == len(levels) - 1 else None
-            report.line(
-                f"{level} idle clients: run time, no-op aggregator",
-                f"{ms(times['check'])} / bare {ms(times['bare'])} = {ratio:.2f}x",
-                f"<= {target:g}x" if target else None,
-                ratio <= target if target else None,
-            )
-            report.line(
-                f"{level} idle clients: run time, stub aggregator",
-                f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
-            )
+            report_times(report, f"{level} idle clients", times, target)
     finally:
         for check in made:
             check.cancel()

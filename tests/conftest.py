@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import psycopg
 import pytest
@@ -169,12 +172,33 @@ def run_new_check(aggregator, dd_run_check, instance: dict) -> None:
         check.cancel()
 
 
+def health_of(aggregator) -> tuple[int, str]:
+    """The connection_health status and message of the run the aggregator holds."""
+    [status] = aggregator.service_checks("django_db.connection_health")
+    print(f"\n[{status.status}] {status.message}")  # shown with -s: what an operator reads
+    return status.status, status.message or ""
+
+
 def health(aggregator, dd_run_check, instance: dict) -> tuple[int, str]:
     """One run of a new check on ``instance``: the connection_health status and message."""
     run_new_check(aggregator, dd_run_check, instance)
-    status = aggregator.service_checks("django_db.connection_health")[-1]
-    print(f"\n[{status.status}] {status.message}")  # shown with -s: what an operator reads
-    return status.status, status.message or ""
+    return health_of(aggregator)
+
+
+def run_health(aggregator, dd_run_check, check) -> tuple[int, str]:
+    """One more run of a check kept across runs: the connection_health status and message."""
+    aggregator.reset()
+    dd_run_check(check)
+    return health_of(aggregator)
+
+
+def load_recorder() -> ModuleType:
+    """tests/recorded/record.py, which records PgBouncer's answers and reads them back."""
+    spec = importlib.util.spec_from_file_location("record", Path(__file__).parent / "recorded" / "record.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

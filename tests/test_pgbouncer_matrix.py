@@ -10,7 +10,6 @@ the suite and package.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import subprocess
 import threading
@@ -27,7 +26,7 @@ from datadog_checks.django_db import DjangoDbCheck, config
 from django_db_tools import debian
 from django_db_tools.sandbox import SUPERUSER, PgBouncer, Sandbox, pgbouncer_binary
 
-from .conftest import APP_PASSWORD, VERSIONS_RAN, matrix, metric_values, one_value
+from .conftest import APP_PASSWORD, VERSIONS_RAN, load_recorder, matrix, metric_values, one_value
 
 MACHINE = "1.18"  # what `apt-get install pgbouncer` gives on Debian 12
 VERSIONS = ("1.15", MACHINE, "1.24", "1.26")
@@ -38,15 +37,7 @@ P = "django_db.pgbouncer."
 SIZED_POOL, SIZED_RESERVE, SIZED_LIMIT = 7, 2, 30  # the recorder's `sized` pool
 
 
-def _recorder():
-    spec = importlib.util.spec_from_file_location("record", RECORDED / "record.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-RECORDER = _recorder()
+RECORDER = load_recorder()
 
 
 @dataclass

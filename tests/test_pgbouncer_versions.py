@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -24,6 +23,8 @@ from datadog_checks.django_db.evaluate.model import Metric
 from datadog_checks.django_db.evaluate.pgbouncer import pgbouncer_metrics
 from datadog_checks.django_db.records import PgbSnapshot
 from datadog_checks.django_db.sources.pgbouncer import Result, parse_version, snapshot_from_results, version_texts
+
+from .conftest import load_recorder
 
 RECORDED = Path(__file__).parent / "recorded"
 METADATA = Path(__file__).parent.parent / "metadata.csv"
@@ -409,18 +410,10 @@ def test_version_from_the_1_8_notice():
 # -- provenance -------------------------------------------------------------------------------------
 
 
-def _recorder():
-    spec = importlib.util.spec_from_file_location("record", RECORDED / "record.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_recording_says_what_it_was_made_from():
     files = sorted(RECORDED.glob("pgbouncer_*.json"))
     assert sorted(f.stem.removeprefix("pgbouncer_") for f in files) == sorted(VERSIONS)
-    recorder = _recorder()
+    recorder = load_recorder()
     for path in files:
         version = path.stem.removeprefix("pgbouncer_")
         about = json.loads(path.read_text()).get("_about", "")

@@ -19,9 +19,8 @@ from django_db_tools import debian
 from django_db_tools.sandbox import SUPERUSER, Sandbox
 from django_db_tools.webapp.harness import Database, Webapp
 
-from .conftest import APP_PASSWORD, matrix, metric_values
+from .conftest import APP_PASSWORD, matrix, metric_values, run_health
 
-HEALTH = "django_db.connection_health"
 PREFIX = "%m [%p] %q%u@%d/%a "
 # PostgreSQL's own error lines, as an operator would grep them
 PG_ERRORS = {
@@ -46,14 +45,6 @@ def postgres_log(sandbox: Sandbox):
     sandbox.psql("SELECT pg_reload_conf()")
 
 
-def run(aggregator, dd_run_check, check) -> tuple[int, str]:
-    aggregator.reset()
-    dd_run_check(check)
-    [health] = aggregator.service_checks(HEALTH)
-    print(f"\n[{health.status}] {health.message}")  # shown with -s: what an operator reads
-    return health.status, health.message or ""
-
-
 def errors(aggregator, signature: str, log) -> float:
     return sum(metric_values(aggregator, "django_db.errors", f"signature:{signature}", f"log_file:{log}"))
 
@@ -72,12 +63,12 @@ def test_what_transaction_pooling_breaks_is_counted_and_told(
     app = webapps(through="pgbouncer", app_name=app_name, workers=2, threads=4, conn_max_age=None, env=env)
     instance = {**sandbox.instance(), "log_files": [str(app.log_file), str(postgres_log)]}
     check = DjangoDbCheck("django_db", {}, [instance])
-    status, text = run(aggregator, dd_run_check, check)
+    status, text = run_health(aggregator, dd_run_check, check)
     assert signature not in text
     logged = postgres_log.stat().st_size
     replies = app.drive(path, count=40, concurrency=8)
     failed = sum(r.status == 500 for r in replies)
-    status, text = run(aggregator, dd_run_check, check)
+    status, text = run_health(aggregator, dd_run_check, check)
     version = check.pgbouncer.version if check.pgbouncer is not None else None
     check.cancel()
     assert failed >= 3 and {r.status for r in replies} <= {200, 500}
@@ -135,12 +126,12 @@ def test_what_transaction_pooling_keeps_stays_quiet(
     # other tests' connections are not this test's business
     instance = {**sandbox.instance(), "log_files": logs, "applications": {"include": ["^(nocursor|session)-web$"]}}
     check = DjangoDbCheck("django_db", {}, [instance])
-    run(aggregator, dd_run_check, check)
+    run_health(aggregator, dd_run_check, check)
     logged = postgres_log.stat().st_size
     replies = healthy.drive("/iterate/", count=40, concurrency=8)
     for path in ("/iterate/", "/prepared/"):
         replies += session.drive(path, count=20, concurrency=4)
-    status, text = run(aggregator, dd_run_check, check)
+    status, text = run_health(aggregator, dd_run_check, check)
     check.cancel()
     assert {r.status for r in replies} == {200}
     with open(postgres_log, "rb") as handle:
@@ -214,10 +205,10 @@ def test_pgbouncer_that_keeps_prepared_statements_makes_the_failures_go(
     settings["env"] = {"WEBAPP_PREPARE_THRESHOLD": "0"}
     check = DjangoDbCheck("django_db", {}, [{**box.instance(), "log_files": [str(log)]}])
     try:
-        run(aggregator, dd_run_check, check)
+        run_health(aggregator, dd_run_check, check)
         with Webapp(database, **settings) as app:
             failed = sum(r.status == 500 for r in app.drive("/prepared/", count=40, concurrency=8))
-        status, text = run(aggregator, dd_run_check, check)
+        status, text = run_health(aggregator, dd_run_check, check)
         assert failed >= 3 and errors(aggregator, "prepared_statement_lost", log) == failed
         assert status == AgentCheck.WARNING
         [finding] = [f for f in text.split("; WARNING: ") if "prepared_statement_lost seen" in f]
@@ -232,7 +223,7 @@ def test_pgbouncer_that_keeps_prepared_statements_makes_the_failures_go(
         with Webapp(database, **settings) as app:
             failed = sum(r.status == 500 for r in app.drive("/prepared/", count=40, concurrency=8))
         set_max_prepared_statements(box, 200)
-        status, text = run(aggregator, dd_run_check, check)
+        status, text = run_health(aggregator, dd_run_check, check)
         assert failed >= 3 and errors(aggregator, "prepared_statement_lost", log) == failed
         [finding] = [f for f in text.split("; WARNING: ") if "prepared_statement_lost seen" in f]
         assert "keeps protocol-level prepared statements already (max_prepared_statements = 200)" in finding
@@ -240,7 +231,7 @@ def test_pgbouncer_that_keeps_prepared_statements_makes_the_failures_go(
 
         with Webapp(database, **settings) as app:
             replies = app.drive("/prepared/", count=40, concurrency=8)
-        status, text = run(aggregator, dd_run_check, check)
+        status, text = run_health(aggregator, dd_run_check, check)
     finally:
         check.cancel()
     assert {r.status for r in replies} == {200}

@@ -15,17 +15,7 @@ from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools.sandbox import Sandbox
 from django_db_tools.webapp.harness import Database, Webapp
 
-from .conftest import APP_PASSWORD, metric_values
-
-HEALTH = "django_db.connection_health"
-
-
-def run(aggregator, dd_run_check, check) -> tuple[int, str]:
-    aggregator.reset()
-    dd_run_check(check)
-    [health] = aggregator.service_checks(HEALTH)
-    print(f"\n[{health.status}] {health.message}")  # shown with -s: what an operator reads
-    return health.status, health.message or ""
+from .conftest import APP_PASSWORD, metric_values, run_health
 
 
 class Load(threading.Thread):
@@ -72,7 +62,7 @@ def test_churn_is_named_after_a_minute_and_a_burst_that_stays_is_none(
     }
     check = DjangoDbCheck("django_db", {}, [instance])
     started = time.monotonic()
-    status, text = run(aggregator, dd_run_check, check)
+    status, text = run_health(aggregator, dd_run_check, check)
     load = Load(churning, "/query/", rate=10)
     load.start()
     try:
@@ -81,10 +71,10 @@ def test_churn_is_named_after_a_minute_and_a_burst_that_stays_is_none(
         assert {r.status for r in replies} == {200}
         for seconds in (15, 30, 45):
             time.sleep(max(0.0, started + seconds - time.monotonic()))
-            status, text = run(aggregator, dd_run_check, check)
+            status, text = run_health(aggregator, dd_run_check, check)
             assert "(churn" not in text  # less than a minute of history: no verdict
         time.sleep(max(0.0, started + 61 - time.monotonic()))
-        status, text = run(aggregator, dd_run_check, check)
+        status, text = run_health(aggregator, dd_run_check, check)
     finally:
         load.stop()
         check.cancel()
@@ -115,12 +105,12 @@ def test_a_client_side_pool_that_runs_out_is_named_and_counted(
     app = webapps(app_name=f"exhaust-{pool}", threads=6, pool=pool, pool_max_size=2, pool_timeout=0.5)
     instance = {"postgres": sandbox.postgres.instance("datadog", "datadog-secret"), "log_files": [str(app.log_file)]}
     check = DjangoDbCheck("django_db", {}, [instance])
-    status, text = run(aggregator, dd_run_check, check)
+    status, text = run_health(aggregator, dd_run_check, check)
     assert signature not in text
     replies = app.drive("/sleep/?seconds=1.5", count=6, concurrency=6)
     failed = sum(r.status == 500 for r in replies)
     assert failed == 4 and words in app.django_log()
-    status, text = run(aggregator, dd_run_check, check)
+    status, text = run_health(aggregator, dd_run_check, check)
     check.cancel()
     assert status == AgentCheck.CRITICAL
     assert f"CRITICAL: {signature} seen ({failed} from log): Requests got no connection from " in text
@@ -141,12 +131,12 @@ def test_query_wait_timeout_counts_once_per_failed_request_in_each_log(aggregato
         with Webapp(database, app_name="qwt-web", threads=6, conn_max_age=None) as app:
             instance = {**box.instance(), "log_files": [str(app.log_file), str(box.pgbouncer.logfile)]}
             check = DjangoDbCheck("django_db", {}, [instance])
-            run(aggregator, dd_run_check, check)
+            run_health(aggregator, dd_run_check, check)
             replies = app.drive("/sleep/?seconds=2.5", count=12, concurrency=6)
             failed = sum(r.status == 500 for r in replies)
             assert failed >= 5
             assert app.django_log().count("django.db.utils.OperationalError: query_wait_timeout") == failed
-            status, text = run(aggregator, dd_run_check, check)
+            status, text = run_health(aggregator, dd_run_check, check)
             check.cancel()
     assert status == AgentCheck.CRITICAL
     django_log, pgbouncer_log = f"log_file:{app.log_file}", f"log_file:{box.pgbouncer.logfile}"
@@ -193,14 +183,14 @@ def test_churn_is_told_by_who_opens_it_pgbouncers_server_lifetime_and_recycled_w
             }
             check = DjangoDbCheck("django_db", {}, [instance])
             started = time.monotonic()
-            run(aggregator, dd_run_check, check)
+            run_health(aggregator, dd_run_check, check)
             loads = [Load(persist, "/query/", rate=4), Load(recycled, "/query/", rate=3)]
             for load in loads:
                 load.start()
             try:
                 for seconds in (15, 30, 45, 61):
                     time.sleep(max(0.0, started + seconds - time.monotonic()))
-                    _, text = run(aggregator, dd_run_check, check)
+                    _, text = run_health(aggregator, dd_run_check, check)
             finally:
                 for load in loads:
                     load.stop()
