@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from datadog_checks.django_db import DjangoDbCheck
+from datadog_checks.django_db.evaluate.model import Finding, Status, Subject, finding_metrics, fold_subjects
 
 from .conftest import wait_for
 
@@ -49,3 +50,25 @@ def test_a_leak_past_the_critical_threshold_is_2(aggregator, dd_run_check, sandb
     (value,) = [v for tags, v in finding_series(aggregator).items() if "app:finding-crit" in tags]
     assert value == 2
     check.cancel()
+
+
+def test_a_folded_subject_is_named_after_its_own_kind():
+    """Churn names applications and PgBouncer itself: past max_tag_values, the folded applications are
+    `app:other`, never `pooler:other` because a pooler's subject happened to fold first."""
+    subjects = (
+        Subject(("app:web",), 40),
+        Subject(("app:api",), 30),
+        Subject(("pooler:pgbouncer",), 5),
+        Subject(("app:cron",), 4),
+        Subject(("app:admin",), 1),
+    )
+    finding = Finding("connection_churn", Status.WARNING, "churn", subjects=subjects)
+    series = {tuple(m.tags) for m in finding_metrics([finding], 2)}
+    assert series == {
+        ("finding:connection_churn", "app:web"),
+        ("finding:connection_churn", "app:api"),
+        ("finding:connection_churn", "pooler:other"),
+        ("finding:connection_churn", "app:other"),
+    }
+    [folded_apps] = [s for s in fold_subjects(subjects, 2) if s.tags == ("app:other",)]
+    assert folded_apps.figure == 5

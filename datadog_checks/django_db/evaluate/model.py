@@ -103,13 +103,17 @@ def finding_metrics(findings: Iterable[Finding], limit: int, tags: Sequence[str]
 
 
 def fold_subjects(subjects: Sequence[Subject], limit: int) -> tuple[Subject, ...]:
-    """The ``limit`` largest subjects as they are; the rest as one subject whose tag values are ``other``."""
+    """The ``limit`` largest subjects as they are; the rest as one subject of each kind folded (its tag names:
+    ``app``, ``pooler`` ...) whose tag values are ``other``: an application folds into ``app:other``, never into
+    another kind's name."""
     if len(subjects) <= limit:
         return tuple(subjects)
     ranked = sorted(subjects, key=lambda s: -(s.figure or 0.0))
-    rest = ranked[limit:]
-    tags = tuple(f"{tag.partition(':')[0]}:{OTHER}" for tag in rest[0].tags)
-    return (*ranked[:limit], Subject(tags, sum(s.figure or 0.0 for s in rest)))
+    folded: dict[tuple[str, ...], float] = {}
+    for subject in ranked[limit:]:
+        kind = tuple(f"{tag.partition(':')[0]}:{OTHER}" for tag in subject.tags)
+        folded[kind] = folded.get(kind, 0.0) + (subject.figure or 0.0)
+    return (*ranked[:limit], *(Subject(tags, figure) for tags, figure in folded.items()))
 
 
 def level(value: float, threshold: Level) -> Status:
