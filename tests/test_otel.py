@@ -57,13 +57,15 @@ def set_pgbouncer(sandbox: Sandbox, setting: str, value: object) -> None:
         conn.execute(f"SET {setting} = '{value}'")
 
 
-def activity(sandbox: Sandbox, db: str) -> dict[str, int]:
-    """pg_stat_activity's client backends on ``db``: idle, and every other state (used)."""
+def activity(sandbox: Sandbox, db: str | None, exclude: list[int] | None = None) -> dict[str, int]:
+    """pg_stat_activity's client backends on ``db`` (None: on every database, but those of ``exclude`` and the
+    one asking): idle, and every other state (used)."""
     with psycopg.connect(sandbox.postgres.dsn(), autocommit=True) as conn:
         idle, used = conn.execute(
             "SELECT count(*) FILTER (WHERE state = 'idle'), count(*) FILTER (WHERE state IS DISTINCT FROM 'idle') "
-            "FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'",
-            [db],
+            "FROM pg_stat_activity WHERE (%s::text IS NULL OR datname = %s) AND backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid() AND pid <> ALL(%s::int[])",
+            [db, db, exclude or []],
         ).fetchone()
         usable = conn.execute(
             "SELECT sum(setting::int) FILTER (WHERE name = 'max_connections') - coalesce(sum(setting::int) FILTER "
@@ -124,12 +126,15 @@ def test_postgres_and_pgbouncer_pools_as_the_servers_count_them(aggregator, dd_r
     databases = {d["name"]: d for d in show(sandbox, "DATABASES")}
     seen = activity(sandbox, "appdb")
 
-    # PostgreSQL, per database: as pg_stat_activity counts appdb's client backends at that moment
-    postgres = f"127.0.0.1:{sandbox.postgres.port}/appdb"
-    assert pool_figures(aggregator, postgres) == seen, pool_figures(aggregator, postgres)
-    assert seen["used"] >= 3 and seen["idle"] >= 2  # the direct ones, otel_a's and otel_b's active servers
-    # the legacy name says the same, by the same pool
-    legacy = {"pool.name:" + postgres}
+    # PostgreSQL, one pool of the whole server: the client backends made straight to it, as pg_stat_activity
+    # counts them at that moment (PgBouncer's servers are its pools' connections, and the check's own is none)
+    servers = [row["remote_pid"] for row in show(sandbox, "SERVERS")]
+    direct_only = activity(sandbox, None, exclude=[*servers, check.postgres.conn.info.backend_pid])
+    postgres = f"127.0.0.1:{sandbox.postgres.port}"
+    assert pool_figures(aggregator, postgres) == direct_only, pool_figures(aggregator, postgres)
+    assert direct_only["used"] >= 1 and direct_only["idle"] >= 2  # the direct ones, one in a transaction
+    # the legacy name, per database, counts every backend of appdb, PgBouncer's servers too, as before
+    legacy = {f"pool.name:{postgres}/appdb"}
     assert metric_values(aggregator, "db.client.connections.usage", *legacy, "state:used") == [seen["used"]]
     assert metric_values(aggregator, "db.client.connections.usage", *legacy, "state:idle") == [seen["idle"]]
 

@@ -110,14 +110,17 @@ def test_folded_pgbouncer_pools_add_up_under_other_with_their_timeouts():
     assert [(m.kind, m.value) for m in counts] == [("count", 2), ("count", 4)]
 
 
-def test_mysql_sends_the_current_names_by_database_with_the_server_limit():
+def test_mysql_sends_the_current_names_as_one_pool_of_the_server_with_its_limit_once():
+    """Two databases: one pool of the whole server, its connections adding up, its max_connections sent once
+    (not once per database, which summed to twice the server's slots)."""
     snapshot = MysqlSnapshot(
         MysqlVariables("10.11.6-MariaDB", 151, 28800, 28800),
         MysqlStatus(1000, 7, 2, 40, 3, 4, 50),
         (
-            ProcessGroup("idle", "app", "appdb", "10.0.0.7", 3),
+            ProcessGroup("idle", "app", "appdb", "10.0.0.7", 2),
+            ProcessGroup("idle", "app", "otherdb", "10.0.0.7", 1),
             ProcessGroup("active", "app", "appdb", "10.0.0.7", 2),
-            ProcessGroup("idle_in_transaction", "app", "appdb", "10.0.0.8", 1),
+            ProcessGroup("idle_in_transaction", "app", "otherdb", "10.0.0.8", 1),
         ),
         new_connection=False,
     )
@@ -128,7 +131,9 @@ def test_mysql_sends_the_current_names_by_database_with_the_server_limit():
     new = [m for m in both if m.name.startswith("db.client.connection.")]
     assert [m for m in both if m not in new] == legacy
     assert current == [m for m in both if m.name != "db.client.connections.usage"]
-    pool = "db.client.connection.pool.name:db.internal:3306/appdb"
+    pool = "db.client.connection.pool.name:db.internal:3306"
+    assert all(pool in m.tags for m in new)
+    assert len([m for m in new if m.name == "db.client.connection.max"]) == 1
     assert {(m.name, m.value, m.tags[-1]) for m in new} == {
         ("db.client.connection.count", 3, "db.client.connection.state:used"),
         ("db.client.connection.count", 3, "db.client.connection.state:idle"),

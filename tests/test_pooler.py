@@ -17,7 +17,7 @@ from datadog_checks.django_db.evaluate.churn import POOLER, Churn, ChurnWindow, 
 from datadog_checks.django_db.evaluate.django_metrics import DjangoHistory, django_findings
 from datadog_checks.django_db.evaluate.health import signature_findings
 from datadog_checks.django_db.evaluate.model import Subject, message
-from datadog_checks.django_db.evaluate.pooler import Pooler, overdue_findings, pooler_keys
+from datadog_checks.django_db.evaluate.pooler import Pooler, ServerEvents, overdue_findings, pooler_keys
 from datadog_checks.django_db.records import (
     POOLER_OWN,
     ActivityGroup,
@@ -153,12 +153,13 @@ def test_servers_of_another_postgres_that_pgbouncer_fronts_are_never_taken_for_t
             check = DjangoDbCheck("django_db", {}, [box.instance()])
             try:
                 dd_run_check(check)
-                assert check._pooler is not None
-                addrs = {(s.port, s.remote_pid) for s in check._pooler.servers}
+                [pooler] = check.poolers.values()
+                addrs = {(s.port, s.remote_pid) for s in pooler.servers}
                 assert (other.port, there_pid) in addrs  # PgBouncer lists it ...
-                where = check.postgres.address
-                keys = pooler_keys(check._pooler, where)
-                assert there_pid * 65536 not in keys.own and all(k // 65536 != there_pid for k in keys.own)
+                # ... but only its servers here are PgBouncer's backends here, the other server's not among them
+                here_count = len([s for s in pooler.servers if s.port == box.postgres.port])
+                pooled = metric_values(aggregator, "django_db.postgres.connections", "pooler:pgbouncer")
+                assert sum(pooled) == here_count < len(pooler.servers)
                 assert metric_values(aggregator, "django_db.postgres.connections", "app:here", "pooler:pgbouncer")
             finally:
                 check.cancel()
@@ -206,53 +207,125 @@ def test_conn_max_age_is_judged_against_client_idle_timeout_only(aggregator, dd_
         box.pgbouncer.reload()
 
 
-def server(pid: int, addr: str = "127.0.0.1", port: int = 5432, local_port: int = 40000, linked: bool = False):
-    return PgbServer("appdb", "app", "active" if linked else "idle", addr, port, local_port, pid, linked, "web")
+def server(
+    pid: int,
+    addr: str = "127.0.0.1",
+    port: int = 5432,
+    local_port: int = 40000,
+    linked: bool = False,
+    local_addr: str = "127.0.0.1",
+    db: str = "appdb",
+):
+    state = "active" if linked else "idle"
+    return PgbServer(db, "app", state, addr, port, local_port, pid, linked, "web", local_addr)
 
 
-def test_a_pid_of_another_server_is_never_this_ones():
-    """The same pid at another address or port is another server's backend; over TCP the port PostgreSQL sees
-    is part of the key; over a Unix socket, only a server on the check's own host can be this one."""
-    where = ServerAddress(frozenset({"10.0.0.5"}), 5432, False)
+def test_a_server_connection_is_known_by_its_own_identity_whatever_address_either_side_dials():
+    """The key is the backend's pid with the address and port PgBouncer connects from (what PostgreSQL sees as
+    client_addr and client_port), not the address PgBouncer or the check dial: 127.0.0.2, ::1, a DNS name or a
+    Unix socket on either side. A pid of another server has its own client port there: never this one's."""
+    where = ServerAddress(frozenset({"127.0.0.1"}), 5432, False)  # the check dials 127.0.0.1
     pooler = Pooler(
         (
-            server(100, "10.0.0.5", 5432, 40001),
-            server(100, "10.0.0.9", 5432, 40002),  # same pid, another host
-            server(100, "10.0.0.5", 5433, 40003),  # same pid, another port
-            server(100, "unix", 5432, 6432),  # PgBouncer's own host: not known to be the check's
-            server(101, "::ffff:10.0.0.5", 5432, 40004, linked=True),
+            server(100, "127.0.0.2", 5432, 40001),  # PgBouncer dials another address; connects from 127.0.0.1
+            server(101, "::1", 5432, 40002, local_addr="::1"),
+            server(102, "db.internal", 6543, 40003, local_addr="10.0.0.9"),  # a DNS name and a port map
+            server(103, "unix", 5432, 6432, local_addr="unix", linked=True),  # over this server's socket
+            server(104, "unix", 5433, 6432, local_addr="unix"),  # another server's socket: never this one
+            server(105, "127.0.0.1", 5432, None),  # no port: cannot be told
         ),
-        frozenset(),
+        frozenset({("appdb", "app")}),
         PgbConfig(server_idle_timeout=600, server_lifetime=3600),
     )
-    keys = pooler_keys(pooler, where)
-    assert keys.own == (100 * 65536 + 40001, 101 * 65536 + 40004) and keys.held == ()
-    assert keys.overdue_seconds == 1200
-    local = ServerAddress(frozenset({"127.0.0.1"}), 5432, False)
-    assert pooler_keys(pooler, local).own == (100 * 65536,)  # the Unix socket's, no port
-    session = Pooler(pooler.servers, frozenset({("appdb", "app")}), pooler.config)
-    assert pooler_keys(session, where).held == (101 * 65536 + 40004,)
+    keys = pooler_keys([pooler], where)
+    assert keys.own == tuple(
+        sorted(
+            [
+                f"{100 * 65536 + 40001}@127.0.0.1",
+                f"{100 * 65536 + 40001}@::ffff:127.0.0.1",
+                f"{101 * 65536 + 40002}@::1",
+                f"{102 * 65536 + 40003}@10.0.0.9",
+                f"{102 * 65536 + 40003}@::ffff:10.0.0.9",
+            ]
+        )
+    )
+    assert keys.held == (f"{103 * 65536}@",)  # a session-mode client holds it; over a socket, the pid alone
+    assert keys.pids == (100 * 65536 + 40001, 101 * 65536 + 40002, 102 * 65536 + 40003, 103 * 65536)
+    # The same pid at another server has another client port (and maybe address): another identity.
+    other = Pooler((server(100, "10.0.0.7", 5432, 40009),), frozenset(), pooler.config)
+    assert f"{100 * 65536 + 40001}@127.0.0.1" not in pooler_keys([other], where).own
+    # Several PgBouncers: every one's servers.
+    both = pooler_keys([pooler, other], where)
+    assert set(keys.own) < set(both.own) and f"{100 * 65536 + 40009}@127.0.0.1" in both.own
+
+
+def test_pgbouncers_log_names_servers_by_the_address_it_dials():
+    """PgBouncer's log says `appdb/app@127.0.0.2:5432`: the logins count for this server where PgBouncer dials
+    only it, whatever address the check uses."""
+    where = ServerAddress(frozenset({"127.0.0.1"}), 5432, False)
+    pooler = Pooler((server(100, "127.0.0.2", 5432, 40001),), frozenset(), PgbConfig())
+    assert pooler.targets(where) == {("127.0.0.2", 5432)}
+    events = ServerEvents()
+    events.feed(
+        [
+            "2026-12-07 LOG S-0x55d0: appdb/app@127.0.0.2:5432 new connection to server (from 127.0.0.1:40001)",
+            "2026-12-07 LOG S-0x55d1: appdb/app@127.0.0.2:5432 closing because: server idle timeout (age=61s)",
+            "2026-12-07 LOG S-0x55d2: other/app@10.0.0.9:5432 new connection to server (from 10.0.0.1:40001)",
+        ]
+    )
+    assert events.of(pooler.targets(where)) == (1.0, {"server idle timeout": 1.0})
+    # Fronting two servers, neither named by the check's addresses: none is known to be this one.
+    two = Pooler((*pooler.servers, server(7, "10.0.0.9", 5432, 40002)), frozenset(), PgbConfig())
+    assert two.targets(where) == frozenset()
+    mine = Pooler((*two.servers, server(8, "127.0.0.1", 5432, 40003)), frozenset(), PgbConfig())
+    assert mine.targets(where) == {("127.0.0.1", 5432)}
+
+
+def idle_servers(*idle: tuple[int, float]) -> tuple[tuple[int, float], ...]:
+    """(key, seconds idle) of PgBouncer's servers as the PostgreSQL statement returns them: key pid * 65536 + port."""
+    return tuple((pid * 65536 + 40000, seconds) for pid, seconds in idle)
 
 
 def test_a_server_idle_far_past_server_idle_timeout_is_pgbouncers_anomaly():
     settings = parse({"postgres": {"host": "h", "username": "datadog", "dbname": "postgres"}, "pgbouncer": {}})
+    own = idle_servers((1, 1300), (2, 1300), (3, 1300), (4, 10), (5, -1))
     groups = (
-        ActivityGroup("idle", "appdb", "app", "web", "", 5, pooler=POOLER_OWN, overdue=3),
+        ActivityGroup("idle", "appdb", "app", "web", "", 5, pooler=POOLER_OWN, servers=own),
         ActivityGroup("idle", "appdb", "app", "leaky", "", 2, leaked=2),
     )
     pg = PgSnapshot(ServerSettings(150000, "15", 100, 3, 0, 0, 0), groups, None, 0.0, False)
     config = PgbConfig(server_idle_timeout=600, server_lifetime=3600)
-    [finding] = overdue_findings(pg, Pooler((), frozenset(), config), settings)
+    servers = tuple(server(pid) for pid in range(1, 6))
+    [finding] = overdue_findings(pg, Pooler(servers, frozenset(), config, tag="pgbouncer_server:p:1"), settings)
     assert finding.text.startswith("3 of PgBouncer's server connections idle at PostgreSQL for over 1200 s, far past")
     assert "server_idle_timeout=600 s" in finding.text and "not an application's leak" in finding.text
+    assert "pools appdb/app 3" in finding.text
     assert (finding.code, finding.figure, finding.threshold) == ("pgbouncer_servers_overdue", 3, 1200)
+    assert finding.server == "pgbouncer_server:p:1"
     assert finding.advice.startswith("PgBouncer should have closed them")
     # min_pool_size keeps some on purpose; timeouts off keep them all.
     kept = PgbConfig(server_idle_timeout=600, min_pool_size=3)
-    assert overdue_findings(pg, Pooler((), frozenset(), kept), settings) == []
-    [finding] = overdue_findings(pg, Pooler((), frozenset(), kept, {"appdb": 1}), settings)  # the database's own
+    assert overdue_findings(pg, Pooler(servers, frozenset(), kept), settings) == []
+    [finding] = overdue_findings(pg, Pooler(servers, frozenset(), kept, {"appdb": 1}), settings)  # the database's own
     assert finding.text.startswith("2 of PgBouncer's server connections")
-    assert overdue_findings(pg, Pooler((), frozenset(), PgbConfig(server_idle_timeout=0)), settings) == []
+    assert overdue_findings(pg, Pooler(servers, frozenset(), PgbConfig(server_idle_timeout=0)), settings) == []
+
+
+def test_overdue_servers_are_counted_pool_by_pool_under_pgbouncers_own_database_names():
+    """min_pool_size is kept per pool: five healthy pools keeping theirs hide no other pool's stuck servers; and a
+    PgBouncer alias (appdb_tx for PostgreSQL's appdb) is looked up under its own name."""
+    settings = parse({"postgres": {"host": "h", "username": "datadog", "dbname": "postgres"}, "pgbouncer": {}})
+    healthy = [server(pid, db=f"pool{pid}") for pid in range(1, 6)]  # one kept server each: min_pool_size 1
+    stuck = [server(pid, db="appdb_tx") for pid in range(10, 14)]  # 4 idle far past, of a pool keeping 3
+    own = idle_servers(*((pid, 5000) for pid in [*range(1, 6), *range(10, 14)]))
+    groups = (ActivityGroup("idle", "appdb", "app", "web", "", 9, pooler=POOLER_OWN, servers=own),)
+    pg = PgSnapshot(ServerSettings(150000, "15", 100, 3, 0, 0, 0), groups, None, 0.0, False)
+    config = PgbConfig(server_idle_timeout=600, min_pool_size=1)
+    pooler = Pooler((*healthy, *stuck), frozenset(), config, {"appdb_tx": 3})
+    [finding] = overdue_findings(pg, pooler, settings)
+    assert finding.figure == 1 and "pools " in finding.text and "appdb_tx/app 4" in finding.text
+    # The alias's own min_pool_size of 4 keeps all four.
+    assert overdue_findings(pg, Pooler((*healthy, *stuck), frozenset(), config, {"appdb_tx": 4}), settings) == []
 
 
 SERVERS_1_15 = (
@@ -276,7 +349,7 @@ def test_show_servers_is_read_by_column_name_from_1_15_to_1_26(columns):
     result = Result(columns, [tuple(row.get(c) for c in columns) for row in rows])
     [found] = parse_servers(result)
     app = "web" if "application_name" in columns else ""
-    assert found == PgbServer("appdb", "app", "active", "127.0.0.1", 5432, 40001, 4242, True, app)
+    assert found == PgbServer("appdb", "app", "active", "127.0.0.1", 5432, 40001, 4242, True, app, "127.0.0.1")
 
 
 # -- churn named by who opens it (pure: the window's figures) ------------------------------------------

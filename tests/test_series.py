@@ -122,8 +122,9 @@ def test_every_group_adds_series_only_when_asked_for(aggregator, stack):
 
 
 def test_current_opentelemetry_names_add_what_the_readme_says(aggregator, stack):
-    """`otel_semconv`: 3 series per database (used, idle, max) and 4 per PgBouncer pool without a minimum
-    (used, idle, max, pending_requests) under the current names; legacy sends none of them, both adds them."""
+    """`otel_semconv`: 3 series for PostgreSQL, one pool of the whole server (used, idle, max) and 4 per PgBouncer
+    pool without a minimum (used, idle, max, pending_requests) under the current names; legacy sends none of
+    them, both adds them."""
     held = [_connect(stack, stack.postgres.port, "appdb", app) for app in APPS]
     through = [_connect(stack, stack.pgbouncer.port, db, "web") for db in POOLS]
     for conn in through:
@@ -147,7 +148,7 @@ def test_current_opentelemetry_names_add_what_the_readme_says(aggregator, stack)
     databases = {dict(t.split(":", 1) for t in tags)["db"] for tags in connections}
     print(f"\nseries: legacy {len(legacy)}, current {len(current)}, both {len(both)} ({len(databases)} databases)")
     assert usage and both == legacy | new and current == (legacy - usage) | new
-    assert len(new) == 3 * len(databases) + 4 * len(POOLS)
+    assert len(databases) > 1 and len(new) == 3 + 4 * len(POOLS)
 
 
 def _peak_memory(check: DjangoDbCheck) -> int:

@@ -6,6 +6,7 @@ functions: metrics, findings, alignment) -> submission.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -29,10 +30,21 @@ from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql
 from .evaluate.otel import django_pools, pgbouncer_pools, pool_metrics, query_wait_timeouts
 from .evaluate.pgbouncer import pgbouncer_metrics
 from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve
-from .evaluate.pooler import Pooler, ServerEvents, overdue_findings, pooler_keys, pooler_of
+from .evaluate.pooler import (
+    KEPT_SECONDS,
+    Pooler,
+    ServerEvents,
+    overdue_findings,
+    pooler_keys,
+    pooler_of,
+    unmatched,
+    unmatched_finding,
+    without_leaks,
+)
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
-from .records import DIRECT, MysqlSnapshot, PgbSnapshot, PgSnapshot
+from .owners import is_direct
+from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import instance_secrets, redact, secret_patterns
 from .sources.django_metrics import DjangoMetricsSource
 from .sources.logs import LogFollower
@@ -87,24 +99,27 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             raise ConfigurationError("the configuration models of the check are missing")
         self.settings = config.settings_from(self._config_model_instance)
         s = self.settings
-        both = bool(s.postgres and s.pgbouncer)
-        self.postgres = (
-            PostgresSource(
-                s.postgres, s.group_by, s.leak_idle_seconds, self.log, s.apps, s.report_leak_queries, pooler=both
-            )
-            if s.postgres
-            else None
-        )
-        self.pgbouncer = PgBouncerSource(s.pgbouncer, servers=both) if s.pgbouncer else None
-        # PgBouncer's server connections as last read: kept through a run that could not read them, so that a
-        # hung PgBouncer's idle servers are not taken for an application's leak.
-        self._pooler: Pooler | None = None
+        both = bool(s.postgres and s.pgbouncers)
+        self.postgres = None
+        if s.postgres:
+            reads = (s.group_by, s.leak_idle_seconds, self.log, s.apps, s.report_leak_queries)
+            self.postgres = PostgresSource(s.postgres, *reads, pooler=both, networks=s.pooler_networks)
+        self.pgbouncers = [PgBouncerSource(endpoint, servers=both) for endpoint in s.pgbouncers]
+        self.pgbouncer = self.pgbouncers[0] if self.pgbouncers else None
+        # Each PgBouncer's server connections as last read (by its tag): kept through runs that could not read
+        # them, for KEPT_SECONDS, so that a hung PgBouncer's idle servers are not taken for an application's leak.
+        self.poolers: dict[str, Pooler] = {}
+        self.bouncers: dict[str, PgbSnapshot] = {}  # this run's snapshot of each PgBouncer read, by its tag
+        self._said_unmatched: set[str] = set()
+        self._said_unread = False
+        if self.postgres is not None and self.pgbouncers:
+            self.postgres.servers = lambda where: pooler_keys(tuple(self.poolers.values()), where)
         self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds) if s.mysql else None  # imports PyMySQL
         # Each server source with what is kept of it between runs (in its evaluation's history). PgBouncer
         # first: its server connections tell its backends from the applications' at PostgreSQL.
         self.servers: list[tuple[Source, Callable[[Any], list[Finding]]]] = []
-        if self.pgbouncer:
-            self.servers.append((self.pgbouncer, self.evaluate_pgbouncer))
+        for source in self.pgbouncers:
+            self.servers.append((source, partial(self.evaluate_pgbouncer, source.endpoint)))
         if self.postgres:
             self.sessions = SessionHistory()
             self.servers.append((self.postgres, self.evaluate_postgres))
@@ -127,8 +142,13 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     @property
     def health_tags(self) -> list[str]:
-        endpoints = (self.settings.postgres, self.settings.pgbouncer, self.settings.mysql)
+        endpoints = (self.settings.postgres, *self.settings.pgbouncers, self.settings.mysql)
         return [*(e.tag for e in endpoints if e), *self.settings.tags]
+
+    def of_pgbouncer(self, endpoint: config.Endpoint) -> config.Settings:
+        """The settings as one PgBouncer's evaluation reads them: ``pgbouncer`` is that one."""
+        s = self.settings
+        return s if endpoint is s.pgbouncer else replace(s, pgbouncer=endpoint)
 
     # -- the run ---------------------------------------------------------------------------
     def check(self, _: Any) -> None:
@@ -137,22 +157,29 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         found_by: dict[str, list[Finding]] = {}
         seen_by: dict[str, Seen] = {}
         snapshots: dict[str, Any] = {}
+        self.bouncers = {}
         for source, evaluate in self.servers:  # PgBouncer first: its servers tell its backends at PostgreSQL
             kind = source.endpoint.kind
+            if kind == "postgres":
+                self.expire_poolers()
             snapshot = self.read(source, seen_by.setdefault(kind, []))
             if snapshot is not None:
-                snapshots[kind] = snapshot
-                found_by[kind] = self.on(source, evaluate(snapshot))
+                if kind == "pgbouncer":
+                    self.bouncers[source.endpoint.tag] = snapshot
+                snapshots.setdefault(kind, snapshot)
+                found_by.setdefault(kind, []).extend(self.on(source, evaluate(snapshot)))
         for kind in ("postgres", "pgbouncer", "mysql"):
             findings += found_by.get(kind, [])
             seen += seen_by.get(kind, [])
         pg: PgSnapshot | None = snapshots.get("postgres")
-        pgb: PgbSnapshot | None = snapshots.get("pgbouncer")
+        pgb = self.all_clients()
         my: MysqlSnapshot | None = snapshots.get("mysql")
         logged = LogRun([], Counter(), {}, Counter(), ServerEvents())
-        if self.settings.apps and (pg is not None or pgb is not None):
-            self.submit(app_metrics(pg, pgb, self.settings))
-            findings += self.on(self.postgres or self.pgbouncer, budget_findings(pg, pgb, self.settings))
+        # While a PgBouncer's server connections cannot be told from the applications', no budget counts there.
+        judged = pg if pg is not None and not self.unread_pgbouncers() else None
+        if self.settings.apps and (judged is not None or pgb is not None):
+            self.submit(app_metrics(judged, pgb, self.settings))
+            findings += self.on(self.postgres or self.pgbouncer, budget_findings(judged, pgb, self.settings))
         if self.logs is not None:
             if pg is not None:  # the application's name in PostgreSQL's log lines, where they carry it
                 self._app_of = app_finder(pg.settings.log_line_prefix)
@@ -160,7 +187,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             seen += logged.seen
         run = self.collect_django(self.django) if self.django is not None else None
         if self.settings.otel_current:
-            self.submit_pools(pgb, run, logged.query_wait_timeouts)
+            self.submit_pools(run, logged.query_wait_timeouts)
         named: set[str] = set()
         if pg is not None:
             found_churn, named = self.churn_findings(pg, run, logged)
@@ -174,8 +201,13 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         for signature, source_kind, server in seen:
             self.count_error(signature, source_kind, server)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
-        if (pg is not None and pgb is not None) or my is not None:
-            failures = alignment_failures(self.settings, pg, pgb) if pg is not None and pgb is not None else []
+        if (pg is not None and self.bouncers) or my is not None:
+            failures = []
+            if pg is not None:
+                for source in self.pgbouncers:
+                    read = self.bouncers.get(source.endpoint.tag)
+                    if read is not None:
+                        failures += alignment_failures(self.of_pgbouncer(source.endpoint), pg, read)
             failures += self.on(self.mysql, mysql_alignment(self.settings, my)) if my is not None else []
             status = worst(failures)
             self.report(CONFIG_ALIGNMENT, status, self.health_tags, "; ".join(f.sentence() for f in failures))
@@ -209,19 +241,80 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def evaluate_postgres(self, snapshot: PgSnapshot) -> list[Finding]:
         if snapshot.new_connection and not self.pgbouncer:
             self.set_metadata("version", snapshot.settings.version.split()[0])
+        unread = self.unread_pgbouncers()
+        if unread:  # PgBouncer's server connections cannot be told from the applications': no leak judged
+            snapshot = without_leaks(snapshot)
         snapshot = excuse_pools(snapshot, self.settings)
         opened = self.sessions.opened_by_db(snapshot)
-        metrics, folded = postgres_metrics(snapshot, self.settings, opened)
+        metrics, folded = postgres_metrics(snapshot, self.settings, opened, leaks_judged=not unread)
         self.log_folded(folded)
         self.submit(metrics)
-        return postgres_findings(snapshot, self.settings) + overdue_findings(snapshot, self._pooler, self.settings)
+        clients_read = bool(self.pgbouncers) and all(
+            (read := self.bouncers.get(p.endpoint.tag)) is not None and read.clients is not None
+            for p in self.pgbouncers
+        )
+        findings = postgres_findings(snapshot, self.settings, held_counted_at_pgbouncer=clients_read)
+        for pooler in self.poolers.values():
+            findings += overdue_findings(snapshot, pooler, self.settings)
+        return findings + self.unmatched_findings(snapshot)
 
-    def evaluate_pgbouncer(self, snapshot: PgbSnapshot) -> list[Finding]:
-        if snapshot.new_connection and snapshot.version:
+    def unread_pgbouncers(self) -> list[str]:
+        """The PgBouncers no recent read of which tells their server connections: while one is, PostgreSQL's
+        backends are not judged as the applications' (said once in the log)."""
+        unread = [p.endpoint.server_tag for p in self.pgbouncers if p.endpoint.tag not in self.poolers]
+        if unread and not self._said_unread:
+            self.log.warning(
+                "PgBouncer %s could not be read yet (or for over %d s): its server connections cannot be told from "
+                "the applications' at PostgreSQL, so no leak or budget is judged there until it is",
+                ", ".join(unread), KEPT_SECONDS,
+            )  # fmt: skip
+        self._said_unread = bool(unread)
+        return unread
+
+    def expire_poolers(self) -> None:
+        """Forget what a PgBouncer said of its server connections once it is too old to stand for them."""
+        now = time.monotonic()
+        for tag, pooler in list(self.poolers.items()):
+            if now - pooler.read_at > KEPT_SECONDS:
+                del self.poolers[tag]
+
+    def unmatched_findings(self, snapshot: PgSnapshot) -> list[Finding]:
+        """A PgBouncer read this run none of whose server connections is a backend of this PostgreSQL: said in
+        the health message while it lasts, and once in the log."""
+        if self.postgres is None:
+            return []
+        found = []
+        for tag in self.bouncers:
+            pooler = self.poolers.get(tag)
+            count = unmatched(snapshot, pooler, self.postgres.address) if pooler is not None else 0
+            if count and tag not in self._said_unmatched:
+                self.log.warning("%s", unmatched_finding(pooler, count).sentence())  # type: ignore[arg-type]
+                self._said_unmatched.add(tag)
+            if count and pooler is not None:
+                found.append(unmatched_finding(pooler, count))
+            elif not count:
+                self._said_unmatched.discard(tag)
+        return found
+
+    def all_clients(self) -> PgbSnapshot | None:
+        """The first PgBouncer read this run, with every read PgBouncer's clients: what budgets and the
+        signatures' advice count (one PgBouncer: its snapshot as it is)."""
+        read = list(self.bouncers.values())
+        if len(read) <= 1:
+            return read[0] if read else None
+        groups = tuple(g for snapshot in read if snapshot.clients is not None for g in snapshot.clients.groups)
+        first = read[0]
+        if first.clients is None:
+            return first
+        return replace(first, clients=replace(first.clients, groups=groups))
+
+    def evaluate_pgbouncer(self, endpoint: config.Endpoint, snapshot: PgbSnapshot) -> list[Finding]:
+        if snapshot.new_connection and snapshot.version and endpoint is self.settings.pgbouncer:
             self.set_metadata("version", snapshot.version)
-        self.submit(pgbouncer_metrics(snapshot, self.settings))
-        clients = resolve(snapshot, self.settings)
-        metrics, folded = client_metrics(clients, self.settings)
+        settings = self.of_pgbouncer(endpoint)
+        self.submit(pgbouncer_metrics(snapshot, settings))
+        clients = resolve(snapshot, settings)
+        metrics, folded = client_metrics(clients, settings)
         self.log_folded(folded)
         self.submit(metrics)
         if snapshot.clients is not None and not snapshot.clients.has_app and not self._said_no_app_name:
@@ -232,9 +325,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                 snapshot.version or "of an unknown version",
             )
         if self.postgres is not None:
-            self._pooler = pooler_of(snapshot)
-            self.postgres.servers = partial(pooler_keys, self._pooler)
-        return pgbouncer_findings(snapshot, self.settings) + leak_findings(clients, snapshot, self.settings)
+            self.poolers[endpoint.tag] = pooler_of(snapshot, endpoint.tag, time.monotonic())
+        return pgbouncer_findings(snapshot, settings) + leak_findings(clients, snapshot, settings)
 
     def evaluate_mysql(self, snapshot: MysqlSnapshot) -> list[Finding]:
         if snapshot.new_connection and not (self.postgres or self.pgbouncer):
@@ -256,8 +348,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         if run is not None:
             # An application seen at PostgreSQL only through PgBouncer opens its connections at PgBouncer: what
             # its processes count are PgBouncer's client logins, not sessions of PostgreSQL.
-            behind = {g.app for g in snapshot.groups if g.pooler != DIRECT}
-            behind -= {g.app for g in snapshot.groups if g.pooler == DIRECT}
+            behind = {g.app for g in snapshot.groups if not is_direct(g.pooler)}
+            behind -= {g.app for g in snapshot.groups if is_direct(g.pooler)}
             django: dict[str, float] = defaultdict(float)
             for interval in run.intervals:
                 if interval.app in behind:
@@ -266,14 +358,16 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                     django[interval.app] += growth.opened
             opened_by_app["django"] = django
         reasons: dict[str, float] = {}
-        if self._pooler is not None and self.postgres is not None:
-            logins, reasons = logged.server_events.of(self.postgres.address)
+        if self.poolers and self.postgres is not None:
+            where = self.postgres.address
+            targets = frozenset().union(*(pooler.targets(where) for pooler in self.poolers.values()))
+            logins, reasons = logged.server_events.of(targets)
             if logins:
                 opened_by_app["pgbouncer_log"] = {POOLER: logins}
         churn = self.sessions.churn(snapshot, opened_by_app, reasons)
         if churn is None:
             return [], set()
-        config = self._pooler.config if self._pooler is not None else None
+        config = next(iter(self.poolers.values())).config if self.poolers else None
         finding = churn_finding(churn, self.settings, self.settings.thresholds.churn_per_minute, pooler=config)
         return [finding], {app for app, _, _ in churn.by_app}
 
@@ -292,13 +386,15 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(django_metrics(run, self.settings.tags))
         return run
 
-    def submit_pools(self, pgb: PgbSnapshot | None, run: DjangoRun | None, timeouts: Mapping[str, int]) -> None:
+    def submit_pools(self, run: DjangoRun | None, timeouts: Mapping[str, int]) -> None:
         """OpenTelemetry's current metrics of the PgBouncer and Django pools (PostgreSQL's and MySQL's come
         with their other metrics), once this run's logs have told the PgBouncer pools' timeouts."""
         s = self.settings
-        if pgb is not None and s.pgbouncer is not None:
-            pools = pgbouncer_pools(pgb, s.pgbouncer.server_tag, s.max_tag_values, timeouts)
-            self.submit(pool_metrics(pools, (s.pgbouncer.tag, *s.tags)))
+        for endpoint in s.pgbouncers:
+            read = self.bouncers.get(endpoint.tag)
+            if read is not None:
+                pools = pgbouncer_pools(read, endpoint.server_tag, s.max_tag_values, timeouts)
+                self.submit(pool_metrics(pools, (endpoint.tag, *s.tags)))
         if run is not None:
             self.submit(pool_metrics(django_pools(run), s.tags))
 
@@ -376,6 +472,6 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             submitters[kind](name, value, tags)  # a tuple: the base class makes its own list of them
 
     def cancel(self) -> None:
-        for resource in (self.postgres, self.pgbouncer, self.mysql, self.logs, self.django):
+        for resource in (self.postgres, *self.pgbouncers, self.mysql, self.logs, self.django):
             if resource is not None:
                 resource.close()

@@ -7,6 +7,7 @@ rules in config_models/validators.py are the one validation path: every mistake 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,7 +81,14 @@ def _endpoint(kind: str, section: Any) -> Endpoint | None:
         connect_timeout=float(get("connect_timeout", DEFAULT_TIMEOUT)),
         query_timeout=float(get("query_timeout", DEFAULT_TIMEOUT)),
         ssl={name: getattr(section, name) for name in SSL_KEYS if getattr(section, name, None) is not None},
+        name=get("name", ""),
     )
+
+
+def _pgbouncers(given: Any) -> tuple[Endpoint, ...]:
+    """The PgBouncer sections: one, or a list of them."""
+    sections = given if isinstance(given, tuple) else (given,) if given is not None else ()
+    return tuple(e for e in (_endpoint("pgbouncer", section) for section in sections) if e is not None)
 
 
 def _name_filter(section: Any) -> NameFilter:
@@ -122,7 +130,7 @@ def _given(value: Any, default: Callable[[], Any]) -> Any:
 def settings_from(model: InstanceConfig) -> Settings:
     """The settings of a validated instance, defaults filled in."""
     postgres = _endpoint("postgres", model.postgres)
-    pgbouncer = _endpoint("pgbouncer", model.pgbouncer)
+    pgbouncers = _pgbouncers(model.pgbouncer)
     mysql = _endpoint("mysql", model.mysql)
     conn_max_age = model.conn_max_age  # null: persistent connections; left out: the generated default
     leak_idle_seconds = model.leak_idle_seconds
@@ -130,7 +138,11 @@ def settings_from(model: InstanceConfig) -> Settings:
         leak_idle_seconds = default_leak_idle_seconds(conn_max_age)
     return Settings(
         postgres=postgres,
-        pgbouncer=pgbouncer,
+        pgbouncer=pgbouncers[0] if pgbouncers else None,
+        pgbouncers=pgbouncers,
+        pooler_networks=tuple(
+            str(ipaddress.ip_network(address, strict=False)) for address in model.pooler_addresses or ()
+        ),
         mysql=mysql,
         conn_max_age=conn_max_age,
         leak_idle_seconds=leak_idle_seconds,

@@ -77,14 +77,17 @@ class ActivityGroup:
     leaked: int = 0
     max_age: float = 0.0  # seconds in the state; for active, since query_start
     opened: int = 0  # backends started after the previous snapshot
-    pooler: int = 0  # DIRECT, HELD or POOLER_OWN: whose connections these backends are
-    overdue: int = 0  # of POOLER_OWN groups: idle far past the pooler's own timeouts (PoolerKeys.overdue_seconds)
+    pooler: int = 0  # DIRECT, HELD, POOLER_OWN or EXTERNAL: whose connections these backends are
+    # PgBouncer's server connections among them: (key, seconds idle, -1 when not idle), as PoolerKeys.pids names them
+    servers: tuple[tuple[int, float], ...] = ()
 
 
-# ActivityGroup.pooler: who holds the backends. PgBouncer's server connections carry the application_name of
-# the last client PgBouncer lent them to; they are PgBouncer's own (POOLER_OWN) unless a client of a
-# session-mode pool holds them, which makes them that application's connection as much as a direct one (HELD).
-DIRECT, HELD, POOLER_OWN = 0, 1, 2
+# ActivityGroup.pooler: who holds the backends (owners.py says what each counts in). PgBouncer's server
+# connections carry the application_name of the last client PgBouncer lent them to; they are PgBouncer's own
+# (POOLER_OWN) unless a client of a session-mode pool holds them, which makes them that application's connection
+# as much as a direct one (HELD). EXTERNAL: connected from a pooler_addresses network, a pooler the check does
+# not read (sidecars, a managed pooler).
+DIRECT, HELD, POOLER_OWN, EXTERNAL = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,14 @@ class ServerAddress:
 
 @dataclass(frozen=True)
 class PoolerKeys:
-    """PgBouncer's server connections to this PostgreSQL, as keys of backends: pid * 65536 plus the client port
-    PostgreSQL sees (0 over a Unix socket)."""
+    """PgBouncer's server connections, as the identity of the backends they are: ``pid:port@address``, the
+    backend's pid with the client port and address PostgreSQL sees (``pid:0@`` over a Unix socket), which are
+    PgBouncer's ``remote_pid``, ``local_port`` and ``local_addr``; ``pids`` the first part, pid * 65536 plus the
+    port, a cheap first test of every backend."""
 
-    held: tuple[int, ...] = ()  # held by a client of a session-mode pool
-    own: tuple[int, ...] = ()  # PgBouncer's own: idle, or lent for a transaction
-    overdue_seconds: float | None = None  # idle longer than this, PgBouncer should have closed it; None: never
+    held: tuple[str, ...] = ()  # held by a client of a session-mode pool
+    own: tuple[str, ...] = ()  # PgBouncer's own: idle, or lent for a transaction
+    pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,7 @@ class PgbServer(NamedTuple):
     remote_pid: int | None  # the PostgreSQL backend's pid
     linked: bool  # a client holds it
     app: str  # the last client's application_name (from 1.18)
+    local_addr: str = ""  # over TCP, the address PostgreSQL sees as client_addr; "unix" over a socket
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,12 @@ class Endpoint:
     connect_timeout: float
     query_timeout: float
     ssl: Mapping[str, str]
+    name: str = ""  # what its server tag says instead of <host>:<port> (several PgBouncers on one address)
 
     # Made once: the values are read on every run (cached_property writes past the frozen fields).
     @cached_property
     def server_tag(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.name or f"{self.host}:{self.port}"
 
     @cached_property
     def tag(self) -> str:
@@ -109,7 +110,7 @@ class NameFilter:
 @dataclass(frozen=True)
 class Settings:
     postgres: Endpoint | None
-    pgbouncer: Endpoint | None
+    pgbouncer: Endpoint | None  # the first of ``pgbouncers``; in one PgBouncer's evaluation, that PgBouncer
     mysql: Endpoint | None
     conn_max_age: float | None  # None: persistent connections
     leak_idle_seconds: float
@@ -127,6 +128,8 @@ class Settings:
     apps: tuple[AppProfile, ...] = ()
     django_metrics: tuple[DjangoEndpoint, ...] = ()
     otel_semconv: str = "legacy"  # legacy, current or both (OTEL_SEMCONV)
+    pgbouncers: tuple[Endpoint, ...] = ()  # every PgBouncer section
+    pooler_networks: tuple[str, ...] = ()  # pooler_addresses, as networks (10.0.0.7/32)
 
     @property
     def otel_legacy(self) -> bool:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
@@ -104,6 +104,22 @@ class Pgbouncer(BaseModel):
     )
     connect_timeout: Optional[float] = None
     host: Optional[str] = None
+    name: Optional[str] = None
+    password: Optional[str] = None
+    port: Optional[int] = None
+    query_timeout: Optional[float] = None
+    sslmode: Optional[str] = None
+    username: Optional[str] = None
+
+
+class PgbouncerItem(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    connect_timeout: Optional[float] = None
+    host: Optional[str] = None
+    name: Optional[str] = None
     password: Optional[str] = None
     port: Optional[int] = None
     query_timeout: Optional[float] = None
@@ -231,7 +247,8 @@ class InstanceConfig(BaseModel):
     min_collection_interval: Optional[float] = None
     mysql: Optional[Mysql] = None
     otel_semconv: Optional[str] = None
-    pgbouncer: Optional[Pgbouncer] = None
+    pgbouncer: Optional[Union[Pgbouncer, tuple[PgbouncerItem, ...]]] = None
+    pooler_addresses: Optional[tuple[str, ...]] = None
     postgres: Optional[Postgres] = None
     report_leak_queries: Optional[bool] = None
     service: Optional[str] = None

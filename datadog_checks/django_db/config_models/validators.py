@@ -11,6 +11,7 @@ is. A value is echoed only when it cannot hold a secret.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import types
@@ -152,6 +153,13 @@ class _Checker:
         kind = _unwrap(annotation)
         if value is None:
             return None
+        if get_origin(kind) in (Union, types.UnionType):  # one section, or a list of them (pgbouncer)
+            section, sections = (a for a in get_args(kind) if a is not type(None))
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    self.fail(key, "must be a mapping of options, or a list of at least one", value)
+                return self.value(key, value, sections)
+            return self.value(key, value, section)
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             return self.section(key, value, kind)
         if kind is bool:
@@ -265,10 +273,16 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
     """The rules the models' types cannot say."""
     if all(values.get(name) is None for name in ENDPOINTS):
         raise ConfigurationError("the instance needs a `postgres` section, a `pgbouncer` section or a `mysql` section")
-    for name in ENDPOINTS:
-        sslmode = (values.get(name) or {}).get("sslmode")
+    for key, section in _endpoint_sections(values):
+        sslmode = section.get("sslmode")
         if sslmode is not None and sslmode not in SSLMODES:
-            checker.fail(f"{name}.sslmode", f"must be one of {', '.join(SSLMODES)}", sslmode)
+            checker.fail(f"{key}.sslmode", f"must be one of {', '.join(SSLMODES)}", sslmode)
+    _check_pgbouncers(checker, values.get("pgbouncer"))
+    for index, address in enumerate(values.get("pooler_addresses") or ()):
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            checker.fail(f"pooler_addresses[{index}]", "is not an IP address or a CIDR network", address)
     group_by = values.get("group_by")
     if group_by is not None:
         for index, dimension in enumerate(group_by):
@@ -304,6 +318,37 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
         critical = levels.get("critical", critical)
         if warning is not None and critical is not None and warning > critical:
             checker.fail(f"thresholds.{name}", f"warning {warning:g} is above critical {critical:g}", echo=False)
+
+
+def _endpoint_sections(values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each server section with its key: ``pgbouncer[1]`` where PgBouncer's are a list."""
+    found = []
+    for name in ENDPOINTS:
+        given = values.get(name)
+        if isinstance(given, (list, tuple)):
+            found += [(f"{name}[{index}]", section) for index, section in enumerate(given)]
+        elif given is not None:
+            found.append((name, given))
+    return found
+
+
+def _check_pgbouncers(checker: _Checker, given: Any) -> None:
+    """Several PgBouncers are told apart: no two report under the same ``pgbouncer_server`` tag."""
+    if not isinstance(given, (list, tuple)):
+        return
+    defaults = ENDPOINT_DEFAULTS["pgbouncer"]
+    seen: set[str] = set()
+    for index, section in enumerate(given):
+        host, port = section.get("host") or defaults["host"], section.get("port") or defaults["port"]
+        tag = section.get("name") or f"{host}:{port}"
+        if tag in seen:
+            checker.fail(
+                f"pgbouncer[{index}]",
+                "reports under the same pgbouncer_server tag as another PgBouncer: give each its own `name` "
+                "(or reach each over its own host, port or unix_socket_dir)",
+                tag,
+            )
+        seen.add(tag)
 
 
 def _check_apps(checker: _Checker, apps: Any) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from ..records import POOLER_OWN, PgSnapshot
+from ..owners import is_applications
+from ..records import PgSnapshot
 from ..settings import AppProfile, Settings, profile_for
 from .groups import select
 
@@ -19,7 +20,7 @@ def connections_by_profile(snapshot: PgSnapshot, settings: Settings) -> dict[str
     if not settings.apps:
         return found
     for group in select(snapshot.groups, settings):
-        if group.pooler == POOLER_OWN:
+        if not is_applications(group.pooler):
             continue
         profile = profile_for(settings.apps, group.app)
         if profile is not None:

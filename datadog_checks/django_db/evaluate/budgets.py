@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..records import DIRECT, HELD, PgbSnapshot, PgSnapshot
+from ..owners import counted_at_postgres
+from ..records import PgbSnapshot, PgSnapshot
 from ..settings import AppProfile, Settings, profile_for
 from .groups import select
 from .model import Finding, Metric, Status, Subject, tag_value
@@ -27,14 +28,13 @@ def counts(pg: PgSnapshot | None, pgb: PgbSnapshot | None, settings: Settings) -
         return found
     clients = pgb.clients if pgb is not None else None
     # A server connection a session-mode client holds is the application's: counted as that client at
-    # PgBouncer where the clients were read, else at PostgreSQL. PgBouncer's own are nobody's.
-    counted_at_postgres = (DIRECT,) if clients is not None else (DIRECT, HELD)
+    # PgBouncer where the clients were read, else at PostgreSQL. A pooler's own are nobody's.
     if pg is not None:
         for profile in settings.apps:
             found[profile.name][POSTGRES] = Counter()
         for group in select(pg.groups, settings):
             owner = profile_for(settings.apps, group.app)
-            if owner is not None and group.pooler in counted_at_postgres:
+            if owner is not None and counted_at_postgres(group.pooler, clients is not None):
                 found[owner.name][POSTGRES][group.app] += group.count
     if clients is not None:
         for profile in settings.apps:

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..owners import EXTERNAL_OPENS, PGBOUNCER_OPENS, POOLERS_OPENING
 from ..records import PgbConfig
 from ..settings import Level, Settings, profile_for
 from .groups import ranked
@@ -39,8 +40,8 @@ SOURCE_NAMES = {
     "django": "the processes' counters",
     "sampled": "pg_stat_activity",
 }
-# Who opens PgBouncer's server connections: PgBouncer. No application_name can hold a NUL.
-POOLER = "\0pgbouncer"
+# Who opens PgBouncer's server connections: PgBouncer; a declared pooler's: that pooler (owners.opener).
+POOLER = PGBOUNCER_OPENS
 
 # PostgreSQL 12 and later (log_connections): "connection authorized: user=app database=shop application_name=web",
 # then " SSL enabled (...)" or " GSS (...)" when in use; application_name only when the client sent one.
@@ -181,6 +182,8 @@ class ChurnWindow:
 
 
 def who(app: str) -> str:
+    if app == EXTERNAL_OPENS:
+        return "the poolers at pooler_addresses"
     return "PgBouncer" if app == POOLER else f"app={app or 'none'}"
 
 
@@ -193,7 +196,9 @@ def churn_finding(
     status = level(churn.per_minute, threshold)
     text = f"{churn.per_minute:.0f} {what} a minute opened and closed again (churn, over {churn.seconds:.0f} s)"
     named = [
-        (app, rate, source) for app, rate, source in churn.by_app if app == POOLER or settings.applications.allows(app)
+        (app, rate, source)
+        for app, rate, source in churn.by_app
+        if app in POOLERS_OPENING or settings.applications.allows(app)
     ]
     finding = Finding("connection_churn", status, text, figure=churn.per_minute, threshold=crossed(threshold, status))
     if not named:
@@ -217,13 +222,17 @@ def churn_finding(
         text += f", by {SOURCE_NAMES[sources.pop()]}"
     shown = [app for app, _, _ in named[:3]]
     advice = [pooler_advice(churn, pooler)] if POOLER in shown else []
-    advice += app_advice([app for app in shown if app != POOLER], churn.lifetimes, settings)
+    if EXTERNAL_OPENS in shown:
+        advice.append("the poolers at pooler_addresses open them: see their own server lifetime and idle timeouts")
+    advice += app_advice([app for app in shown if app not in POOLERS_OPENING], churn.lifetimes, settings)
     subjects = tuple(Subject((subject_tag(app),), rate) for app, rate, _ in named)
     return finding._replace(text=text, advice="; ".join(advice), subjects=subjects)
 
 
 def subject_tag(app: str) -> str:
     """The tag of who opens connections: an application, or PgBouncer itself."""
+    if app == EXTERNAL_OPENS:
+        return "pooler:external"
     return "pooler:pgbouncer" if app == POOLER else f"app:{tag_value(app)}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 
+from ..owners import counted_at_postgres
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from ..settings import Settings
 from . import session_state
@@ -167,7 +168,11 @@ def _advice(signature: Signature, pg: PgSnapshot | None, pgb: PgbSnapshot | None
     return signature.advice
 
 
-def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]:
+def postgres_findings(
+    snapshot: PgSnapshot, settings: Settings, held_counted_at_pgbouncer: bool = False
+) -> list[Finding]:
+    """``held_counted_at_pgbouncer``: PgBouncer's clients were read, so a session-mode client's idle server
+    connection is that client's leak, told once there (leaked_clients, with the servers it pins), not again here."""
     t = settings.thresholds
     findings = []
     used, usable = client_backends(snapshot), snapshot.settings.usable_slots
@@ -195,7 +200,7 @@ def postgres_findings(snapshot: PgSnapshot, settings: Settings) -> list[Finding]
     oldest_tx, oldest_app = 0.0, ""
     hidden = 0
     for g in groups:
-        if g.leaked:
+        if g.leaked and counted_at_postgres(g.pooler, held_counted_at_pgbouncer):
             leaked[g.app] += g.leaked
         if g.state in IDLE_IN_TRANSACTION:
             in_tx[g.app] += g.count

@@ -1,9 +1,11 @@
 """OpenTelemetry's connection-pool metrics under the semantic conventions' current names (1.26 on; the
 attributes as 1.28 names them), for every pool the check knows. No I/O.
 
-A pool hands out connections and keeps them: PostgreSQL (or MySQL) itself, per database
-(``<host>:<port>/<db>``); each PgBouncer pool (``<host>:<port>/<db>/<user>``); each Django pool read
-through ``django_metrics`` (``<app>/<alias>``, summed over the application's processes).
+A pool hands out connections and keeps them: PostgreSQL (or MySQL) itself, one pool of the whole server
+(``<host>:<port>``: its usable slots are its limit, once) holding the connections clients make to it directly
+(PgBouncer's server connections are counted in PgBouncer's pools, a declared pooler's in none); each PgBouncer
+pool (``<host>:<port>/<db>/<user>``); each Django pool read through ``django_metrics`` (``<app>/<alias>``, summed
+over the application's processes). A connection counts in one pool only.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ def pool_metrics(pools: Iterable[Pool], base: tuple[str, ...]) -> Iterator[Metri
 
 
 def server_pools(server_tag: str, by_db: Mapping[str, tuple[float, float]], slots: float) -> list[Pool]:
-    """PostgreSQL or MySQL, one pool per database: (used, idle) connections by database, the server's slots."""
-    return [Pool(f"{server_tag}/{db}", used, idle, slots) for db, (used, idle) in by_db.items()]
+    """PostgreSQL or MySQL as one pool: the (used, idle) connections of every database, the server's slots."""
+    used = sum(u for u, _ in by_db.values())
+    idle = sum(i for _, i in by_db.values())
+    return [Pool(server_tag, used, idle, slots)]
 
 
 def _n(value: float | None) -> float:

@@ -7,15 +7,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ..owners import is_direct, opener, pooler_tags
 from ..records import DIRECT, PgSnapshot
 from ..settings import Settings
-from .churn import POOLER, Churn, ChurnWindow, Sample
+from .churn import Churn, ChurnWindow, Sample
 from .groups import fold, ratio, select
 from .model import Metric, tag_value
 from .otel import pool_metrics, server_pools
 
 PREFIX = "django_db.postgres."
-POOLER_TAG = "pooler:pgbouncer"
+LEAKED = PREFIX + "leaked_connections"
 
 # pg_stat_activity's state names as tag values.
 STATE_TAGS = {
@@ -71,13 +72,13 @@ class SessionHistory:
         """Connections opened and closed again over at least a minute of runs (None until then), with what
         each application opened by source (``log``, ``django``, ``pgbouncer_log``; backends seen started since
         the previous run are added as ``sampled``). PgBouncer's server connections count as PgBouncer's
-        (``POOLER``), whatever name its last client gave them; ``reasons``: why PgBouncer closed its servers."""
+        (``owners.opener``), whatever name its last client gave them; ``reasons``: why PgBouncer closed its servers."""
         connections: Counter[str] = Counter()
         sampled: Counter[str] = Counter()
         for group in snapshot.groups:
-            opener = group.app if group.pooler == DIRECT else POOLER
-            connections[opener] += group.count
-            sampled[opener] += group.opened
+            who = opener(group.pooler, group.app)
+            connections[who] += group.count
+            sampled[who] += group.opened
         sources = {**opened_by_app, "sampled": +sampled}
         sample = Sample(
             snapshot.server_time, self.opened_total, sum(connections.values()), connections, sources, reasons or {}
@@ -100,10 +101,10 @@ def _series(
     db_app = (tags["db"], tags["app"])
     in_use = "state:idle" if state == "idle" else "state:used"
     # PgBouncer's server connections keep the app tag PgBouncer's last client gave them, and say whose they are.
-    pooled = () if pooler == DIRECT else (POOLER_TAG,)
+    pooled = pooler_tags(pooler)
     return (
         (PREFIX + "connections", (*base, f"state:{state_tag(state)}", *by, *pooled)),
-        (PREFIX + "leaked_connections", (*base, tags["db"], tags["user"], tags["app"])),
+        (LEAKED, (*base, tags["db"], tags["user"], tags["app"])),
         (PREFIX + "waiting_on_lock", (*base, *db_app)),
         ("django_db.connections.usage", (*base, in_use, *db_app)),
         ("db.client.connections.usage", (*base, in_use, f"pool.name:{server_tag}/{tag_value(db)}")),
@@ -123,9 +124,10 @@ SESSION_ENDS = tuple((f"{PREFIX}sessions.{name}", name) for name in ("abandoned"
 
 
 def postgres_metrics(
-    snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int]
+    snapshot: PgSnapshot, settings: Settings, opened_by_db: dict[str, int], leaks_judged: bool = True
 ) -> tuple[list[Metric], dict[str, list[str]]]:
-    """The PostgreSQL metrics of one snapshot, and the values folded into ``other``."""
+    """The PostgreSQL metrics of one snapshot, and the values folded into ``other``. ``leaks_judged``: False while
+    a PgBouncer's server connections cannot be told from the applications' (no leaked_connections then)."""
     assert settings.postgres is not None
     base = (settings.postgres.tag, *settings.tags)
     server = snapshot.settings
@@ -154,13 +156,14 @@ def postgres_metrics(
             base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr, g.pooler
         )
         sums[connections] = sums.get(connections, 0.0) + g.count
-        sums[leaked] = sums.get(leaked, 0.0) + g.leaked
+        if leaks_judged:
+            sums[leaked] = sums.get(leaked, 0.0) + g.leaked
         sums[waiting] = sums.get(waiting, 0.0) + g.waiting_on_lock
         if usage:
             sums[in_use] = sums.get(in_use, 0.0) + g.count
         if otel:
             sums[otel_use] = sums.get(otel_use, 0.0) + g.count
-        if current:
+        if current and is_direct(g.pooler):
             in_pool, idle_in_pool = pools.get(tag_value(g.db), (0.0, 0.0))
             if g.state == "idle":
                 pools[tag_value(g.db)] = (in_pool, idle_in_pool + g.count)

@@ -310,13 +310,15 @@ def parse_servers(result: Result) -> tuple[PgbServer, ...]:
     db, user, state = result.getter("database"), result.getter("user"), result.getter("state")
     addr, port, local_port = result.getter("addr"), result.getter("port"), result.getter("local_port")
     pid, link, app = result.getter("remote_pid"), result.getter("link"), result.getter("application_name")
+    local_addr = result.getter("local_addr")
     servers = []
     for row in result.rows:
         name = _text(db(row))
         if name == ADMIN_DB:
             continue
         where = (_text(addr(row)), _integer(port(row)), _integer(local_port(row)), _integer(pid(row)))
-        servers.append(PgbServer(name, _text(user(row)), _text(state(row)), *where, bool(link(row)), _text(app(row))))
+        found = PgbServer(name, _text(user(row)), _text(state(row)), *where, bool(link(row)), _text(app(row)))
+        servers.append(found._replace(local_addr=_text(local_addr(row))))
     return tuple(servers)
 
 

@@ -12,8 +12,8 @@ from psycopg import sql
 
 from ..addresses import addresses_of
 from ..connection import Reconnecting, deadline
+from ..owners import is_poolers
 from ..records import (
-    POOLER_OWN,
     ActivityGroup,
     DatabaseSessions,
     LeakSuspect,
@@ -54,7 +54,7 @@ SELECT state, datid, usesysid, application_name, {extra} AS client_addr, {pooler
        date_part('epoch', now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END)) AS max_age,
        count(*) FILTER (WHERE backend_start > %(since)s) AS opened,
        date_part('epoch', now()) AS now,
-       {overdue} AS overdue,
+       {server_keys} AS server_keys, {server_idle} AS server_idle,
        {leaked}{sessions}
 FROM pg_stat_activity
 WHERE {client_backends}
@@ -63,21 +63,41 @@ GROUP BY 1, 2, 3, 4, 5, 6, '0'::xid
 
 # Columns of the statement's rows, by position; the leak counts from LEAKED on, one per threshold,
 # then (PostgreSQL 14 and later) a database's sessions.
-STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, NOW, OVERDUE, LEAKED = range(13)
-
-# With a pgbouncer section: whose backends they are (records.DIRECT, HELD, POOLER_OWN), from PgBouncer's
-# server connections to this server (SHOW SERVERS), given as keys: pid * 65536 plus the client port (0 over a
-# Unix socket). Two arrays, one type whatever they hold: the statement stays prepared once.
-BACKEND_KEY = "(pid::int8 * 65536 + greatest(client_port, 0))"
-# The arrays come as text, made int8[] once per execution (a sub-select), not once per row.
-HELD_KEYS, OWN_KEYS = "(SELECT %(held)s::int8[])::int8[]", "(SELECT %(own)s::int8[])::int8[]"
-POOLER_SQL = f"CASE WHEN {BACKEND_KEY} = ANY({HELD_KEYS}) THEN 1 WHEN {BACKEND_KEY} = ANY({OWN_KEYS}) THEN 2 ELSE 0 END"
-# PgBouncer's own idle server connections far past its timeouts (PoolerKeys.overdue_seconds).
-OVERDUE_SQL = (
-    "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(overdue)s)))"
+STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, NOW, SERVER_KEYS, SERVER_IDLE, LEAKED = range(
+    14
 )
-NOT_POOLERS = f"AND coalesce({BACKEND_KEY} <> ALL({OWN_KEYS}), true)"
-NEVER_OVERDUE = 1e9  # seconds: no idle backend is that old
+
+# Whose backends they are (records.DIRECT, HELD, POOLER_OWN, EXTERNAL; owners.py says what each counts in).
+# With a pgbouncer section, from PgBouncer's server connections (SHOW SERVERS) by their identity: a backend's key
+# (pid * 65536 plus the client port, 0 over a Unix socket) first, a cheap test of every row against the int8
+# array `pids`; then, of the few that pass, the key with the client address (`<key>@<address>`) against the
+# text arrays `held` and `own`. Arrays, one type whatever they hold: the statement stays prepared once; made
+# once per execution (a sub-select), not once per row. With pooler_addresses, a backend connected from one of
+# those networks is a pooler's the check does not read.
+BACKEND_KEY = "(pid::int8 * 65536 + greatest(client_port, 0))"
+IDENTITY = f"({BACKEND_KEY}::text || '@' || coalesce(host(client_addr), ''))"
+PIDS = "(SELECT %(pids)s::int8[])::int8[]"
+HELD_KEYS, OWN_KEYS = "(SELECT %(held)s::text[])::text[]", "(SELECT %(own)s::text[])::text[]"
+NETWORKS = "(SELECT %(networks)s::inet[])::inet[]"
+EXTERNAL_SQL = f"CASE WHEN client_addr <<= ANY({NETWORKS}) THEN 3 ELSE 0 END"
+PGBOUNCER_SQL = (
+    f"CASE WHEN {BACKEND_KEY} = ANY({PIDS}) THEN CASE WHEN {IDENTITY} = ANY({HELD_KEYS}) THEN 1 "
+    f"WHEN {IDENTITY} = ANY({OWN_KEYS}) THEN 2 ELSE {{rest}} END ELSE {{rest}} END"
+)
+# PgBouncer's server connections with how long each is idle (-1: not idle): its overdue ones, pool by pool, and
+# whether its connections are found at all. Only the few rows whose key is one of PgBouncer's are aggregated.
+OF_PGBOUNCER = f"FILTER (WHERE {BACKEND_KEY} = ANY({PIDS}))"
+SERVER_KEYS_SQL = f"array_agg({BACKEND_KEY}) {OF_PGBOUNCER}"
+SERVER_IDLE_SQL = (
+    "array_agg(CASE WHEN state = 'idle' THEN date_part('epoch', now() - state_change) ELSE -1 END) " + OF_PGBOUNCER
+)
+
+
+def pooler_sql(pgbouncer: bool, networks: bool) -> str:
+    """The statement's ``pooler`` column: 0 (an application's) unless a PgBouncer or pooler_addresses says."""
+    rest = EXTERNAL_SQL if networks else "0"
+    return PGBOUNCER_SQL.format(rest=rest) if pgbouncer else rest
+
 
 # From PostgreSQL 14, the sessions of each database come in the same statement, one row per database
 # below the groups (their `n` NULL, every column NULL but datid, now and the sessions): one round trip,
@@ -87,7 +107,7 @@ NEVER_OVERDUE = 1e9  # seconds: no idle backend is that old
 SESSIONS_COLUMNS = ", NULL::int8 AS sessions, NULL::int8, NULL::int8, NULL::int8"
 DATABASE_SQL = """
 UNION ALL
-SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), NULL, {no_leaks}
+SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), NULL, NULL, {no_leaks}
        pg_stat_get_db_sessions(oid), pg_stat_get_db_sessions_abandoned(oid), pg_stat_get_db_sessions_fatal(oid),
        pg_stat_get_db_sessions_killed(oid)
 FROM pg_database WHERE NOT datistemplate
@@ -147,7 +167,8 @@ LEAK_SUSPECTS_SQL = """
 SELECT COALESCE(application_name, ''), COALESCE(host(client_addr), 'local'), datname, usename,
        extract(epoch FROM now() - state_change)::float8, query
 FROM pg_stat_activity
-WHERE {client_backends} AND state = 'idle' AND state_change < now() - make_interval(secs => %(leak)s) {not_poolers}
+WHERE {client_backends} AND state = 'idle' AND state_change < now() - make_interval(secs => %(leak)s)
+      AND {pooler} IN (0, 1)
 ORDER BY state_change
 LIMIT 50
 """
@@ -170,10 +191,12 @@ class PostgresSource(Reconnecting):
         apps: tuple[AppProfile, ...] = (),
         want_suspects: bool = False,
         pooler: bool = False,
+        networks: tuple[str, ...] = (),
     ):
         """``apps``: the profiles whose leak thresholds their applications use (the first match wins);
         others use ``leak_idle_seconds``. ``want_suspects``: read the leaked connections' last queries too.
-        ``pooler``: PgBouncer fronts this server and its server connections are told apart (``servers``)."""
+        ``pooler``: PgBouncer fronts this server and its server connections are told apart (``servers``).
+        ``networks``: pooler_addresses, where backends connected from are a pooler's the check does not read."""
         self.endpoint = endpoint
         self.want_suspects = want_suspects
         self.since: float | None = None  # the server's time at the previous snapshot
@@ -185,9 +208,11 @@ class PostgresSource(Reconnecting):
         self.log = log
         extra = CLIENT_ADDR if "client_addr" in group_by else "''"
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
+        whose = pooler_sql(pooler, bool(networks))
         activity = {
-            "extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked,
-            "pooler": POOLER_SQL if pooler else "0", "overdue": OVERDUE_SQL if pooler else "0::int8",
+            "extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked, "pooler": whose,
+            "server_keys": SERVER_KEYS_SQL if pooler else "NULL::int8[]",
+            "server_idle": SERVER_IDLE_SQL if pooler else "NULL::float8[]",
         }  # fmt: skip
         self.activity_sql = ACTIVITY_SQL.format(**activity, sessions="")
         no_leaks = "NULL, " * len(self.thresholds)
@@ -195,12 +220,10 @@ class PostgresSource(Reconnecting):
             no_leaks=no_leaks
         )
         self.sessions_at = LEAKED + len(self.thresholds)  # the column of a database's sessions
-        self.suspects_sql = LEAK_SUSPECTS_SQL.format(
-            client_backends=CLIENT_BACKENDS, not_poolers=NOT_POOLERS if pooler else ""
-        )
+        self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS, pooler=whose)
         # The statement's parameters but the previous run's time and PgBouncer's servers, which each run sets.
         self.params: dict[str, Any] = {"leak": self.thresholds[0], "since": NEVER}
-        self.params.update({"held": "{}", "own": "{}", "overdue": NEVER_OVERDUE})
+        self.params.update({"held": "{}", "own": "{}", "pids": "{}", "networks": inet_array(networks)})
         self.params.update({f"leak{i}": seconds for i, seconds in enumerate(self.thresholds)})
         self.settings: ServerSettings | None = None
         # The activity statement's cursor on the open connection, kept: its result loaders are found once.
@@ -239,8 +262,7 @@ class PostgresSource(Reconnecting):
         # A time no backend started after: none counts as opened at first.
         params["since"] = NEVER if since is None else datetime.fromtimestamp(since, UTC)
         keys = servers(self.address) if servers is not None else PoolerKeys()
-        params["held"], params["own"] = keys_text(keys.held), keys_text(keys.own)
-        params["overdue"] = NEVER_OVERDUE if keys.overdue_seconds is None else keys.overdue_seconds
+        params["held"], params["own"], params["pids"] = array(keys.held), array(keys.own), array(keys.pids)
         with_sessions = settings.version_num >= 140000
         db_names, user_names = self.db_names, self.user_names
         with deadline(conn, timeout):
@@ -256,8 +278,8 @@ class PostgresSource(Reconnecting):
                 self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
                 self.templates = frozenset(oid for kind, oid, _, template in names if template)
             rows = [r for r in every if r[N] is not None]
-            # PgBouncer's own server connections are no application's leak: their overdue count stands instead.
-            leaked = [0 if r[POOLER] == POOLER_OWN else r[LEAKED + self.leak_threshold(r[APP] or "")] for r in rows]
+            # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead.
+            leaked = [0 if is_poolers(r[POOLER]) else r[LEAKED + self.leak_threshold(r[APP] or "")] for r in rows]
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
                 found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
@@ -288,7 +310,8 @@ class PostgresSource(Reconnecting):
             max_age,
             opened,
             _,
-            overdue,
+            server_keys,
+            server_idle,
             *_,
         ) in enumerate(rows):
             if datid in templates:
@@ -299,8 +322,8 @@ class PostgresSource(Reconnecting):
                 state = STARTING
             db, user = db_names.get(datid, ""), user_names.get(usesysid, "")
             age = max(0.0, max_age or 0.0)
-            mine = overdue if pooler == POOLER_OWN else 0
-            group = (state, db, user, app or "", client_addr or "", n, waiting, leaked[i], age, opened, pooler, mine)
+            pooled = tuple(zip(server_keys, server_idle, strict=True)) if server_keys else ()
+            group = (state, db, user, app or "", client_addr or "", n, waiting, leaked[i], age, opened, pooler, pooled)
             groups.append(ActivityGroup(*group))
         return PgSnapshot(settings, tuple(groups), databases, server_time, new, suspects, on_templates)
 
@@ -383,9 +406,15 @@ class PostgresSource(Reconnecting):
         return {**values, **server}, ()
 
 
-def keys_text(keys: tuple[int, ...]) -> str:
-    """An int8[] literal: one parameter of one type whatever the keys, so the statement is prepared once."""
+def array(keys: tuple[int, ...] | tuple[str, ...]) -> str:
+    """An array literal of keys (digits, ``@``, an address's digits, dots and colons: nothing to quote): one
+    parameter of one type whatever the keys, so the statement is prepared once."""
     return "{" + ",".join(map(str, keys)) + "}"
+
+
+def inet_array(networks: tuple[str, ...]) -> str:
+    """An inet[] literal of pooler_addresses, validated at start (ipaddress): nothing to quote."""
+    return "{" + ",".join(networks) + "}"
 
 
 def _scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
