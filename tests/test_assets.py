@@ -205,6 +205,21 @@ def test_monitor_messages_name_only_their_groups(path):
         assert set(TEMPLATE_VARIABLE.findall(text)) <= by, text
 
 
+def _groupings(query: str) -> list[tuple[str, set[str]]]:
+    """(metric, group-by keys) of every grouped metric query."""
+    return [(m["metric"], _keys(m["by"])) for m in METRIC_QUERY.finditer(query) if m["by"]]
+
+
+def test_pgbouncer_pools_are_told_apart_by_their_pgbouncer():
+    """Two PgBouncers may have pools of the same names: a widget or monitor that groups PgBouncer's figures by
+    pool groups them by PgBouncer too, so neither's pools hide the other's."""
+    queries = list(_strings(json.loads(DASHBOARD.read_text())["widgets"], "query"))
+    queries += [json.loads(path.read_text())["definition"]["query"] for path in MONITORS]
+    by_pool = [(metric, by) for query in queries for metric, by in _groupings(query) if by & {"pgbouncer_db", "user"}]
+    by_pool = [(metric, by) for metric, by in by_pool if metric.startswith("django_db.pgbouncer.")]
+    assert by_pool and all("pgbouncer_server" in by for _, by in by_pool), by_pool
+
+
 def test_every_monitor_is_listed_in_the_manifest():
     listed = {ROOT / p for p in MANIFEST["assets"]["monitors"].values()}
     assert listed == set(MONITORS)

@@ -23,6 +23,16 @@ PG = {"host": "127.0.0.1", "port": 5432, "username": "datadog", "password": "s3c
         ({"postgres": {**PG, "port": 70000}}, "postgres.port"),
         ({"postgres": {**PG, "port": True}}, "postgres.port"),
         ({"pgbouncer": {"port": 0}}, "pgbouncer.port"),
+        ({"pgbouncer": [{"port": 6432}, {"port": 0}]}, "pgbouncer[1].port"),
+        ({"pgbouncer": [{"port": 6432}, {"port": 6432, "sslmode": "maybe"}]}, "pgbouncer[1].sslmode"),
+        ({"pgbouncer": [{"port": 6432}, {"port": 6432}]}, "pgbouncer[1]"),
+        ({"pgbouncer": [{"name": "a"}, {"port": 7000, "name": "a"}]}, "pgbouncer[1]"),
+        ({"pgbouncer": [{"port": 6432}, "host=x"]}, "pgbouncer[1]"),
+        ({"pgbouncer": []}, "pgbouncer"),
+        ({"pgbouncer": [{"hots": "x"}]}, "unknown option 'hots'"),
+        ({"postgres": PG, "pooler_addresses": ["10.0.0.0/33"]}, "pooler_addresses[0]"),
+        ({"postgres": PG, "pooler_addresses": ["sidecar.local"]}, "pooler_addresses[0]"),
+        ({"postgres": PG, "pooler_addresses": "10.0.0.0/8"}, "pooler_addresses"),
         ({"mysql": {"port": 99999}}, "mysql.port"),
         ({"mysql": {"query_timeout": 0}}, "mysql.query_timeout"),
         ({"mysql": {"dbname": "appdb"}}, "unknown option 'dbname'"),
@@ -200,3 +210,25 @@ def test_name_filters_match_anywhere_unless_anchored():
     assert not settings.applications.allows("celery-web")
     assert not settings.applications.allows("web-admin")
     assert parse({"postgres": PG}).applications.allows("")
+
+
+def test_several_pgbouncers_each_with_its_own_tag():
+    settings = parse(
+        {
+            "postgres": PG,
+            "pgbouncer": [
+                {"host": "/var/run/pgbouncer-1", "port": 6432},
+                {"host": "/var/run/pgbouncer-2", "port": 6432, "name": "pgb-2"},
+            ],
+            "pooler_addresses": ["10.42.0.7", "fd00:42::/64", "10.42.1.0/24"],
+        }
+    )
+    assert [e.tag for e in settings.pgbouncers] == [
+        "pgbouncer_server:/var/run/pgbouncer-1:6432",
+        "pgbouncer_server:pgb-2",
+    ]
+    assert settings.pgbouncer == settings.pgbouncers[0]
+    assert settings.pooler_networks == ("10.42.0.7/32", "fd00:42::/64", "10.42.1.0/24")
+    one = parse({"postgres": PG, "pgbouncer": {"port": 6432}})
+    assert one.pgbouncers == (one.pgbouncer,) and one.pgbouncer is not None
+    assert one.pgbouncer.tag == "pgbouncer_server:localhost:6432"

@@ -110,7 +110,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         # them, for KEPT_SECONDS, so that a hung PgBouncer's idle servers are not taken for an application's leak.
         self.poolers: dict[str, Pooler] = {}
         self.bouncers: dict[str, PgbSnapshot] = {}  # this run's snapshot of each PgBouncer read, by its tag
-        self._said_unmatched: set[str] = set()
+        self._unmatched: dict[str, int] = {}  # runs in a row each PgBouncer's servers matched no backend
         self._said_unread = False
         if self.postgres is not None and self.pgbouncers:
             self.postgres.servers = lambda where: pooler_keys(tuple(self.poolers.values()), where)
@@ -242,6 +242,13 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         if snapshot.new_connection and not self.pgbouncer:
             self.set_metadata("version", snapshot.settings.version.split()[0])
         unread = self.unread_pgbouncers()
+        if unread and not self._said_unread:
+            self.log.warning(
+                "PgBouncer %s could not be read yet (or for over %d s): its server connections cannot be told from "
+                "the applications' at PostgreSQL, so no leak or budget is judged there until it is",
+                ", ".join(unread), KEPT_SECONDS,
+            )  # fmt: skip
+        self._said_unread = bool(unread)
         if unread:  # PgBouncer's server connections cannot be told from the applications': no leak judged
             snapshot = without_leaks(snapshot)
         snapshot = excuse_pools(snapshot, self.settings)
@@ -260,16 +267,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     def unread_pgbouncers(self) -> list[str]:
         """The PgBouncers no recent read of which tells their server connections: while one is, PostgreSQL's
-        backends are not judged as the applications' (said once in the log)."""
-        unread = [p.endpoint.server_tag for p in self.pgbouncers if p.endpoint.tag not in self.poolers]
-        if unread and not self._said_unread:
-            self.log.warning(
-                "PgBouncer %s could not be read yet (or for over %d s): its server connections cannot be told from "
-                "the applications' at PostgreSQL, so no leak or budget is judged there until it is",
-                ", ".join(unread), KEPT_SECONDS,
-            )  # fmt: skip
-        self._said_unread = bool(unread)
-        return unread
+        backends are not judged as the applications'."""
+        return [p.endpoint.server_tag for p in self.pgbouncers if p.endpoint.tag not in self.poolers]
 
     def expire_poolers(self) -> None:
         """Forget what a PgBouncer said of its server connections once it is too old to stand for them."""
@@ -279,21 +278,25 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                 del self.poolers[tag]
 
     def unmatched_findings(self, snapshot: PgSnapshot) -> list[Finding]:
-        """A PgBouncer read this run none of whose server connections is a backend of this PostgreSQL: said in
-        the health message while it lasts, and once in the log."""
+        """A PgBouncer read none of whose server connections is a backend of this PostgreSQL, two runs in a row
+        (servers PgBouncer closed between its read and PostgreSQL's are no sign): said in the health message
+        while it lasts, and once in the log."""
         if self.postgres is None:
             return []
         found = []
         for tag in self.bouncers:
             pooler = self.poolers.get(tag)
             count = unmatched(snapshot, pooler, self.postgres.address) if pooler is not None else 0
-            if count and tag not in self._said_unmatched:
-                self.log.warning("%s", unmatched_finding(pooler, count).sentence())  # type: ignore[arg-type]
-                self._said_unmatched.add(tag)
-            if count and pooler is not None:
-                found.append(unmatched_finding(pooler, count))
-            elif not count:
-                self._said_unmatched.discard(tag)
+            if not count or pooler is None:
+                self._unmatched.pop(tag, None)
+                continue
+            runs = self._unmatched[tag] = self._unmatched.get(tag, 0) + 1
+            if runs < 2:
+                continue
+            finding = unmatched_finding(pooler, count)
+            if runs == 2:
+                self.log.warning("%s", finding.sentence())
+            found.append(finding)
         return found
 
     def all_clients(self) -> PgbSnapshot | None:
