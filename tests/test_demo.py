@@ -193,7 +193,7 @@ def test_demo_runs_every_phase_and_cleans_up():
     summary = output[output.index("=== summary") : output.index("cleaned up:")]
     flat = " ".join(line.strip() for line in summary.splitlines())
     assert re.search(r"^healthy +OK", summary, re.M)
-    for name, words in (("leak", "(leaked)"), ("stuck", "idle in transaction"), ("saturation", "max_client_conn")):
+    for name, words in (("leak", "(leaked"), ("stuck", "idle in transaction"), ("saturation", "max_client_conn")):
         section = flat[flat.index(f"{name} ") :]
         assert re.match(rf"{name} +(WARNING|CRITICAL) ", section), section[:200]
         assert words in section[: section.index("what to do:")]

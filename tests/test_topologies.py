@@ -256,7 +256,7 @@ def test_a_session_mode_leak_is_reported_once_with_both_figures(aggregator, dd_r
     try:
         for conn in sticky:
             conn.execute("SELECT 1")
-        time.sleep(LEAK + 0.5)
+        time.sleep(LEAK + 1.5)  # PgBouncer's request_time counts whole seconds
         check = DjangoDbCheck("django_db", {}, [monitor(box)])
         try:
             dd_run_check(check)
