@@ -68,20 +68,26 @@ def burst(bouncer: PgBouncer, app: str = "web", count: int = BURST) -> None:
         list(pool.map(one, range(count)))
 
 
-def leaky(box: Sandbox, count: int = 2, host: str = "127.0.0.1") -> list[psycopg.Connection]:
+def connections(port: int, app: str, count: int) -> list[psycopg.Connection]:
+    """``count`` connections of ``app`` to ``port`` on 127.0.0.1 (PostgreSQL or PgBouncer), kept open."""
     return [
         psycopg.connect(
-            host=host,
-            port=box.postgres.port,
+            host="127.0.0.1",
+            port=port,
             user="app",
             password=APP_PASSWORD,
             dbname="appdb",
-            application_name="leaky",
+            application_name=app,
             autocommit=True,
             connect_timeout=5,
         )
         for _ in range(count)
     ]
+
+
+def leaky(box: Sandbox) -> list[psycopg.Connection]:
+    """2 idle connections straight to PostgreSQL: a leak."""
+    return connections(box.postgres.port, "leaky", 2)
 
 
 def backends(box: Sandbox, app: str) -> int:
@@ -240,19 +246,7 @@ def test_a_session_mode_leak_is_reported_once_with_both_figures(aggregator, dd_r
     box.pgbouncer.settings["pool_mode"] = "session"
     box.pgbouncer.reload()
     forget_servers(box)
-    sticky = [
-        psycopg.connect(
-            host="127.0.0.1",
-            port=box.pgbouncer.port,
-            user="app",
-            password=APP_PASSWORD,
-            dbname="appdb",
-            application_name="sticky",
-            autocommit=True,
-            connect_timeout=5,
-        )
-        for _ in range(3)
-    ]
+    sticky = connections(box.pgbouncer.port, "sticky", 3)
     try:
         for conn in sticky:
             conn.execute("SELECT 1")
