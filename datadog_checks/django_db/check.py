@@ -111,7 +111,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.poolers: dict[str, Pooler] = {}
         self.bouncers: dict[str, PgbSnapshot] = {}  # this run's snapshot of each PgBouncer read, by its tag
         self._unmatched: dict[str, int] = {}  # runs in a row each PgBouncer's servers matched no backend
-        self._said_unread = False
+        self.unread: list[str] = []  # as the last PostgreSQL run found them: PgBouncers whose servers are unknown
         if self.postgres is not None and self.pgbouncers:
             self.postgres.servers = lambda where: pooler_keys(tuple(self.poolers.values()), where)
         self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds) if s.mysql else None  # imports PyMySQL
@@ -176,7 +176,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         my: MysqlSnapshot | None = snapshots.get("mysql")
         logged = LogRun([], Counter(), {}, Counter(), ServerEvents())
         # While a PgBouncer's server connections cannot be told from the applications', no budget counts there.
-        judged = pg if pg is not None and not self.unread_pgbouncers() else None
+        judged = pg if pg is not None and not self.unread else None
         if self.settings.apps and (judged is not None or pgb is not None):
             self.submit(app_metrics(judged, pgb, self.settings))
             findings += self.on(self.postgres or self.pgbouncer, budget_findings(judged, pgb, self.settings))
@@ -241,14 +241,16 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
     def evaluate_postgres(self, snapshot: PgSnapshot) -> list[Finding]:
         if snapshot.new_connection and not self.pgbouncer:
             self.set_metadata("version", snapshot.settings.version.split()[0])
-        unread = self.unread_pgbouncers()
-        if unread and not self._said_unread:
+        # The PgBouncers no recent read of which tells their server connections: while one is, PostgreSQL's
+        # backends are not judged as the applications'.
+        unread = [p.endpoint.server_tag for p in self.pgbouncers if p.endpoint.tag not in self.poolers]
+        if unread and not self.unread:
             self.log.warning(
                 "PgBouncer %s could not be read yet (or for over %d s): its server connections cannot be told from "
                 "the applications' at PostgreSQL, so no leak or budget is judged there until it is",
                 ", ".join(unread), KEPT_SECONDS,
             )  # fmt: skip
-        self._said_unread = bool(unread)
+        self.unread = unread
         if unread:  # PgBouncer's server connections cannot be told from the applications': no leak judged
             snapshot = without_leaks(snapshot)
         snapshot = excuse_pools(snapshot, self.settings)
@@ -264,11 +266,6 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         for pooler in self.poolers.values():
             findings += overdue_findings(snapshot, pooler, self.settings)
         return findings + self.unmatched_findings(snapshot)
-
-    def unread_pgbouncers(self) -> list[str]:
-        """The PgBouncers no recent read of which tells their server connections: while one is, PostgreSQL's
-        backends are not judged as the applications'."""
-        return [p.endpoint.server_tag for p in self.pgbouncers if p.endpoint.tag not in self.poolers]
 
     def expire_poolers(self) -> None:
         """Forget what a PgBouncer said of its server connections once it is too old to stand for them."""

@@ -31,12 +31,6 @@ MARGIN = 60.0  # seconds: PgBouncer's janitor closes late by a few seconds; far 
 KEPT_SECONDS = 300.0
 
 
-def talks_to(server: PgbServer, where: ServerAddress) -> bool:
-    """Whether PgBouncer's server connection talks to the PostgreSQL the postgres section reaches, by the address
-    PgBouncer dials (its log names servers that way): ``is_this_server``."""
-    return is_this_server(server.addr, server.port, where)
-
-
 def is_this_server(addr: str, port: int | None, where: ServerAddress) -> bool:
     """Whether PgBouncer's ``addr:port`` is the PostgreSQL the postgres section reaches, as far as addresses tell.
 
@@ -57,7 +51,7 @@ def identities(server: PgbServer, where: ServerAddress) -> tuple[int, tuple[str,
     pid = server.remote_pid
     if pid is None or pid <= 0:
         return None
-    key = pid * PORTS + _port(server)
+    key = server_key(server)
     if _socket(server):
         if server.port != where.port:  # another server's socket on PgBouncer's host
             return None
@@ -219,7 +213,7 @@ def overdue_findings(pg: PgSnapshot, pooler: Pooler | None, settings: Settings) 
     limit = overdue_seconds(config)
     if limit is None:
         return []
-    by_key = {s.remote_pid * PORTS + _port(s): s for s in pooler.servers if s.remote_pid is not None}
+    by_key = {server_key(s): s for s in pooler.servers if s.remote_pid is not None}
     ours = {key: idle for g in select(pg.groups, settings) if g.pooler == POOLER_OWN for key, idle in g.servers}
     idle_past: Counter[tuple[str, str]] = Counter()
     for key, idle in ours.items():
@@ -251,6 +245,8 @@ def _socket(server: PgbServer) -> bool:
     return server.addr == UNIX or server.local_addr == UNIX
 
 
-def _port(server: PgbServer) -> int:
-    """The client port PostgreSQL sees of a server connection: 0 over a Unix socket."""
-    return 0 if _socket(server) else max(0, server.local_port or 0)
+def server_key(server: PgbServer) -> int:
+    """The key of the backend a server connection is, as the statement makes it: pid * 65536 plus the client port
+    PostgreSQL sees (0 over a Unix socket)."""
+    port = 0 if _socket(server) else max(0, server.local_port or 0)
+    return (server.remote_pid or 0) * PORTS + port

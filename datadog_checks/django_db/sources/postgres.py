@@ -223,7 +223,7 @@ class PostgresSource(Reconnecting):
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS, pooler=whose)
         # The statement's parameters but the previous run's time and PgBouncer's servers, which each run sets.
         self.params: dict[str, Any] = {"leak": self.thresholds[0], "since": NEVER}
-        self.params.update({"held": "{}", "own": "{}", "pids": "{}", "networks": inet_array(networks)})
+        self.params.update({"held": "{}", "own": "{}", "pids": "{}", "networks": array(networks)})
         self.params.update({f"leak{i}": seconds for i, seconds in enumerate(self.thresholds)})
         self.settings: ServerSettings | None = None
         # The activity statement's cursor on the open connection, kept: its result loaders are found once.
@@ -406,15 +406,11 @@ class PostgresSource(Reconnecting):
         return {**values, **server}, ()
 
 
-def array(keys: tuple[int, ...] | tuple[str, ...]) -> str:
-    """An array literal of keys (digits, ``@``, an address's digits, dots and colons: nothing to quote): one
-    parameter of one type whatever the keys, so the statement is prepared once."""
-    return "{" + ",".join(map(str, keys)) + "}"
-
-
-def inet_array(networks: tuple[str, ...]) -> str:
-    """An inet[] literal of pooler_addresses, validated at start (ipaddress): nothing to quote."""
-    return "{" + ",".join(networks) + "}"
+def array(values: tuple[int, ...] | tuple[str, ...]) -> str:
+    """An array literal of keys or networks (digits, ``@``, ``/``, an address's digits, dots and colons, networks
+    validated at start: nothing to quote): one parameter of one type whatever they are, so the statement is
+    prepared once."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
