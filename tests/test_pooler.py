@@ -260,25 +260,29 @@ def test_a_server_connection_is_known_by_its_own_identity_whatever_address_eithe
 
 
 def test_pgbouncers_log_names_servers_by_the_address_it_dials():
-    """PgBouncer's log says `appdb/app@127.0.0.2:5432`: the logins count for this server where PgBouncer dials
-    only it, whatever address the check uses."""
+    """PgBouncer's log says `appdb/app@127.0.0.2:5432`: the logins count for this server once PgBouncer's servers
+    dialled there are found among its backends by their identity, whatever address the check uses; and, as
+    always, where the check's own addresses name it (127.0.0.1), even in a run where PgBouncer has no server."""
     where = ServerAddress(frozenset({"127.0.0.1"}), 5432, False)
-    pooler = Pooler((server(100, "127.0.0.2", 5432, 40001),), frozenset(), PgbConfig())
-    assert pooler.targets(where) == {("127.0.0.2", 5432)}
+    here, elsewhere = server(100, "127.0.0.2", 5432, 40001), server(7, "10.0.0.9", 5432, 40002)
+    pooler = Pooler((here, elsewhere), frozenset(), PgbConfig())
+    found = (
+        ActivityGroup("idle", "appdb", "app", "web", "", 1, pooler=POOLER_OWN, servers=((100 * 65536 + 40001, 3.0),)),
+    )
+    pg = PgSnapshot(ServerSettings(150000, "15", 100, 3, 0, 0, 0), found, None, 0.0, False)
+    assert pooler.targets(pg) == {("127.0.0.2", 5432)}  # not 10.0.0.9: none of its servers is a backend here
     events = ServerEvents()
     events.feed(
         [
             "2026-12-07 LOG S-0x55d0: appdb/app@127.0.0.2:5432 new connection to server (from 127.0.0.1:40001)",
             "2026-12-07 LOG S-0x55d1: appdb/app@127.0.0.2:5432 closing because: server idle timeout (age=61s)",
             "2026-12-07 LOG S-0x55d2: other/app@10.0.0.9:5432 new connection to server (from 10.0.0.1:40001)",
+            "2026-12-07 LOG S-0x55d3: appdb/app@127.0.0.1:5432 new connection to server (from 127.0.0.1:40003)",
         ]
     )
-    assert events.of(pooler.targets(where)) == (1.0, {"server idle timeout": 1.0})
-    # Fronting two servers, neither named by the check's addresses: none is known to be this one.
-    two = Pooler((*pooler.servers, server(7, "10.0.0.9", 5432, 40002)), frozenset(), PgbConfig())
-    assert two.targets(where) == frozenset()
-    mine = Pooler((*two.servers, server(8, "127.0.0.1", 5432, 40003)), frozenset(), PgbConfig())
-    assert mine.targets(where) == {("127.0.0.1", 5432)}
+    assert events.of(where, pooler.targets(pg)) == (2.0, {"server idle timeout": 1.0})
+    # No server found here this run (all closed): the check's own address still counts, the learnt one not yet.
+    assert events.of(where, frozenset()) == (1.0, {})
 
 
 def idle_servers(*idle: tuple[int, float]) -> tuple[tuple[int, float], ...]:

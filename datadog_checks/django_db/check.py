@@ -58,6 +58,7 @@ MYSQL_CAN_CONNECT = "django_db.mysql.can_connect"
 CONNECTION_HEALTH = "django_db.connection_health"
 CONFIG_ALIGNMENT = "django_db.config_alignment"
 DJANGO_CAN_SCRAPE = "django_db.django.can_scrape"
+MAX_TARGETS = 64  # PgBouncer's addr:port for this PostgreSQL, learnt: its configured hosts, a few
 SERVERS = {  # an endpoint's kind: how messages name the server, and its can_connect check
     "postgres": ("PostgreSQL", POSTGRES_CAN_CONNECT),
     "pgbouncer": ("PgBouncer", PGBOUNCER_CAN_CONNECT),
@@ -111,6 +112,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.poolers: dict[str, Pooler] = {}
         self.bouncers: dict[str, PgbSnapshot] = {}  # this run's snapshot of each PgBouncer read, by its tag
         self._unmatched: dict[str, int] = {}  # runs in a row each PgBouncer's servers matched no backend
+        self.targets: set[tuple[str, int]] = set()  # the addr:port PgBouncers dial this PostgreSQL at
         self.unread: list[str] = []  # as the last PostgreSQL run found them: PgBouncers whose servers are unknown
         if self.postgres is not None and self.pgbouncers:
             self.postgres.servers = lambda where: pooler_keys(tuple(self.poolers.values()), where)
@@ -359,9 +361,11 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             opened_by_app["django"] = django
         reasons: dict[str, float] = {}
         if self.poolers and self.postgres is not None:
-            where = self.postgres.address
-            targets = frozenset().union(*(pooler.targets(where) for pooler in self.poolers.values()))
-            logins, reasons = logged.server_events.of(targets)
+            for pooler in self.poolers.values():  # learnt while its servers are there, kept for runs without
+                self.targets |= pooler.targets(snapshot)
+            if len(self.targets) > MAX_TARGETS:
+                self.targets = set()
+            logins, reasons = logged.server_events.of(self.postgres.address, self.targets)
             if logins:
                 opened_by_app["pgbouncer_log"] = {POOLER: logins}
         churn = self.sessions.churn(snapshot, opened_by_app, reasons)

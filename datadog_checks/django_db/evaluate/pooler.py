@@ -93,13 +93,18 @@ class ServerEvents:
             else:
                 self.closes[(*where, match["reason"].strip())] += 1
 
-    def of(self, targets: Collection[tuple[str, int]]) -> tuple[float, dict[str, float]]:
-        """Logins to the server the postgres section reaches (``targets``: the ``addr:port`` PgBouncer dials it
-        at, ``Pooler.targets``), and why PgBouncer closed its servers there."""
-        logins = sum(n for target, n in self.logins.items() if target in targets)
+    def of(self, where: ServerAddress, targets: Collection[tuple[str, int]]) -> tuple[float, dict[str, float]]:
+        """Logins to the server the postgres section reaches, and why PgBouncer closed its servers there: the
+        log's ``addr:port`` is this server's by the check's addresses, or one of ``targets`` (``targets``: where
+        PgBouncer dials it, learnt from its servers found here)."""
+
+        def here(addr: str, port: int) -> bool:
+            return (addr, port) in targets or is_this_server(addr, port, where)
+
+        logins = sum(n for (addr, port), n in self.logins.items() if here(addr, port))
         reasons: dict[str, float] = {}
         for (addr, port, reason), n in self.closes.items():
-            if (addr, port) in targets:
+            if here(addr, port):
                 reasons[reason] = reasons.get(reason, 0) + n
         return float(logins), reasons
 
@@ -142,12 +147,15 @@ class Pooler:
         own = self.min_pool_sizes.get(db)
         return own if own is not None and own >= 0 else self.config.min_pool_size or 0
 
-    def targets(self, where: ServerAddress) -> frozenset[tuple[str, int]]:
-        """The ``addr:port`` PgBouncer dials this PostgreSQL at (its log names servers so): those the check's
-        addresses name, else the one target of all its servers, a PgBouncer that fronts only this server."""
-        found = {(s.addr, s.port) for s in self.servers if s.port is not None}
-        mine = {(addr, port) for addr, port in found if is_this_server(addr, port, where)}
-        return frozenset(mine or (found if len(found) == 1 else ()))
+    def targets(self, pg: PgSnapshot) -> frozenset[tuple[str, int]]:
+        """The ``addr:port`` PgBouncer dials this PostgreSQL at (its log names servers so), whatever address:
+        those of its servers found among this server's backends by their identity."""
+        found = matched(pg)
+        return frozenset(
+            (s.addr, s.port)
+            for s in self.servers
+            if s.port is not None and s.remote_pid is not None and server_key(s) in found
+        )
 
 
 def pooler_of(pgb: PgbSnapshot, tag: str = "", read_at: float = 0.0) -> Pooler:
