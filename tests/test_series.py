@@ -8,6 +8,7 @@ PgBouncer with many pools. The README's figures are the formulas below.
 from __future__ import annotations
 
 import os
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -65,6 +66,33 @@ def expected_postgres(found: set[tuple[str, tuple[str, ...]]]) -> int:
     return 4 + 4 * len(databases) + len(tags) + len(apps) + 4 * len(per_db_app) + len(otel)
 
 
+def _console(box: Sandbox, command: str) -> list[dict]:
+    with psycopg.connect(
+        host="127.0.0.1", port=box.pgbouncer.port, user=SUPERUSER, password=SUPERUSER_PASSWORD, dbname="pgbouncer",
+        autocommit=True, cursor_factory=psycopg.ClientCursor, connect_timeout=5,
+    ) as conn:  # fmt: skip
+        cursor = conn.execute(command)
+        names = [d.name for d in cursor.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _pgbouncer_settled(box: Sandbox, pools: tuple[str, ...], timeout: float = 15) -> None:
+    """Wait until PgBouncer lists what the count is made of: each pool in SHOW POOLS, SHOW STATS and SHOW
+    DATABASES, and each pool's client of `web`, so that no row a run reads is still on its way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = {
+            "pools": {r["database"] for r in _console(box, "SHOW POOLS") if r["user"] == "app"},
+            "stats": {r["database"] for r in _console(box, "SHOW STATS")},
+            "databases": {r["name"] for r in _console(box, "SHOW DATABASES")},
+            "clients": {r["database"] for r in _console(box, "SHOW CLIENTS") if r.get("application_name") == "web"},
+        }
+        if all(set(pools) <= names for names in listed.values()):
+            return
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.2)
+
+
 def test_the_small_stack_sends_at_most_80_series(aggregator, stack):
     held = [_connect(stack, stack.postgres.port, "appdb", app) for app, count in APPS.items() for _ in range(count)]
     held[0].execute("BEGIN")
@@ -72,6 +100,7 @@ def test_the_small_stack_sends_at_most_80_series(aggregator, stack):
     through = [_connect(stack, stack.pgbouncer.port, db, "web") for db in POOLS]
     for conn in through:
         conn.execute("SELECT 1")
+    _pgbouncer_settled(stack, POOLS)
     check = DjangoDbCheck("django_db", {}, [stack.instance()])
     try:
         check.check(None)
