@@ -307,3 +307,65 @@ def test_a_failure_is_matched_on_the_servers_primary_message():
     )
     assert classify_failure(failure).name == "too_many_clients"
     assert classify_failure(Failure("server closed the connection unexpectedly", None, "")).name == "server_closed"
+
+
+# What process managers write about their workers, and what other clients than a database's say: no database error.
+NOT_DATABASE = [
+    "[2026-12-07 10:15:02 +0000] [4170] [ERROR] Worker (pid:4175) was sent SIGKILL! Perhaps out of memory?",
+    "[2026-12-07 10:15:02 +0000] [4170] [CRITICAL] WORKER TIMEOUT (pid:4175)",
+    "DAMN ! worker 2 (pid: 5123) died, killed by signal 9 :( trying respawn ...",
+    "[2026-12-07 10:15:02,311: ERROR/MainProcess] Process 'ForkPoolWorker-3' pid:812 exited with 'signal 9 (SIGKILL)'",
+    "[ 4123.554] Out of memory: Killed process 4175 (gunicorn) total-vm:812345kB",
+    "redis.exceptions.ConnectionError: Error 111 connecting to 127.0.0.1:6379. Connection refused.",
+    "requests.exceptions.ReadTimeout: HTTPSConnectionPool(host='api.example.com', port=443): Read timed out.",
+    "FileNotFoundError: [Errno 2] No such file or directory: '/srv/static/app.css'",
+]
+
+
+@pytest.mark.parametrize("line", NOT_DATABASE)
+def test_other_softwares_lines_are_no_database_error(line):
+    assert count_log_lines([line]) == {}
+
+
+def test_a_refused_mysql_connection_in_a_traceback_is_mysqls():
+    """The socket's refusal comes first in the chain, then PyMySQL's 2003: MySQL's own signature counts, once."""
+    lines = [
+        "Internal Server Error: /items",
+        "Traceback (most recent call last):",
+        '  File "/srv/venv/lib/python3.13/site-packages/pymysql/connections.py", line 661, in connect',
+        "    sock = socket.create_connection(",
+        "ConnectionRefusedError: [Errno 111] Connection refused",
+        "",
+        "During handling of the above exception, another exception occurred:",
+        "",
+        "Traceback (most recent call last):",
+        '  File "/srv/venv/lib/python3.13/site-packages/django/db/backends/base/base.py", line 279, in connect',
+        "    self.connect()",
+        "pymysql.err.OperationalError: (2003, \"Can't connect to MySQL server on '127.0.0.1' ([Errno 111] Connection "
+        'refused)")',
+    ]
+    assert count_log_lines(lines) == {"mysql_cannot_connect": 1}
+
+
+def test_a_database_refusal_still_counts():
+    line = (
+        'psycopg.OperationalError: connection failed: connection to server at "10.0.0.5", port 5432 failed: '
+        "Connection refused"
+    )
+    assert count_log_lines([line]) == {"connection_refused": 1}
+    assert count_log_lines(["2026-12-07 10:15:02.311 UTC [812] FATAL:  out of memory"]) == {"memory_quota": 1}
+
+
+def test_one_cursor_told_twice_by_postgresql_counts_once():
+    """The FETCH that failed, then Django's CLOSE of the same cursor (on another server connection through a pooler):
+    one failure. Another process's cursor of the same name fails on its own."""
+    prefix = "2026-12-07 10:15:02.311 UTC [{}] app@appdb/site "
+    lines = [
+        prefix.format(812) + 'ERROR:  cursor "_django_curs_1401_sync_3" does not exist',
+        prefix.format(812) + 'STATEMENT:  FETCH FORWARD 2000 FROM "_django_curs_1401_sync_3"',
+        prefix.format(815) + 'ERROR:  cursor "_django_curs_1401_sync_3" does not exist',
+        prefix.format(815) + 'STATEMENT:  CLOSE "_django_curs_1401_sync_3"',
+        prefix.format(816) + 'ERROR:  cursor "_django_curs_1401_sync_3" does not exist',
+        prefix.format(816) + 'STATEMENT:  FETCH FORWARD 2000 FROM "_django_curs_1401_sync_3"',
+    ]
+    assert count_log_lines(lines) == {"server_side_cursor_lost": 2}

@@ -8,7 +8,7 @@ the SQLSTATE's class; and only then by the server's primary message (or a log li
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -261,11 +261,43 @@ def classify_failure(failure: Failure, errno: int | None = None) -> Signature:
 
 
 def match_text(text: str) -> Signature | None:
-    """The first row whose text matches, or None: used for log lines."""
+    """The first row whose text matches, or None: a database driver's or server's own words."""
     for signature in TABLE:
         if signature.pattern is not None and signature.pattern.search(text):
             return signature
     return None
+
+
+# Rows whose words other software uses too ("connection refused" from a cache or an HTTP client, "timed out",
+# "out of memory"): in a log line they count only beside a sign that a database said them (its driver's name or
+# exception, a server's severity); the check's own errors come from its drivers and need none.
+GENERIC = frozenset({"connection_refused", "connect_timeout", "memory_quota", "server_closed"})
+DATABASE_WORDS = _re(
+    r"psycopg|libpq|postgres|pgbouncer|pymysql|mysqlclient|MySQLdb|mysql|mariadb|django\.db|OperationalError|"
+    r"InterfaceError|DatabaseError|\b(?:FATAL|PANIC|ERROR|LOG|WARNING):\s|pooler error|connection to server|"
+    r"could not connect to server|could not translate host name|server closed the connection unexpectedly|"
+    r"consuming input failed|terminated abnormally"
+)
+# A process manager's own lines about its workers (gunicorn's, uWSGI's, Celery's pool, the kernel's OOM killer):
+# no database said them. gunicorn's line heads a traceback at times (Error handling request): the traceback that
+# follows is the application's and is read.
+PROCESS_MANAGER = re.compile(
+    r"^\[[^\]]+\] \[\d+\] \[(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\] "
+    r"|DAMN ! worker \d+|\*\*\* HARAKIRI|worker \d+ \(pid: \d+\) (?:died|killed)"
+    r"|Process '[^']*' pid:\d+ exited with|WorkerLostError|Worker exited prematurely"
+    r"|Out of memory: Kill|oom-kill|invoked oom-killer"
+)
+
+
+def match_log_line(line: str) -> Signature | None:
+    """The signature a log line names, or None: never a process manager's own line, and a row whose words other
+    software uses only beside a database's sign."""
+    if PROCESS_MANAGER.search(line):
+        return None
+    signature = match_text(line)
+    if signature is not None and signature.name in GENERIC and not DATABASE_WORDS.search(line):
+        return None
+    return signature
 
 
 # PgBouncer logs each refused client twice: "C-0x..: db/user@addr closing because: <reason>"
@@ -282,6 +314,14 @@ CHAIN_MARKERS = (
     "The above exception was the direct cause of the following exception",
     "During handling of the above exception, another exception occurred",
 )
+
+
+# What a failure names, so that lines telling the same one count once (LogRecords).
+CURSOR_NAMED = re.compile(r'(?:cursor|portal) "([^"\n]+)"')
+PREPARED_NAMED = re.compile(r'prepared statement "([^"\n]+)"')
+CLOSE_STATEMENT = re.compile(r'STATEMENT:\s+CLOSE\s+"?([^"\s;]+)', re.IGNORECASE)
+PROCESS_ID = re.compile(r"\[(\d+)\]")  # PostgreSQL's %p, as its default log_line_prefix has it: '%m [%p] '
+RECENT_FAILURES = 256
 
 
 class LogRecords:
@@ -303,25 +343,69 @@ class LogRecords:
         self.counted = True  # the current record's signature was counted, or there is no record yet
         self.app_of = app_of
         self.apps: Counter[tuple[str, str]] = Counter()
+        # Lines that tell one failure twice: a cursor's error waits for PostgreSQL's next line (its statement);
+        # the cursors whose failure was counted, so that their CLOSE's is not; the last prepared statement's.
+        self.pending: tuple[str, str] | None = None
+        self.cursors: deque[str] = deque(maxlen=RECENT_FAILURES)
+        self.last_prepared: tuple[str, str] | None = None
 
     def feed(self, lines: Iterable[str]) -> Counter[str]:
         found: Counter[str] = Counter()
         self.apps = Counter()
         for line in lines:
+            if self.pending is not None:
+                self._settle(line, found)
             if PGBOUNCER_TWIN.search(line):
                 continue
             if not self._continues(line):
                 self.counted = False  # a new record
             if self.counted or (self.state == "frames" and line[:1].isspace()):
                 continue
-            signature = match_text(line)
-            if signature is not None:
-                found[signature.name] += 1
-                self.counted = True
-                app = self.app_of(line) if self.app_of is not None else None
-                if app is not None:
-                    self.apps[signature.name, app] += 1
+            signature = match_log_line(line)
+            if signature is None:
+                continue
+            self.counted = True
+            if signature.name == "server_side_cursor_lost" and (cursor := CURSOR_NAMED.search(line)):
+                self.pending = (line, cursor.group(1))  # told by the statement on the next line
+            elif not self._again(signature.name, line):
+                self._count(signature.name, line, found)
+        if self.pending is not None:  # no statement line follows in this run's lines
+            self._count("server_side_cursor_lost", self.pending[0], found)
+            self.cursors.append(self.pending[1])
+            self.pending = None
         return found
+
+    def _count(self, name: str, line: str, found: Counter[str]) -> None:
+        found[name] += 1
+        app = self.app_of(line) if self.app_of is not None else None
+        if app is not None:
+            self.apps[name, app] += 1
+
+    def _settle(self, line: str, found: Counter[str]) -> None:
+        """A cursor's error, told by PostgreSQL's next line: the CLOSE of a cursor whose FETCH failed already is
+        the same failure (PostgreSQL logs the statement of an error on the line after it, log_min_error_statement);
+        any other counts."""
+        assert self.pending is not None
+        error, cursor = self.pending
+        self.pending = None
+        closing = CLOSE_STATEMENT.search(line)
+        if closing is not None and closing.group(1) == cursor and cursor in self.cursors:
+            self.cursors.remove(cursor)
+            return
+        self._count("server_side_cursor_lost", error, found)
+        self.cursors.append(cursor)
+
+    def _again(self, name: str, line: str) -> bool:
+        """Whether the line tells the failure of the line before again: the same prepared statement in the same
+        session (the process id of PostgreSQL's prefix)."""
+        if name != "prepared_statement_lost":
+            return False
+        named, pid = PREPARED_NAMED.search(line), PROCESS_ID.search(line)
+        if named is None or pid is None:
+            return False
+        key = (named.group(1), pid.group(1))
+        again, self.last_prepared = key == self.last_prepared, key
+        return again
 
     def _continues(self, line: str) -> bool:
         """Whether ``line`` belongs to the current record; moves through a traceback's parts."""
