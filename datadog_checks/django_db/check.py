@@ -24,12 +24,13 @@ from .evaluate.budgets import app_metrics, budget_findings
 from .evaluate.churn import POOLER, authorized_apps, churn_finding
 from .evaluate.django_metrics import DjangoHistory, DjangoRun, django_findings, django_metrics, failure_text
 from .evaluate.health import fitted, pgbouncer_findings, postgres_findings, signature_findings
+from .evaluate.held import Held, after_restart, restarted, said_ago
 from .evaluate.log_prefix import AppOf, app_finder
-from .evaluate.model import Finding, Kind, Metric, Status, finding_metrics, message, tag_value, worst
+from .evaluate.model import NOTES, Finding, Kind, Metric, Status, finding_metrics, message, tag_value, worst
 from .evaluate.mysql import MysqlHistory, mysql_alignment, mysql_findings, mysql_metrics
 from .evaluate.otel import django_pools, pgbouncer_pools, pool_metrics, query_wait_timeouts
 from .evaluate.pgbouncer import pgbouncer_metrics
-from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve
+from .evaluate.pgbouncer_clients import client_metrics, leak_findings, resolve_quiet
 from .evaluate.pooler import (
     KEPT_SECONDS,
     Pooler,
@@ -44,6 +45,7 @@ from .evaluate.pooler import (
 from .evaluate.postgres import SessionHistory, postgres_metrics
 from .evaluate.signatures import LogRecords, classify_failure, mysql_errno
 from .owners import is_direct
+from .quiet import LastUse, quiet_findings
 from .records import MysqlSnapshot, PgbSnapshot, PgSnapshot
 from .redact import instance_secrets, redact, secret_patterns
 from .sources.django_metrics import DjangoMetricsSource
@@ -58,6 +60,7 @@ MYSQL_CAN_CONNECT = "django_db.mysql.can_connect"
 CONNECTION_HEALTH = "django_db.connection_health"
 CONFIG_ALIGNMENT = "django_db.config_alignment"
 DJANGO_CAN_SCRAPE = "django_db.django.can_scrape"
+RESTART_WINDOW = 300.0  # seconds after a restart in which the clients' errors are told as its
 MAX_TARGETS = 64  # PgBouncer's addr:port for this PostgreSQL, learnt: its configured hosts, a few
 SERVERS = {  # an endpoint's kind: how messages name the server, and its can_connect check
     "postgres": ("PostgreSQL", POSTGRES_CAN_CONNECT),
@@ -133,6 +136,13 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self._log_records: dict[str, LogRecords] = {}  # per file: a record cut between runs goes on in the next
         self._app_of: AppOf | None = None  # reads %a of PostgreSQL's log_line_prefix
         self._said_no_app_name = False  # PgBouncer before 1.18 has no application_name: logged once
+        self._notes: set[tuple[str, ...]] = set()  # the notes logged, while they last
+        self.last_use: dict[str, LastUse] = {}  # by PgBouncer: when each application last used a client
+        self.held = Held()  # findings from errors, kept for finding_hold_seconds after their last line
+        self.restarts: dict[str, float] = {}  # the servers found restarted (their label): when
+        self._away: set[str] = set()  # PgBouncers that could not be read since their last answer
+        self._uptime: float | None = None  # MySQL's Uptime at the previous run
+        self.say_at_start()
         self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
         self.django_history = DjangoHistory()
         self._submitters: dict[Kind, Callable[..., None]] = {
@@ -141,6 +151,26 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             "count": self.count,
             "monotonic_count": self.monotonic_count,
         }
+
+    def say_at_start(self) -> None:
+        """What the configuration decides that a reader of the options may not expect: profiles whose leak
+        threshold replaces leak_idle_seconds, budgets MySQL cannot count."""
+        s = self.settings
+        for profile in s.apps:
+            if profile.leak_idle_seconds != s.leak_idle_seconds:
+                self.log.info(
+                    "apps profile %s: its applications' leak threshold is %g s (from its conn_max_age=%s), not the "
+                    "instance's leak_idle_seconds=%g s",
+                    profile.name, profile.leak_idle_seconds,
+                    "null" if profile.conn_max_age is None else f"{profile.conn_max_age:g}", s.leak_idle_seconds,
+                )  # fmt: skip
+        budgets = [p.name for p in s.apps if p.max_connections is not None]
+        if s.mysql is not None and budgets:
+            self.log.warning(
+                "apps profiles %s: MySQL names no application (its process list has users and hosts only), so "
+                "their max_connections are not counted on MySQL",
+                ", ".join(budgets),
+            )
 
     @property
     def health_tags(self) -> list[str]:
@@ -165,6 +195,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             if kind == "postgres":
                 self.expire_poolers()
             snapshot = self.read(source, seen_by.setdefault(kind, []))
+            found_by.setdefault(kind, []).extend(self.restart_of(source, snapshot))
             if snapshot is not None:
                 if kind == "pgbouncer":
                     self.bouncers[source.endpoint.tag] = snapshot
@@ -196,12 +227,19 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             findings += self.on(self.postgres, found_churn)
         if run is not None:
             findings += django_findings(run, self.settings.thresholds.churn_per_minute, named, self.settings)
+        now = time.monotonic()
+        held, held_apps, ages = self.held.hold(seen, logged.apps, now, self.settings.finding_hold_seconds)
         if pgb is not None and self.pgbouncer is not None and not pgb.new_connection:
-            if any(name == session_state.PREPARED for name, _, _ in seen):  # its advice turns on a reloadable setting
+            if any(name == session_state.PREPARED for name, _, _ in seen + held):  # its advice turns on a reload
                 pgb = replace(pgb, config=self.pgbouncer.config_now())
-        findings += signature_findings(seen, pg, pgb, logged.apps, self.settings)
+        from_errors = signature_findings(seen + held, pg, pgb, {**logged.apps, **held_apps}, self.settings)
+        from_errors = said_ago(from_errors, ages)
+        window = max(self.settings.finding_hold_seconds, RESTART_WINDOW)
+        self.restarts = {label: at for label, at in self.restarts.items() if now - at < window}
+        findings += after_restart(from_errors, {label: now - at for label, at in self.restarts.items()})
         for signature, source_kind, server in seen:
             self.count_error(signature, source_kind, server)
+        self.say_notes(findings)
         self.report(CONNECTION_HEALTH, worst(findings), self.health_tags, message(findings))
         if (pg is not None and self.bouncers) or my is not None:
             failures = []
@@ -215,6 +253,45 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             self.report(CONFIG_ALIGNMENT, status, self.health_tags, "; ".join(f.sentence() for f in failures))
             findings += failures
         self.submit(finding_metrics(findings, self.settings.max_tag_values, self.settings.tags))
+
+    def restart_of(self, source: Source, snapshot: Any) -> list[Finding]:
+        """A restart of the server, once: PostgreSQL's start time moved, MySQL's Uptime went back, PgBouncer
+        answered again over a new connection after the one kept from before broke or the server went away."""
+        endpoint = source.endpoint
+        label = f"{SERVERS[endpoint.kind][0]} {endpoint.server_tag}"
+        how = ""
+        if snapshot is None:
+            if endpoint.kind == "pgbouncer":
+                self._away.add(endpoint.tag)
+            return []
+        if isinstance(source, PostgresSource) and source.restarted:
+            source.restarted = False
+            how = "its start time moved: pg_postmaster_start_time()"
+        elif isinstance(snapshot, MysqlSnapshot):
+            uptime = snapshot.status.uptime
+            before, self._uptime = self._uptime, uptime
+            if before is not None and uptime < before:
+                how = f"its Uptime went back to {uptime:.0f} s"
+        elif endpoint.kind == "pgbouncer" and snapshot.new_connection:
+            if source.lost is not None or endpoint.tag in self._away:
+                how = "the check's connection to its console broke and a new one was answered"
+            self._away.discard(endpoint.tag)
+        if not how:
+            return []
+        self.restarts[label] = time.monotonic()
+        return [restarted(endpoint.tag, label, how)]
+
+    def say_notes(self, findings: list[Finding]) -> None:
+        """Log each note once while it lasts (a quiet application until it is used again, a restart)."""
+        notes = {
+            (f.code, f.server, *(tag for subject in f.subjects for tag in subject.tags)): f
+            for f in findings
+            if f.code in NOTES
+        }
+        for key, finding in notes.items():
+            if key not in self._notes:
+                self.log.info("%s", finding.sentence())
+        self._notes = set(notes)
 
     @staticmethod
     def on(source: Source | None, findings: list[Finding]) -> list[Finding]:
@@ -315,7 +392,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             self.set_metadata("version", snapshot.version)
         settings = self.of_pgbouncer(endpoint)
         self.submit(pgbouncer_metrics(snapshot, settings))
-        clients = resolve(snapshot, settings)
+        clients, quiet = resolve_quiet(snapshot, settings, self.last_use.setdefault(endpoint.tag, LastUse()))
         metrics, folded = client_metrics(clients, settings)
         self.log_folded(folded)
         self.submit(metrics)
@@ -328,7 +405,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             )
         if self.postgres is not None:
             self.poolers[endpoint.tag] = pooler_of(snapshot, endpoint.tag, time.monotonic())
-        return pgbouncer_findings(snapshot, settings) + leak_findings(clients, snapshot, settings)
+        found = pgbouncer_findings(snapshot, settings) + leak_findings(clients, snapshot, settings)
+        return found + quiet_findings(quiet, " at PgBouncer")
 
     def evaluate_mysql(self, snapshot: MysqlSnapshot) -> list[Finding]:
         if snapshot.new_connection and not (self.postgres or self.pgbouncer):

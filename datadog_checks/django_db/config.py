@@ -153,6 +153,7 @@ def settings_from(model: InstanceConfig) -> Settings:
         thresholds=_thresholds(model.thresholds),
         log_files=tuple(model.log_files or ()),
         log_max_bytes_per_run=_given(model.log_max_bytes_per_run, defaults.instance_log_max_bytes_per_run),
+        finding_hold_seconds=float(_given(model.finding_hold_seconds, defaults.instance_finding_hold_seconds)),
         report_leak_queries=bool(model.report_leak_queries),
         emit_otel_metrics=_given(model.emit_otel_metrics, defaults.instance_emit_otel_metrics),
         tags=tuple(model.tags or ()),

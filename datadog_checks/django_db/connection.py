@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 import psycopg
 
 from .records import Failure
+from .settings import APPLICATION_NAME as APPLICATION_NAME
 from .settings import Endpoint
 
-APPLICATION_NAME = "datadog-django-db"
 MAX_DEADLINE = 24 * 3600.0  # seconds; the configuration allows an hour at most
 _WAIT_SLICE = 60.0  # the longest single wait of the watchdog thread
 

@@ -130,6 +130,15 @@ class LeakSuspect:
     query: str = field(repr=False)
 
 
+class Quiet(NamedTuple):
+    """An application (a MySQL user) with connections idle past its leak threshold, none of them its leak: it
+    went quiet (quiet.py)."""
+
+    who: str
+    seconds: float  # since it last used any of its connections
+    kept: int  # connections it keeps
+
+
 @dataclass(frozen=True)
 class PgSnapshot:
     """What one run read. Template databases (datistemplate) are left out of the groups and of
@@ -142,6 +151,7 @@ class PgSnapshot:
     new_connection: bool
     leak_suspects: tuple[LeakSuspect, ...] = ()
     template_backends: int = 0  # client backends on template databases, left out of the groups
+    quiet: tuple[Quiet, ...] = ()  # applications whose idle connections are kept, not leaked (quiet.py)
 
 
 # -- PgBouncer -------------------------------------------------------------------------------
@@ -382,3 +392,4 @@ class MysqlSnapshot:
     groups: tuple[ProcessGroup, ...]  # client threads, the check's own left out
     new_connection: bool
     sees_all_threads: bool = True  # False without the PROCESS privilege: only the check's own user is listed
+    quiet: tuple[Quiet, ...] = ()  # users whose idle threads are kept, not leaked (quiet.py)

@@ -14,6 +14,8 @@ from typing import Any
 from .patterns import NamePattern
 from .redact import bare_url
 
+APPLICATION_NAME = "datadog-django-db"  # the check's own sessions' application_name
+
 
 @dataclass(frozen=True)
 class AppProfile:
@@ -130,6 +132,7 @@ class Settings:
     otel_semconv: str = "legacy"  # legacy, current or both (OTEL_SEMCONV)
     pgbouncers: tuple[Endpoint, ...] = ()  # every PgBouncer section
     pooler_networks: tuple[str, ...] = ()  # pooler_addresses, as networks (10.0.0.7/32)
+    finding_hold_seconds: float = 300.0  # how long a finding from errors stays after its last line
 
     @property
     def otel_legacy(self) -> bool:

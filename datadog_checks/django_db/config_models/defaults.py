@@ -24,6 +24,10 @@ def instance_enable_legacy_tags_normalization():
     return True
 
 
+def instance_finding_hold_seconds():
+    return 300
+
+
 def instance_log_max_bytes_per_run():
     return 1048576
 

@@ -238,6 +238,7 @@ class InstanceConfig(BaseModel):
     empty_default_hostname: Optional[bool] = None
     enable_legacy_tags_normalization: Optional[bool] = None
     extra_metrics: Optional[tuple[str, ...]] = None
+    finding_hold_seconds: Optional[float] = None
     group_by: Optional[tuple[str, ...]] = None
     leak_idle_seconds: Optional[float] = None
     log_files: Optional[tuple[str, ...]] = None

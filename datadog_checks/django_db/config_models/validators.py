@@ -79,6 +79,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "leak_idle_seconds": (0, MAX_SECONDS, False),
     "max_tag_values": (1, 100_000, True),
     "log_max_bytes_per_run": (1024, 2**30, True),
+    "finding_hold_seconds": (0, MAX_SECONDS, True),
     "min_collection_interval": (0, MAX_SECONDS, False),
     "*.max_connections": (1, 10**6, True),  # an `apps` profile's budget
     "*.conn_max_age": (0, MAX_SECONDS, True),  # an `apps` profile's CONN_MAX_AGE

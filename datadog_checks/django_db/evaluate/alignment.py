@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ..quiet import is_monitoring
 from ..records import PgbSnapshot, PgSnapshot, ServerSettings, milliseconds
 from ..settings import Settings
 from .groups import select
@@ -119,7 +120,14 @@ def effective(server: ServerSettings, db: str, role: str, name: str, server_valu
 
 
 def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[Finding]:
-    pairs = {(g.db, g.user) for g in select(pg.groups, settings) if g.db and g.user}
+    # Monitoring sessions (this check's other instances, Datadog's postgres check) and the check's own role are no
+    # application's: their timeouts are not judged.
+    own = settings.postgres.username if settings.postgres else None
+    pairs = {
+        (g.db, g.user)
+        for g in select(pg.groups, settings)
+        if g.db and g.user and g.user != own and not is_monitoring(g.app)
+    }
     if not pairs and pgb is not None:
         pairs = {(pool.db, pool.user) for pool in pgb.pools}
     server = pg.settings

@@ -6,6 +6,7 @@ from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 
 from ..owners import counted_at_postgres
+from ..quiet import quiet_findings
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from ..settings import Settings
 from . import session_state
@@ -229,6 +230,8 @@ def postgres_findings(
                 threshold=crossed(t.leaked_connections, status),
             )
         )
+
+    findings += quiet_findings(q for q in snapshot.quiet if settings.applications.allows(q.who))
 
     total_tx = sum(in_tx.values())
     if total_tx:

@@ -134,7 +134,14 @@ def worst(findings: list[Finding]) -> Status:
     return max((f.status for f in findings), default=Status.OK)
 
 
+# OK findings said beside the others: what the check saw where it held its tongue, a restart it found. An OK
+# service check carries no message (the Agent's rule): they are said when something else is not OK, and logged.
+NOTES = frozenset({"app_quiet", "server_restarted"})  # quiet.QUIET, held.RESTARTED
+
+
 def message(findings: list[Finding]) -> str:
-    """Every finding, worst first; findings of one status keep the order they were found in."""
+    """Every finding, worst first, then the notes while any is not OK; findings of one status keep their order."""
     ordered = sorted(findings, key=lambda f: -f.status)
-    return "; ".join(f.line() for f in ordered if f.status != Status.OK)
+    if not any(f.status != Status.OK for f in ordered):
+        return ""
+    return "; ".join(f.line() for f in ordered if f.status != Status.OK or f.code in NOTES)

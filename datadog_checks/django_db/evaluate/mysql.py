@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field as _field
 
+from ..quiet import quiet_findings
 from ..records import MysqlSnapshot, MysqlVariables, ProcessGroup
 from ..settings import Settings
 from .churn import Churn, ChurnWindow, Sample
@@ -162,6 +163,7 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
                 threshold=crossed(t.leaked_connections, status),
             )
         )
+    findings += quiet_findings(snapshot.quiet, label="user")
     total_tx = sum(in_tx.values())
     if total_tx:
         status = level(total_tx, t.idle_in_transaction_count)

@@ -13,13 +13,15 @@ a transaction, not idle: PostgreSQL's own findings cover it.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
 
-from ..records import PgbClientGroup, PgbClients, PgbSnapshot
+from ..quiet import LastUse, is_monitoring
+from ..records import PgbClientGroup, PgbClients, PgbSnapshot, Quiet
 from ..settings import Settings, profile_for
 from .groups import OTHER, ranked
 from .model import Finding, Metric, app_subjects, crossed, fold_subjects, level, tag_value
@@ -69,12 +71,20 @@ def pool_modes(snapshot: PgbSnapshot, pairs: Collection[tuple[str, str]]) -> dic
     return {(pool.db, pool.user): pool.pool_mode for pool in snapshot.pools if (pool.db, pool.user) in pairs}
 
 
-def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
+def resolve(snapshot: PgbSnapshot, settings: Settings, last_use: LastUse | None = None) -> list[Clients]:
     """The clients the user asked to see (``applications``, ``databases``), their leaks found: those idle longer
-    than their application's leak threshold, but for a ``pooled`` profile's within its budget."""
+    than their application's leak threshold plus the time it has been quiet where the runs saw its last use
+    (``last_use``, quiet.py), but for a ``pooled`` profile's within its budget and a monitoring session's."""
+    return resolve_quiet(snapshot, settings, last_use)[0]
+
+
+def resolve_quiet(
+    snapshot: PgbSnapshot, settings: Settings, last_use: LastUse | None = None
+) -> tuple[list[Clients], tuple[Quiet, ...]]:
+    """As ``resolve``, with the applications whose clients idle past their threshold are kept, being quiet."""
     clients = snapshot.clients
     if clients is None:
-        return []
+        return [], ()
     now = seconds(clients.now)
     modes: dict[tuple[str, str], str] | None = None  # read only when a linked client is idle past its threshold
     apps, dbs = settings.applications, settings.databases
@@ -84,25 +94,48 @@ def resolve(snapshot: PgbSnapshot, settings: Settings) -> list[Clients]:
         chosen = [g for g in clients.groups if apps.allows(g.app) and dbs.allows(g.db)]
     limit = _leak_limits(chosen, settings)
     merged: dict[tuple[str, str, str, str, str], list[float]] = {}
+    idle_past: list[tuple[PgbClientGroup, list[float], float, float]] = []  # past its threshold
+    used: dict[str, float] = {}  # each application's youngest idle time, 0 while a client is in use
+    held: Counter[str] = Counter()
     for g in chosen:
         key = (g.db, g.user, g.app, state_of(g), g.addr)
         into = merged.get(key)
         if into is None:
             into = merged[key] = [0, 0, 0, 0.0]
         into[0] += g.connections
+        held[g.app] += g.connections
         idle = None if now is None or g.state == "waiting" else now - (seconds(g.request_time) or now)
         threshold = limit(g.app)
-        if idle is None or threshold is None or idle <= threshold:
-            continue
-        if g.linked:
+        in_use = idle is None
+        if not in_use and g.linked:
             if modes is None:
                 modes = pool_modes(snapshot, {(c.db, c.user) for c in chosen if c.linked})
-            if modes.get((g.db, g.user), "session") != "session":
-                continue  # inside a transaction: PostgreSQL sees it idle in transaction or active
+            in_use = modes.get((g.db, g.user), "session") != "session"  # inside a transaction
+        used[g.app] = min(used.get(g.app, math.inf), 0.0 if in_use or idle is None else max(0.0, idle))
+        if in_use or idle is None or threshold is None or idle <= threshold:
+            continue
+        idle_past.append((g, into, idle, threshold))
+    quiet = last_use.quiet(used, limit, now) if last_use is not None and now is not None else {}
+    quiet = {app: age for app, age in quiet.items() if _may_be_quiet(app, held[app], settings)}
+    leaking: set[str] = set()
+    for g, into, idle, threshold in idle_past:
+        if idle <= threshold + quiet.get(g.app, 0.0):
+            continue  # idle only since its application went quiet
+        leaking.add(g.app)
         into[1] += g.connections
         into[2] += g.connections if g.linked else 0
         into[3] = max(into[3], idle)
-    return [Clients(*key, int(c), int(leaked), int(linked), idle) for key, (c, leaked, linked, idle) in merged.items()]
+    kept = tuple(
+        Quiet(app, quiet[app], held[app]) for app in sorted({g.app for g, *_ in idle_past} - leaking) if app in quiet
+    )
+    rows = [Clients(*key, int(c), int(leaked), int(linked), idle) for key, (c, leaked, linked, idle) in merged.items()]
+    return rows, kept
+
+
+def _may_be_quiet(app: str, held: int, settings: Settings) -> bool:
+    """Whether an application's idle clients may be kept by it gone quiet: not past its profile's budget."""
+    profile = profile_for(settings.apps, app)
+    return profile is None or profile.max_connections is None or held <= profile.max_connections
 
 
 def _leak_limits(groups: Iterable[PgbClientGroup], settings: Settings) -> Callable[[str], float | None]:
@@ -121,7 +154,9 @@ def _leak_limits(groups: Iterable[PgbClientGroup], settings: Settings) -> Callab
     def limit(app: str) -> float | None:
         if app not in made:
             profile = profile_for(settings.apps, app)
-            if profile is None:
+            if is_monitoring(app):
+                made[app] = None
+            elif profile is None:
                 made[app] = settings.leak_idle_seconds
             else:
                 made[app] = None if profile.name in excused else profile.leak_idle_seconds
@@ -339,10 +374,10 @@ def _why(conn_max_age: float | None, longest: float, snapshot: PgbSnapshot) -> s
     close = "call django.db.close_old_connections() when such a thread finishes its work"
     if conn_max_age is not None and longest > 2 * conn_max_age:
         return (
-            f"idle far longer than its CONN_MAX_AGE={conn_max_age:g} s, their threads have served no request since: "
-            "Django closes an expired connection only when a request starts or ends, so threads that ended or "
-            "stopped serving requests (a thread per request, as runserver runs them, or background threads) keep "
-            f"them. Serve requests from a fixed set of worker threads (gunicorn), {close}, and {backstop}"
+            f"idle far longer than its CONN_MAX_AGE={conn_max_age:g} s while the application went on serving with "
+            "others: Django closes an expired connection only when a request starts or ends, so threads that ended "
+            "or do their work outside requests keep theirs (background threads, executors, a server that starts a "
+            f"thread per request as runserver does, async views' sync_to_async threads): {close}, and {backstop}"
         )
     if conn_max_age is None:
         return (

@@ -9,10 +9,13 @@ broken on its first statement, opened again and the snapshot retried once.
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from ..connection import APPLICATION_NAME, ClientTimeout, Source
-from ..records import Failure, MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup
+from ..quiet import LastUse, youngest
+from ..records import Failure, MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup, Quiet
 from ..settings import Endpoint
 
 VARIABLES_SQL = (
@@ -39,11 +42,26 @@ SELECT p.COMMAND,
        COUNT(*) AS n,
        SUM(p.COMMAND = 'Sleep' AND t.trx_mysql_thread_id IS NULL AND p.TIME >= %(leak)s) AS leaked,
        MAX(IF(p.COMMAND = 'Sleep', p.TIME, 0)) AS max_idle,
+       MIN(IF(p.COMMAND = 'Sleep' AND t.trx_mysql_thread_id IS NULL, p.TIME, 0)) AS min_idle,
        COALESCE(MAX(TIMESTAMPDIFF(SECOND, t.trx_started, NOW())), 0) AS max_transaction_age
 FROM {processlist} p
 LEFT JOIN information_schema.INNODB_TRX t ON t.trx_mysql_thread_id = p.ID
 WHERE p.ID <> CONNECTION_ID() AND p.COMMAND <> 'Daemon' AND COALESCE(p.USER, '') <> 'system user'
 GROUP BY 1, 2, 3, 4, 5
+"""
+
+# The idle threads of quiet users (see quiet.py) past the leak threshold, each with its idle time: read only when
+# one of them has a thread idle longer than the threshold plus its quiet time, rare.
+QUIET_IDLE_SQL = """
+SELECT COALESCE(p.USER, ''), COALESCE(p.DB, ''),
+       IF(p.HOST LIKE '%%:%%',
+          LEFT(p.HOST, CHAR_LENGTH(p.HOST) - CHAR_LENGTH(SUBSTRING_INDEX(p.HOST, ':', -1)) - 1),
+          COALESCE(p.HOST, '')),
+       p.TIME
+FROM {processlist} p
+LEFT JOIN information_schema.INNODB_TRX t ON t.trx_mysql_thread_id = p.ID
+WHERE p.ID <> CONNECTION_ID() AND p.COMMAND = 'Sleep' AND t.trx_mysql_thread_id IS NULL
+      AND p.TIME >= %(leak)s AND p.USER IN %(users)s
 """
 
 INFORMATION_SCHEMA = "information_schema.PROCESSLIST"
@@ -63,6 +81,7 @@ class ProcessRow(NamedTuple):
     n: int
     leaked: Any  # SUM() comes back as a Decimal
     max_idle: Any
+    min_idle: Any
     max_transaction_age: Any
 
 
@@ -95,6 +114,7 @@ class MysqlSource(Source):
         self.leak_idle_seconds = leak_idle_seconds
         self.conn: Any = None
         self.sees_all_threads = True
+        self.last_use = LastUse()  # when each user last used a connection, as the runs saw it
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -173,19 +193,21 @@ class MysqlSource(Source):
             table = processlist_table(variables.get("version", ""), variables.get("performance_schema", "OFF"))
             cursor.execute(PROCESSLIST_SQL.format(processlist=table), {"leak": self.leak_idle_seconds})
             rows = [ProcessRow(*row) for row in cursor.fetchall()]
-        groups = tuple(
-            ProcessGroup(
-                state=state_of(str(r.command or ""), bool(r.in_transaction)),
-                user=str(r.user),
-                db=str(r.db),
-                client_host=str(r.client_host),
-                count=int(r.n),
-                leaked=int(r.leaked or 0),
-                max_idle=float(r.max_idle or 0),
-                max_transaction_age=max(0.0, float(r.max_transaction_age or 0)),
+            groups = tuple(
+                ProcessGroup(
+                    state=state_of(str(r.command or ""), bool(r.in_transaction)),
+                    user=str(r.user),
+                    db=str(r.db),
+                    client_host=str(r.client_host),
+                    count=int(r.n),
+                    # the monitoring user's own threads (the check's other instances) are no leak
+                    leaked=int(r.leaked or 0) if str(r.user) != self.endpoint.username else 0,
+                    max_idle=float(r.max_idle or 0),
+                    max_transaction_age=max(0.0, float(r.max_transaction_age or 0)),
+                )
+                for r in rows
             )
-            for r in rows
-        )
+            groups, kept = self._quiet(cursor, table, rows, groups)
         return MysqlSnapshot(
             variables=MysqlVariables(
                 version=variables.get("version", ""),
@@ -206,4 +228,41 @@ class MysqlSource(Source):
             groups=groups,
             new_connection=new,
             sees_all_threads=self.sees_all_threads,
+            quiet=kept,
         )
+
+    def _quiet(
+        self, cursor: Any, table: str, rows: list[ProcessRow], groups: tuple[ProcessGroup, ...]
+    ) -> tuple[tuple[ProcessGroup, ...], tuple[Quiet, ...]]:
+        """The leaks of quiet users taken back where their threads went idle only as the user went quiet (quiet.py),
+        with the users left without a leak."""
+        # any state but idle (a query, a transaction) is the user at work
+        ages = youngest(
+            (g.user, float(r.min_idle or 0) if g.state == "idle" else 0.0) for g, r in zip(groups, rows, strict=True)
+        )
+        limit = self.leak_idle_seconds
+        quiet = self.last_use.quiet(ages, lambda _: limit, time.monotonic())
+        if not quiet or not any(g.leaked for g in groups):
+            return groups, ()
+        recount = {g.user for g in groups if g.leaked and g.user in quiet and g.max_idle > limit + quiet[g.user]}
+        found: dict[tuple[str, str, str], int] = {}
+        if recount:  # some went idle before the user went quiet: count those exactly
+            cursor.execute(QUIET_IDLE_SQL.format(processlist=table), {"leak": limit, "users": tuple(sorted(recount))})
+            for user, db, host, idle in cursor.fetchall():
+                if float(idle) > limit + quiet[str(user)]:
+                    key = (str(user), str(db), str(host))
+                    found[key] = found.get(key, 0) + 1
+        changed = tuple(
+            replace(g, leaked=found.get((g.user, g.db, g.client_host), 0)) if g.leaked and g.user in quiet else g
+            for g in groups
+        )
+        leaking = {g.user for g in changed if g.leaked}
+        held: dict[str, int] = {}
+        for g in groups:
+            held[g.user] = held.get(g.user, 0) + g.count
+        kept = tuple(
+            Quiet(user, quiet[user], held[user])
+            for user in sorted({g.user for g in groups if g.leaked} - leaking)
+            if user in quiet
+        )
+        return changed, kept

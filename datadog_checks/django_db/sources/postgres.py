@@ -13,12 +13,14 @@ from psycopg import sql
 from ..addresses import addresses_of
 from ..connection import Reconnecting, deadline
 from ..owners import is_poolers
+from ..quiet import LastUse, is_monitoring, youngest
 from ..records import (
     ActivityGroup,
     DatabaseSessions,
     LeakSuspect,
     PgSnapshot,
     PoolerKeys,
+    Quiet,
     ServerAddress,
     ServerSettings,
     milliseconds,
@@ -53,6 +55,7 @@ SELECT state, datid, usesysid, application_name, {extra} AS client_addr, {pooler
        count(*) FILTER (WHERE wait_event_type = 'Lock') AS waiting_on_lock,
        date_part('epoch', now() - min(CASE WHEN state = 'active' THEN query_start ELSE state_change END)) AS max_age,
        count(*) FILTER (WHERE backend_start > %(since)s) AS opened,
+       date_part('epoch', now() - max(state_change)) AS min_age,
        date_part('epoch', now()) AS now,
        {server_keys} AS server_keys, {server_idle} AS server_idle,
        {leaked}{sessions}
@@ -63,9 +66,8 @@ GROUP BY 1, 2, 3, 4, 5, 6, '0'::xid
 
 # Columns of the statement's rows, by position; the leak counts from LEAKED on, one per threshold,
 # then (PostgreSQL 14 and later) a database's sessions.
-STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, NOW, SERVER_KEYS, SERVER_IDLE, LEAKED = range(
-    14
-)
+(STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, MIN_AGE, NOW, SERVER_KEYS, SERVER_IDLE,
+ LEAKED) = range(15)  # fmt: skip
 
 # Whose backends they are (records.DIRECT, HELD, POOLER_OWN, EXTERNAL; owners.py says what each counts in).
 # With a pgbouncer section, from PgBouncer's server connections (SHOW SERVERS) by their identity: a backend's key
@@ -107,7 +109,8 @@ def pooler_sql(pgbouncer: bool, networks: bool) -> str:
 SESSIONS_COLUMNS = ", NULL::int8 AS sessions, NULL::int8, NULL::int8, NULL::int8"
 DATABASE_SQL = """
 UNION ALL
-SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), NULL, NULL, {no_leaks}
+SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_part('epoch', now()), NULL, NULL,
+       {no_leaks}
        pg_stat_get_db_sessions(oid), pg_stat_get_db_sessions_abandoned(oid), pg_stat_get_db_sessions_fatal(oid),
        pg_stat_get_db_sessions_killed(oid)
 FROM pg_database WHERE NOT datistemplate
@@ -151,7 +154,8 @@ SELECT 'user', oid, rolname, false FROM pg_roles
 VISIBILITY_SQL = """
 SELECT pg_has_role('pg_read_all_stats', 'USAGE'),
        ARRAY(SELECT oid FROM pg_roles WHERE pg_has_role(oid, 'USAGE'))::oid[],
-       pg_backend_pid(), host(inet_server_addr()), current_setting('port')::int
+       pg_backend_pid(), host(inet_server_addr()), current_setting('port')::int,
+       date_part('epoch', pg_postmaster_start_time())
 """
 
 # A backend the role sees in full but whose state is still NULL has not finished starting
@@ -162,6 +166,16 @@ LEAKED_SQL = (
     "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(leak{i})s)))"
     " AS leaked{i}"
 )
+
+# The idle connections of quiet applications (see quiet.py) past their shortest threshold, each with its idle
+# time: read only when one of them has a connection idle longer than its threshold plus its quiet time, rare.
+QUIET_IDLE_SQL = """
+SELECT COALESCE(application_name, ''), datid, usesysid, {extra}, {pooler},
+       date_part('epoch', now() - state_change)
+FROM pg_stat_activity
+WHERE {client_backends} AND state = 'idle' AND COALESCE(application_name, '') = ANY(%(quiet)s::text[])
+      AND state_change < now() - make_interval(secs => %(leak)s)
+"""
 
 LEAK_SUSPECTS_SQL = """
 SELECT COALESCE(application_name, ''), COALESCE(host(client_addr), 'local'), datname, usename,
@@ -221,6 +235,7 @@ class PostgresSource(Reconnecting):
         )
         self.sessions_at = LEAKED + len(self.thresholds)  # the column of a database's sessions
         self.suspects_sql = LEAK_SUSPECTS_SQL.format(client_backends=CLIENT_BACKENDS, pooler=whose)
+        self.quiet_sql = QUIET_IDLE_SQL.format(client_backends=CLIENT_BACKENDS, pooler=whose, extra=extra)
         # The statement's parameters but the previous run's time and PgBouncer's servers, which each run sets.
         self.params: dict[str, Any] = {"leak": self.thresholds[0], "since": NEVER}
         self.params.update({"held": "{}", "own": "{}", "pids": "{}", "networks": array(networks)})
@@ -236,6 +251,9 @@ class PostgresSource(Reconnecting):
         self.templates: frozenset[int] = frozenset()  # oids of the template databases
         self.direct = True  # the connection reaches PostgreSQL itself, no pooler in between
         self.leak_index: dict[str, int] = {}  # application_name: the index of its threshold in `leaked`
+        self.last_use = LastUse()  # when each application last used a connection, as the runs saw it
+        self.started_at: float | None = None  # pg_postmaster_start_time(), as the last connection read it
+        self.restarted = False  # the server started again since the previous connection; the check resets it
         self.address = ServerAddress(frozenset(), endpoint.port, False)  # where the connection reaches the server
 
     def snapshot(self) -> PgSnapshot:
@@ -278,12 +296,17 @@ class PostgresSource(Reconnecting):
                 self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
                 self.templates = frozenset(oid for kind, oid, _, template in names if template)
             rows = [r for r in every if r[N] is not None]
-            # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead.
-            leaked = [0 if is_poolers(r[POOLER]) else r[LEAKED + self.leak_threshold(r[APP] or "")] for r in rows]
+            # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead;
+            # nor a monitoring session's.
+            leaked = [
+                0 if is_poolers(r[POOLER]) or is_monitoring(a := r[APP] or "") else r[LEAKED + self.leak_threshold(a)]
+                for r in rows
+            ]
+            quiet, kept = self._quiet(conn, rows, leaked, params, every[0][NOW] if every else 0.0)
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
                 found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
-                suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app))
+                suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app) + quiet.get(s.app, 0))
             server_time = every[0][NOW] if every else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
         at = self.sessions_at
         databases = (
@@ -310,6 +333,7 @@ class PostgresSource(Reconnecting):
             max_age,
             opened,
             _,
+            _,
             server_keys,
             server_idle,
             *_,
@@ -325,7 +349,55 @@ class PostgresSource(Reconnecting):
             pooled = tuple(zip(server_keys, server_idle, strict=True)) if server_keys else ()
             group = (state, db, user, app or "", client_addr or "", n, waiting, leaked[i], age, opened, pooler, pooled)
             groups.append(ActivityGroup(*group))
-        return PgSnapshot(settings, tuple(groups), databases, server_time, new, suspects, on_templates)
+        return PgSnapshot(settings, tuple(groups), databases, server_time, new, suspects, on_templates, kept)
+
+    def _quiet(
+        self, conn: psycopg.Connection, rows: list[Any], leaked: list[int], params: dict[str, Any], now: float
+    ) -> tuple[dict[str, float], tuple[Quiet, ...]]:
+        """The leaks of quiet applications taken back (``leaked`` changed in place) where they went idle only as
+        their application went quiet (quiet.py); the quiet times, and the applications left without a leak."""
+        ages = youngest(
+            (r[APP] or "", (r[MIN_AGE] or 0.0) if r[STATE] == "idle" else 0.0)
+            for r in rows
+            if not is_poolers(r[POOLER])
+        )
+        quiet = self.last_use.quiet(ages, lambda app: self.thresholds[self.leak_threshold(app)], now)
+        if not quiet or not any(leaked):
+            return quiet, ()
+        held: dict[str, int] = {}
+        for r in rows:
+            held[r[APP] or ""] = held.get(r[APP] or "", 0) + r[N]
+        for app in list(quiet):
+            profile = profile_for(self.apps, app)
+            if profile is not None and profile.max_connections is not None and held[app] > profile.max_connections:
+                del quiet[app]  # more than the application may hold: no quiet excuses them
+        recount = []
+        for i, r in enumerate(rows):
+            app = r[APP] or ""
+            if leaked[i] and app in quiet:
+                if (r[MAX_AGE] or 0.0) <= self.leak_seconds(app) + quiet[app]:
+                    leaked[i] = 0
+                else:
+                    recount.append(i)
+        if recount:  # some went idle before the application went quiet: count those exactly
+            apps = sorted({rows[i][APP] or "" for i in recount})
+            found: dict[tuple[Any, ...], int] = {}
+            for app, datid, usesysid, client, pooler, idle in conn.execute(
+                self.quiet_sql, {**params, "quiet": apps}
+            ).fetchall():
+                if idle > self.leak_seconds(app) + quiet[app]:
+                    key = (app, datid, usesysid, client or "", pooler)
+                    found[key] = found.get(key, 0) + 1
+            for i in recount:
+                r = rows[i]
+                leaked[i] = found.get((r[APP] or "", r[DATID], r[USESYSID], r[CLIENT] or "", r[POOLER]), 0)
+        left = {r[APP] or "" for i, r in enumerate(rows) if leaked[i]}
+        kept = tuple(
+            Quiet(app, seconds, held[app])
+            for app, seconds in sorted(quiet.items())
+            if app not in left and any(r[LEAKED + self.leak_threshold(app)] for r in rows if (r[APP] or "") == app)
+        )
+        return quiet, kept
 
     def leak_threshold(self, application_name: str) -> int:
         """The index of the application's leak threshold in ``thresholds`` (and in a row's ``leaked``)."""
@@ -349,6 +421,10 @@ class PostgresSource(Reconnecting):
         self.direct = row[2] == conn.info.backend_pid
         # Where PgBouncer's server connections must talk to, to be to this server.
         self.address = ServerAddress(addresses_of(self.endpoint.host, row[3]), int(row[4]), row[3] is None)
+        # A server that started again since the previous connection restarted: said once (``restarted``).
+        if self.started_at is not None and row[5] != self.started_at:
+            self.restarted = True
+        self.started_at = row[5]
         if not self.direct:
             conn.prepare_threshold = None
 
