@@ -94,6 +94,7 @@ def test_what_transaction_pooling_breaks_is_counted_and_told(
     status, text = run_health(aggregator, dd_run_check, check)
     version = check.pgbouncer.version if check.pgbouncer is not None else None
     counted = errors(aggregator, signature, postgres_log), errors(aggregator, signature, app.log_file)
+    routed = metric_values(aggregator, "django_db.finding", f"finding:{signature}", f"app:{app_name}")
     _, held = run_health(aggregator, dd_run_check, check)  # no new line: the finding holds
     held_for = time.monotonic() - read_at
     time.sleep(max(0.0, hold - held_for) + 0.5)
@@ -114,6 +115,7 @@ def test_what_transaction_pooling_breaks_is_counted_and_told(
 
     # One failed request once in Django's log; in PostgreSQL's, lines that tell the same failure once
     assert counted == (failures, failed)
+    assert routed == [1]  # the application PostgreSQL's lines named (%a) is the finding's subject
     if signature == "server_side_cursor_lost":
         assert in_postgres > failures  # a cursor's failure told twice, by its FETCH and by its CLOSE
     other = next(s for s in SIGNATURES if s != signature)

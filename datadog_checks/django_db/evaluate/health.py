@@ -67,6 +67,8 @@ def signature_findings(
         named = apps.get(name) if apps else None
         also += f"; {_apps(named)}" if named else ""
         subjects = tuple(Subject((server,), n) for server, n in sorted(servers[name].items()))
+        if named:  # the applications the lines named: a monitor on django_db.finding routes by app
+            subjects += app_subjects(named)
         findings.append(
             Finding(
                 name,
