@@ -5,6 +5,7 @@ A sandbox of its own, since its servers are restarted and stopped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -88,7 +89,8 @@ BREAKS: dict[str, tuple[Callable[[Sandbox, DjangoDbCheck], None], set[str]]] = {
 
 
 @pytest.mark.parametrize("how", list(BREAKS))
-def test_postgres_back_before_the_next_run_is_no_page(aggregator, dd_run_check, box, check, how):
+def test_postgres_back_before_the_next_run_is_no_page(aggregator, dd_run_check, box, check, how, caplog):
+    caplog.set_level(logging.INFO)
     breaks, signatures = BREAKS[how]
     healthy_run(aggregator, dd_run_check, check)
     pid = check.postgres.conn.info.backend_pid
@@ -105,6 +107,9 @@ def test_postgres_back_before_the_next_run_is_no_page(aggregator, dd_run_check, 
     assert own_connections(box) == (1, 1)
     healthy_run(aggregator, dd_run_check, check)
     assert errors(aggregator) == {}
+    # A restart is named once, a terminated connection is none
+    named = caplog.text.count(f"PostgreSQL 127.0.0.1:{box.postgres.port} restarted (its start time moved")
+    assert named == (0 if how == "pg_terminate_backend" else 1), caplog.text
 
 
 def test_pgbouncer_restart_is_no_page(aggregator, dd_run_check, box, check):
