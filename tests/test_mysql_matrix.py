@@ -9,6 +9,7 @@ as skipped); a version that cannot be fetched fails its tests, naming the suite 
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import sys
 import time
@@ -271,14 +272,17 @@ def test_a_django_application_leak(aggregator, dd_run_check, server, tmp_path):
 
 
 # Last in this module: the server is restarted, then stopped.
-def test_restart_then_stopped_server(aggregator, dd_run_check, server):
+def test_restart_then_stopped_server(aggregator, dd_run_check, server, caplog):
+    caplog.set_level(logging.INFO)
     check = DjangoDbCheck("django_db", {}, [server.instance(connect_timeout=2, query_timeout=2)])
     try:
         dd_run_check(check)
+        time.sleep(2.5)  # Uptime counts whole seconds: the restarted server's falls short of it by more than 2
         server.db.stop()  # a clean shutdown: MariaDB 10.5 tells idle clients 1927, the others 2013
         server.db.start_again()
         aggregator.reset()
         dd_run_check(check)  # the kept connection is gone: a new one, no page
+        assert caplog.text.count(" restarted (its Uptime went back to ") == 1, caplog.text
         aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK)
         assert _service_check(aggregator, HEALTH).status == AgentCheck.OK
         lost = [m.value for m in aggregator.metrics("django_db.errors")]

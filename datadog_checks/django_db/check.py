@@ -141,7 +141,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.held = Held()  # findings from errors, kept for finding_hold_seconds after their last line
         self.restarts: dict[str, float] = {}  # the servers found restarted (their label): when
         self._away: set[str] = set()  # PgBouncers that could not be read since their last answer
-        self._uptime: float | None = None  # MySQL's Uptime at the previous run
+        self._uptime: tuple[float, float] | None = None  # MySQL's Uptime at the previous run, and when
         self.say_at_start()
         self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
         self.django_history = DjangoHistory()
@@ -268,9 +268,10 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
             source.restarted = False
             how = "its start time moved: pg_postmaster_start_time()"
         elif isinstance(snapshot, MysqlSnapshot):
-            uptime = snapshot.status.uptime
-            before, self._uptime = self._uptime, uptime
-            if before is not None and uptime < before:
+            now, uptime = time.monotonic(), snapshot.status.uptime
+            before, self._uptime = self._uptime, (uptime, now)
+            # whole seconds on the server's side: over 2 s short of what it would be had it run on
+            if before is not None and uptime + 2 < before[0] + (now - before[1]):
                 how = f"its Uptime went back to {uptime:.0f} s"
         elif endpoint.kind == "pgbouncer" and snapshot.new_connection:
             if source.lost is not None or endpoint.tag in self._away:
