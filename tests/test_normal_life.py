@@ -227,3 +227,19 @@ def test_a_quiet_site_on_mariadb_is_no_leak_and_the_leak_beside_it_is(
         if leaky.open:
             leaky.close()
         check.cancel()
+
+
+def test_which_threshold_wins_is_said_at_start(caplog, sandbox: Sandbox, mariadb):
+    """A profile whose CONN_MAX_AGE gives its applications another leak threshold than leak_idle_seconds, and
+    budgets on MySQL, which names no application, are said when the check starts."""
+    caplog.set_level(logging.INFO)
+    apps = [{"match": "^bakery$", "conn_max_age": 60, "max_connections": 2}, {"match": "^admin$", "max_connections": 1}]
+    DjangoDbCheck("django_db", {}, [{**sandbox.instance(), "leak_idle_seconds": 120, "apps": apps}])
+    said = caplog.text
+    assert (
+        "apps profile bakery: its applications' leak threshold is 300 s (from its conn_max_age=60), not the "
+        "instance's leak_idle_seconds=120 s" in said
+    )
+    assert "apps profile admin:" not in said  # it keeps the instance's
+    DjangoDbCheck("django_db", {}, [mysql_instance(mariadb, apps=apps)])
+    assert "apps profiles bakery, admin: MySQL names no application" in caplog.text
