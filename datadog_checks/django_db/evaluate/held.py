@@ -24,8 +24,9 @@ Seen = list[tuple[str, str, str]]  # (signature, source, server tag) of the erro
 
 
 class Held:
-    """What each signature's last run with a line saw (its errors and the applications its lines named), and when:
-    a held finding is told again from them each run, with the advice today's servers call for."""
+    """What each signature's last run with a log line saw (its lines and the applications they named), and when:
+    a held finding is told again from them each run, with the advice today's servers call for. The check's own
+    connections' errors are not held: each run reads those servers again."""
 
     def __init__(self) -> None:
         self.last: dict[str, tuple[float, Seen, Counter[str]]] = {}
@@ -36,15 +37,17 @@ class Held:
         """The errors of signatures this run did not see whose last line is under ``seconds`` old, the
         applications their lines named, and how long ago by signature; this run's are kept."""
         this_run: dict[str, Seen] = {}
-        for entry in seen:
-            this_run.setdefault(entry[0], []).append(entry)
+        for entry in seen:  # the logs' lines: a server the check reads says again each run what it says
+            if entry[1] == "log":
+                this_run.setdefault(entry[0], []).append(entry)
         for name, entries in this_run.items():
             self.last[name] = (now, entries, Counter(apps.get(name, Counter())))
         held: Seen = []
         held_apps: dict[str, Counter[str]] = {}
         ages: dict[str, float] = {}
+        seen_now = {entry[0] for entry in seen}
         for name, (at, entries, named) in list(self.last.items()):
-            if name in this_run:
+            if name in seen_now:
                 continue
             if now - at >= seconds:
                 del self.last[name]
