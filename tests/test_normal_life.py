@@ -89,12 +89,12 @@ def test_a_site_gone_quiet_is_no_leak_and_the_leak_beside_it_is_counted_exactly(
     check = DjangoDbCheck("django_db", {}, [instance])
     try:
         with traffic(direct, pooled):
-            for _ in range(5):
+            for _ in range(4):
                 run_health(aggregator, dd_run_check, check)
-                time.sleep(1)
+                time.sleep(0.7)
             _, text = run_health(aggregator, dd_run_check, check)
             assert leaks(aggregator) == {"app:direct-site": 1, "app:pooled-site": 1}, text
-        time.sleep(LEAK + 1.5)  # every connection the sites keep is idle past the threshold now
+        time.sleep(LEAK + 1.2)  # every connection the sites keep is idle past the threshold now
         _, text = run_health(aggregator, dd_run_check, check)
         assert leaks(aggregator) == {"app:direct-site": 1, "app:pooled-site": 1}, text
         assert "1 connections of app=direct-site idle for over 2 s (leaked)" in text
@@ -204,15 +204,15 @@ def test_a_quiet_site_on_mariadb_is_no_leak_and_the_leak_beside_it_is(
     try:
         for worker in workers:
             worker.start()
-        for _ in range(5):
+        for _ in range(4):
             run_health(aggregator, dd_run_check, check)
-            time.sleep(1)
+            time.sleep(0.7)
         _, text = run_health(aggregator, dd_run_check, check)
         assert sum(metric_values(aggregator, "django_db.mysql.leaked_connections", "user:app")) == 1, text
         stop.set()
         for worker in workers:
             worker.join(15)
-        time.sleep(LEAK + 1.5)
+        time.sleep(LEAK + 1.2)
         _, text = run_health(aggregator, dd_run_check, check)
         assert sum(metric_values(aggregator, "django_db.mysql.leaked_connections", "user:app")) == 1, text
         assert "1 MySQL connections idle for over 2 s (leaked): user=app 1" in text
