@@ -81,7 +81,7 @@ def resolve(snapshot: PgbSnapshot, settings: Settings, last_use: LastUse | None 
 def resolve_quiet(
     snapshot: PgbSnapshot, settings: Settings, last_use: LastUse | None = None
 ) -> tuple[list[Clients], tuple[Quiet, ...]]:
-    """As ``resolve``, with the applications whose clients idle past their threshold are kept, being quiet."""
+    """As ``resolve``, and the quiet applications whose clients idle past their threshold are kept, no leak."""
     clients = snapshot.clients
     if clients is None:
         return [], ()
