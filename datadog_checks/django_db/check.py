@@ -141,7 +141,6 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.held = Held()  # findings from errors, kept for finding_hold_seconds after their last line
         self.restarts: dict[str, float] = {}  # the servers found restarted (their label): when
         self._away: set[str] = set()  # PgBouncers that could not be read since their last answer
-        self._uptime: tuple[float, float] | None = None  # MySQL's Uptime at the previous run, and when
         self.say_at_start()
         self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
         self.django_history = DjangoHistory()
@@ -255,25 +254,17 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.submit(finding_metrics(findings, self.settings.max_tag_values, self.settings.tags))
 
     def restart_of(self, source: Source, snapshot: Any) -> list[Finding]:
-        """A restart of the server, once: PostgreSQL's start time moved, MySQL's Uptime went back, PgBouncer
-        answered again over a new connection after the one kept from before broke or the server went away."""
+        """A restart of the server, once: as its source found it (PostgreSQL's start time moved, MySQL's Uptime
+        went back), or PgBouncer answering again over a new connection after the one kept from before broke or
+        the server went away."""
         endpoint = source.endpoint
         label = f"{SERVERS[endpoint.kind][0]} {endpoint.server_tag}"
-        how = ""
         if snapshot is None:
             if endpoint.kind == "pgbouncer":
                 self._away.add(endpoint.tag)
             return []
-        if isinstance(source, PostgresSource) and source.restarted:
-            source.restarted = False
-            how = "its start time moved: pg_postmaster_start_time()"
-        elif isinstance(snapshot, MysqlSnapshot):
-            now, uptime = time.monotonic(), snapshot.status.uptime
-            before, self._uptime = self._uptime, (uptime, now)
-            # whole seconds on the server's side: over 2 s short of what it would be had it run on
-            if before is not None and uptime + 2 < before[0] + (now - before[1]):
-                how = f"its Uptime went back to {uptime:.0f} s"
-        elif endpoint.kind == "pgbouncer" and snapshot.new_connection:
+        how, source.restarted = source.restarted, ""
+        if endpoint.kind == "pgbouncer" and snapshot.new_connection:
             if source.lost is not None or endpoint.tag in self._away:
                 how = "the check's connection to its console broke and a new one was answered"
             self._away.discard(endpoint.tag)

@@ -192,6 +192,7 @@ class Source:
 
     endpoint: Endpoint
     lost: Failure | None = None  # what broke the kept connection during the last read
+    restarted: str = ""  # how a read found the server restarted since the one before; the check takes it
 
     def snapshot(self) -> Any:
         """The server's state as a record (PgSnapshot, PgbSnapshot, MysqlSnapshot)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 from .evaluate.model import Finding, Status, Subject, tag_value
 from .records import Quiet
-from .settings import APPLICATION_NAME
+from .settings import APPLICATION_NAME, AppProfile, profile_for
 
 # application_name of monitoring sessions: this check's (its other instances) and Datadog's postgres check's.
 MONITORING_APPS = frozenset({APPLICATION_NAME, "datadog-agent"})
@@ -27,6 +27,12 @@ MONITORING_APPS = frozenset({APPLICATION_NAME, "datadog-agent"})
 
 def is_monitoring(app: str) -> bool:
     return app in MONITORING_APPS
+
+
+def may_be_quiet(apps: tuple[AppProfile, ...], app: str, held: int) -> bool:
+    """Whether an application's idle connections may be kept by it gone quiet: not past its profile's budget."""
+    profile = profile_for(apps, app)
+    return profile is None or profile.max_connections is None or held <= profile.max_connections
 
 
 def youngest(ages: Iterable[tuple[str, float]]) -> dict[str, float]:

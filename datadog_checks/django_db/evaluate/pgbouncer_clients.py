@@ -20,7 +20,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
 
-from ..quiet import LastUse, is_monitoring
+from ..quiet import LastUse, is_monitoring, may_be_quiet
 from ..records import PgbClientGroup, PgbClients, PgbSnapshot, Quiet
 from ..settings import Settings, profile_for
 from .groups import OTHER, ranked
@@ -116,7 +116,7 @@ def resolve_quiet(
             continue
         idle_past.append((g, into, idle, threshold))
     quiet = last_use.quiet(used, limit, now) if last_use is not None and now is not None else {}
-    quiet = {app: age for app, age in quiet.items() if _may_be_quiet(app, held[app], settings)}
+    quiet = {app: age for app, age in quiet.items() if may_be_quiet(settings.apps, app, held[app])}
     leaking: set[str] = set()
     for g, into, idle, threshold in idle_past:
         if idle <= threshold + quiet.get(g.app, 0.0):
@@ -130,12 +130,6 @@ def resolve_quiet(
     )
     rows = [Clients(*key, int(c), int(leaked), int(linked), idle) for key, (c, leaked, linked, idle) in merged.items()]
     return rows, kept
-
-
-def _may_be_quiet(app: str, held: int, settings: Settings) -> bool:
-    """Whether an application's idle clients may be kept by it gone quiet: not past its profile's budget."""
-    profile = profile_for(settings.apps, app)
-    return profile is None or profile.max_connections is None or held <= profile.max_connections
 
 
 def _leak_limits(groups: Iterable[PgbClientGroup], settings: Settings) -> Callable[[str], float | None]:

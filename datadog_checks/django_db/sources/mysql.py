@@ -29,16 +29,19 @@ STATUS_SQL = (
 # Without PROCESS, the process list shows the monitoring user's own threads only.
 PRIVILEGES_SQL = "SELECT COUNT(*) FROM information_schema.USER_PRIVILEGES WHERE PRIVILEGE_TYPE IN ('PROCESS', 'SUPER')"
 
-# Client threads grouped in the server: the port is cut from HOST so clients of one host fold
-# together; background threads ('system user', Daemon) take no connection slot and are left out.
+# HOST without its port, so clients of one host fold together.
+CLIENT_HOST = """IF(p.HOST LIKE '%%:%%',
+          LEFT(p.HOST, CHAR_LENGTH(p.HOST) - CHAR_LENGTH(SUBSTRING_INDEX(p.HOST, ':', -1)) - 1),
+          COALESCE(p.HOST, ''))"""
+
+# Client threads grouped in the server, by client host; background threads ('system user', Daemon) take no
+# connection slot and are left out.
 PROCESSLIST_SQL = """
 SELECT p.COMMAND,
        t.trx_mysql_thread_id IS NOT NULL AS in_transaction,
        COALESCE(p.USER, '') AS user,
        COALESCE(p.DB, '') AS db,
-       IF(p.HOST LIKE '%%:%%',
-          LEFT(p.HOST, CHAR_LENGTH(p.HOST) - CHAR_LENGTH(SUBSTRING_INDEX(p.HOST, ':', -1)) - 1),
-          COALESCE(p.HOST, '')) AS client_host,
+       {client_host} AS client_host,
        COUNT(*) AS n,
        SUM(p.COMMAND = 'Sleep' AND t.trx_mysql_thread_id IS NULL AND p.TIME >= %(leak)s) AS leaked,
        MAX(IF(p.COMMAND = 'Sleep', p.TIME, 0)) AS max_idle,
@@ -53,11 +56,7 @@ GROUP BY 1, 2, 3, 4, 5
 # The idle threads of quiet users (see quiet.py) past the leak threshold, each with its idle time: read only when
 # one of them has a thread idle longer than the threshold plus its quiet time, rare.
 QUIET_IDLE_SQL = """
-SELECT COALESCE(p.USER, ''), COALESCE(p.DB, ''),
-       IF(p.HOST LIKE '%%:%%',
-          LEFT(p.HOST, CHAR_LENGTH(p.HOST) - CHAR_LENGTH(SUBSTRING_INDEX(p.HOST, ':', -1)) - 1),
-          COALESCE(p.HOST, '')),
-       p.TIME
+SELECT COALESCE(p.USER, ''), COALESCE(p.DB, ''), {client_host}, p.TIME
 FROM {processlist} p
 LEFT JOIN information_schema.INNODB_TRX t ON t.trx_mysql_thread_id = p.ID
 WHERE p.ID <> CONNECTION_ID() AND p.COMMAND = 'Sleep' AND t.trx_mysql_thread_id IS NULL
@@ -115,6 +114,7 @@ class MysqlSource(Source):
         self.conn: Any = None
         self.sees_all_threads = True
         self.last_use = LastUse()  # when each user last used a connection, as the runs saw it
+        self.uptime: tuple[float, float] | None = None  # the server's Uptime at the previous read, and when
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -191,7 +191,9 @@ class MysqlSource(Source):
             cursor.execute(STATUS_SQL)
             status = {str(name): str(value) for name, value in cursor.fetchall()}
             table = processlist_table(variables.get("version", ""), variables.get("performance_schema", "OFF"))
-            cursor.execute(PROCESSLIST_SQL.format(processlist=table), {"leak": self.leak_idle_seconds})
+            cursor.execute(
+                PROCESSLIST_SQL.format(processlist=table, client_host=CLIENT_HOST), {"leak": self.leak_idle_seconds}
+            )
             rows = [ProcessRow(*row) for row in cursor.fetchall()]
             groups = tuple(
                 ProcessGroup(
@@ -208,6 +210,11 @@ class MysqlSource(Source):
                 for r in rows
             )
             groups, kept = self._quiet(cursor, table, rows, groups)
+        uptime, now = float(status.get("Uptime", 0)), time.monotonic()
+        # Whole seconds on the server's side: over 2 s short of what it would be had the server run on.
+        if self.uptime is not None and uptime + 2 < self.uptime[0] + (now - self.uptime[1]):
+            self.restarted = f"its Uptime went back to {uptime:.0f} s"
+        self.uptime = (uptime, now)
         return MysqlSnapshot(
             variables=MysqlVariables(
                 version=variables.get("version", ""),
@@ -247,7 +254,10 @@ class MysqlSource(Source):
         recount = {g.user for g in groups if g.leaked and g.user in quiet and g.max_idle > limit + quiet[g.user]}
         found: dict[tuple[str, str, str], int] = {}
         if recount:  # some went idle before the user went quiet: count those exactly
-            cursor.execute(QUIET_IDLE_SQL.format(processlist=table), {"leak": limit, "users": tuple(sorted(recount))})
+            cursor.execute(
+                QUIET_IDLE_SQL.format(processlist=table, client_host=CLIENT_HOST),
+                {"leak": limit, "users": tuple(sorted(recount))},
+            )
             for user, db, host, idle in cursor.fetchall():
                 if float(idle) > limit + quiet[str(user)]:
                     key = (str(user), str(db), str(host))

@@ -13,7 +13,7 @@ from psycopg import sql
 from ..addresses import addresses_of
 from ..connection import Reconnecting, deadline
 from ..owners import is_poolers
-from ..quiet import LastUse, is_monitoring, youngest
+from ..quiet import LastUse, is_monitoring, may_be_quiet, youngest
 from ..records import (
     ActivityGroup,
     DatabaseSessions,
@@ -253,7 +253,6 @@ class PostgresSource(Reconnecting):
         self.leak_index: dict[str, int] = {}  # application_name: the index of its threshold in `leaked`
         self.last_use = LastUse()  # when each application last used a connection, as the runs saw it
         self.started_at: float | None = None  # pg_postmaster_start_time(), as the last connection read it
-        self.restarted = False  # the server started again since the previous connection; the check resets it
         self.address = ServerAddress(frozenset(), endpoint.port, False)  # where the connection reaches the server
 
     def snapshot(self) -> PgSnapshot:
@@ -361,21 +360,18 @@ class PostgresSource(Reconnecting):
             for r in rows
             if not is_poolers(r[POOLER])
         )
-        quiet = self.last_use.quiet(ages, lambda app: self.thresholds[self.leak_threshold(app)], now)
+        quiet = self.last_use.quiet(ages, self.threshold_of, now)
         if not quiet or not any(leaked):
             return quiet, ()
         held: dict[str, int] = {}
         for r in rows:
             held[r[APP] or ""] = held.get(r[APP] or "", 0) + r[N]
-        for app in list(quiet):
-            profile = profile_for(self.apps, app)
-            if profile is not None and profile.max_connections is not None and held[app] > profile.max_connections:
-                del quiet[app]  # more than the application may hold: no quiet excuses them
+        quiet = {app: age for app, age in quiet.items() if may_be_quiet(self.apps, app, held[app])}
         recount = []
         for i, r in enumerate(rows):
             app = r[APP] or ""
             if leaked[i] and app in quiet:
-                if (r[MAX_AGE] or 0.0) <= self.leak_seconds(app) + quiet[app]:
+                if (r[MAX_AGE] or 0.0) <= self.threshold_of(app) + quiet[app]:
                     leaked[i] = 0
                 else:
                     recount.append(i)
@@ -385,7 +381,7 @@ class PostgresSource(Reconnecting):
             for app, datid, usesysid, client, pooler, idle in conn.execute(
                 self.quiet_sql, {**params, "quiet": apps}
             ).fetchall():
-                if idle > self.leak_seconds(app) + quiet[app]:
+                if idle > self.threshold_of(app) + quiet[app]:
                     key = (app, datid, usesysid, client or "", pooler)
                     found[key] = found.get(key, 0) + 1
             for i in recount:
@@ -398,6 +394,10 @@ class PostgresSource(Reconnecting):
             if app not in left and any(r[LEAKED + self.leak_threshold(app)] for r in rows if (r[APP] or "") == app)
         )
         return quiet, kept
+
+    def threshold_of(self, application_name: str) -> float:
+        """The application's leak threshold, as ``leak_seconds`` gives it, found once per name."""
+        return self.thresholds[self.leak_threshold(application_name)]
 
     def leak_threshold(self, application_name: str) -> int:
         """The index of the application's leak threshold in ``thresholds`` (and in a row's ``leaked``)."""
@@ -423,7 +423,7 @@ class PostgresSource(Reconnecting):
         self.address = ServerAddress(addresses_of(self.endpoint.host, row[3]), int(row[4]), row[3] is None)
         # A server that started again since the previous connection restarted: said once (``restarted``).
         if self.started_at is not None and row[5] != self.started_at:
-            self.restarted = True
+            self.restarted = "its start time moved: pg_postmaster_start_time()"
         self.started_at = row[5]
         if not self.direct:
             conn.prepare_threshold = None
