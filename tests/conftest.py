@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -234,3 +236,23 @@ def statements_of_two_runs(dd_run_check, check, section: str) -> list[str]:
         psycopg.Cursor.execute = execute
         check.cancel()
     return asked
+
+
+@contextmanager
+def looping(work: Callable[[], object], threads: int) -> Iterator[None]:
+    """``threads`` threads that call ``work`` over and over until the block ends."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            work()
+
+    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(15)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,33 +17,24 @@ from datadog_checks.django_db.evaluate.model import Subject
 from datadog_checks.django_db.records import ActivityGroup, PgbConfig, PgbSnapshot, PgSnapshot, ServerSettings
 from django_db_tools.sandbox import SUPERUSER, SUPERUSER_PASSWORD, Sandbox
 
-from .conftest import APP_PASSWORD, Clients, metric_values, run_new_check
+from .conftest import APP_PASSWORD, Clients, looping, metric_values, run_new_check
 
 
 @contextmanager
 def churn(sandbox: Sandbox, user: str, password: str, threads: int = 3) -> Iterator[None]:
     """Threads that connect and disconnect as fast as they can until the block ends."""
-    stop = threading.Event()
 
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                psycopg.connect(
-                    host="127.0.0.1", port=sandbox.postgres.port, user=user, password=password,
-                    dbname="appdb", application_name="churn", connect_timeout=5,
-                ).close()  # fmt: skip
-            except psycopg.OperationalError:
-                time.sleep(0.01)
+    def connect_once() -> None:
+        try:
+            psycopg.connect(
+                host="127.0.0.1", port=sandbox.postgres.port, user=user, password=password,
+                dbname="appdb", application_name="churn", connect_timeout=5,
+            ).close()  # fmt: skip
+        except psycopg.OperationalError:
+            time.sleep(0.01)
 
-    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    try:
+    with looping(connect_once, threads):
         yield
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(10)
 
 
 def runs_under_churn(

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import psycopg
 from datadog_checks.base import AgentCheck
@@ -18,7 +17,7 @@ from datadog_checks.django_db import DjangoDbCheck
 from django_db_tools.sandbox import Sandbox
 from django_db_tools.webapp.harness import Webapp
 
-from .conftest import APP_PASSWORD, metric_values, run_health
+from .conftest import APP_PASSWORD, looping, metric_values, run_health
 from .test_mysql import app_connect, django_app, mysql_instance
 
 __all__ = ["django_app"]  # the MySQL tests' fixture, used here too
@@ -29,21 +28,10 @@ LEAK = 2  # seconds: the leak threshold of these tests
 @contextmanager
 def traffic(*apps: Webapp, concurrency: int = 4) -> Iterator[None]:
     """Requests to every app, ``concurrency`` at a time each, until the block ends."""
-    stop = threading.Event()
-
-    def loop(app: Webapp) -> None:
-        while not stop.is_set():
-            app.get("/query/", timeout=10)
-
-    workers = [threading.Thread(target=loop, args=(app,), daemon=True) for app in apps for _ in range(concurrency)]
-    for worker in workers:
-        worker.start()
-    try:
+    with ExitStack() as stack:
+        for app in apps:
+            stack.enter_context(looping(lambda app=app: app.get("/query/", timeout=10), concurrency))
         yield
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(15)
 
 
 def kept_connection(port: int, app: str) -> psycopg.Connection:
@@ -194,24 +182,13 @@ def test_a_quiet_site_on_mariadb_is_no_leak_and_the_leak_beside_it_is(
     leaky = app_connect(mariadb)
     leaky.cursor().execute("SELECT 1")
     check = DjangoDbCheck("django_db", {}, [mysql_instance(mariadb, leak_idle_seconds=LEAK)])
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            app.get("/items")
-
-    workers = [threading.Thread(target=loop, daemon=True) for _ in range(4)]
     try:
-        for worker in workers:
-            worker.start()
-        for _ in range(4):
-            run_health(aggregator, dd_run_check, check)
-            time.sleep(0.7)
-        _, text = run_health(aggregator, dd_run_check, check)
-        assert sum(metric_values(aggregator, "django_db.mysql.leaked_connections", "user:app")) == 1, text
-        stop.set()
-        for worker in workers:
-            worker.join(15)
+        with looping(lambda: app.get("/items"), 4):
+            for _ in range(4):
+                run_health(aggregator, dd_run_check, check)
+                time.sleep(0.7)
+            _, text = run_health(aggregator, dd_run_check, check)
+            assert sum(metric_values(aggregator, "django_db.mysql.leaked_connections", "user:app")) == 1, text
         time.sleep(LEAK + 1.2)
         _, text = run_health(aggregator, dd_run_check, check)
         assert sum(metric_values(aggregator, "django_db.mysql.leaked_connections", "user:app")) == 1, text
@@ -223,7 +200,6 @@ def test_a_quiet_site_on_mariadb_is_no_leak_and_the_leak_beside_it_is(
         assert "leaked" not in text
         assert "user=app quiet for " in caplog.text
     finally:
-        stop.set()
         if leaky.open:
             leaky.close()
         check.cancel()
