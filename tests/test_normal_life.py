@@ -219,3 +219,22 @@ def test_which_threshold_wins_is_said_at_start(caplog, sandbox: Sandbox, mariadb
     assert "apps profile admin:" not in said  # it keeps the instance's
     DjangoDbCheck("django_db", {}, [mysql_instance(mariadb, apps=apps)])
     assert "apps profiles bakery, admin: MySQL names no application" in caplog.text
+
+
+def test_a_pgbouncer_down_at_the_first_run_is_no_restart_when_it_comes(
+    aggregator, dd_run_check, sandbox: Sandbox, caplog
+):
+    caplog.set_level(logging.INFO)
+    sandbox.pgbouncer.stop()
+    check = DjangoDbCheck("django_db", {}, [sandbox.instance()])
+    try:
+        run_health(aggregator, dd_run_check, check)
+        aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.CRITICAL)
+    finally:
+        sandbox.pgbouncer.start()
+    try:
+        run_health(aggregator, dd_run_check, check)
+        aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
+        assert " restarted (" not in caplog.text
+    finally:
+        check.cancel()

@@ -260,7 +260,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         endpoint = source.endpoint
         label = f"{SERVERS[endpoint.kind][0]} {endpoint.server_tag}"
         if snapshot is None:
-            if endpoint.kind == "pgbouncer":
+            if endpoint.kind == "pgbouncer" and endpoint.tag in self.last_use:  # read before: away now
                 self._away.add(endpoint.tag)
             return []
         how, source.restarted = source.restarted, ""
