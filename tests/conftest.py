@@ -102,6 +102,33 @@ class Clients:
         self.open.clear()
 
 
+@contextmanager
+def not_zero(clients: Clients, app: str) -> Iterator[None]:
+    """What makes each gauge the check sends only while it is not zero (sparse.WHILE_NOT_ZERO) not zero, for
+    ``app``: at PostgreSQL a connection idle, a transaction left idle holding a lock and a query waiting on it
+    (active); at PgBouncer a client holding the one server connection of a session pool and a client waiting
+    for it. Left to the test: the time that makes idle connections leaks."""
+    box = clients.sandbox
+    box.pgbouncer.databases["single"] = (
+        f"host=127.0.0.1 port={box.postgres.port} dbname=appdb pool_size=1 pool_mode=session"
+    )
+    box.pgbouncer.reload()
+    try:
+        clients.connect(app=app).execute("SELECT 1")
+        holder = clients.connect(app=app)
+        holder.execute("BEGIN")
+        holder.execute("SELECT pg_advisory_xact_lock(4242)")
+        clients.connect(app=app).pgconn.send_query(b"SELECT pg_advisory_xact_lock(4242)")
+        clients.connect(app=app, dbname="single", port=box.pgbouncer.port, prepare_threshold=None).execute("SELECT 1")
+        waiting = clients.connect(app=app, dbname="single", port=box.pgbouncer.port, prepare_threshold=None)
+        waiting.pgconn.send_query(b"SELECT 1")
+        yield
+    finally:
+        clients.close()
+        del box.pgbouncer.databases["single"]
+        box.pgbouncer.reload()
+
+
 @pytest.fixture
 def clients(sandbox: Sandbox) -> Iterator[Clients]:
     pool = Clients(sandbox)

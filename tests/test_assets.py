@@ -28,7 +28,7 @@ from datadog_checks.django_db.evaluate import otel
 from django_db_tools.mariadb import MariaDB
 from django_db_tools.sandbox import Sandbox
 
-from .conftest import APP_PASSWORD
+from .conftest import APP_PASSWORD, Clients, not_zero
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "assets" / "dashboards" / "django_db_overview.json"
@@ -289,27 +289,28 @@ def submitted(sandbox: Sandbox, mariadb: MariaDB, tmp_path_factory) -> dict[str,
         for p, dbname in endpoints
     ]
     try:
-        held[0].execute("BEGIN")
-        held[0].execute("SELECT 1")  # idle in transaction
-        aggregator.reset()
-        check = DjangoDbCheck("django_db", {}, [instance])
-        assert check.run() == ""
-        time.sleep(1.2)  # past leak_idle_seconds: the idle connections count as leaked
-        _error_log(log)
-        assert check.run() == ""
-        check.cancel()
-        failing = DjangoDbCheck("django_db", {}, [refused])
-        assert failing.run() == ""  # refused on both sides: CRITICAL service checks, not a failed run
-        failing.cancel()
-        keys: dict[str, set[str]] = defaultdict(set)
-        for name in aggregator.metric_names:
-            for stub in aggregator.metrics(name):
-                keys[name] |= {tag.split(":", 1)[0] for tag in stub.tags}
-        for name in aggregator.service_check_names:
-            for stub in aggregator.service_checks(name):
-                keys[name] |= {tag.split(":", 1)[0] for tag in stub.tags}
-        aggregator.reset()
-        return dict(keys)
+        with not_zero(Clients(sandbox), "asset-web"):
+            held[0].execute("BEGIN")
+            held[0].execute("SELECT 1")  # idle in transaction
+            aggregator.reset()
+            check = DjangoDbCheck("django_db", {}, [instance])
+            assert check.run() == ""
+            time.sleep(1.2)  # past leak_idle_seconds: the idle connections count as leaked
+            _error_log(log)
+            assert check.run() == ""
+            check.cancel()
+            failing = DjangoDbCheck("django_db", {}, [refused])
+            assert failing.run() == ""  # refused on both sides: CRITICAL service checks, not a failed run
+            failing.cancel()
+            keys: dict[str, set[str]] = defaultdict(set)
+            for name in aggregator.metric_names:
+                for stub in aggregator.metrics(name):
+                    keys[name] |= {tag.split(":", 1)[0] for tag in stub.tags}
+            for name in aggregator.service_check_names:
+                for stub in aggregator.service_checks(name):
+                    keys[name] |= {tag.split(":", 1)[0] for tag in stub.tags}
+            aggregator.reset()
+            return dict(keys)
     finally:
         for conn in held + on_mysql:
             conn.close()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from datadog_checks.dev.utils import get_metadata_metrics
 
 from datadog_checks.django_db import DjangoDbCheck
 from datadog_checks.django_db.config import METRIC_GROUPS
+
+from .conftest import not_zero
 
 # The OpenTelemetry semantic-convention name lies outside the django_db. prefix, which
 # metadata.csv may not hold; its meaning is fixed by the convention and the README.
@@ -22,10 +26,8 @@ def traffic(sandbox, clients):
     sandbox.pgbouncer.reload()
     for conn in clients.many(3, app="meta-app", dbname="appdb", port=sandbox.pgbouncer.port, prepare_threshold=None):
         conn.execute("SELECT 1")
-    conn = clients.connect(app="meta-app")
-    conn.execute("BEGIN")
-    conn.execute("SELECT 1")
-    yield
+    with not_zero(clients, "meta-app"):
+        yield
     del sandbox.pgbouncer.databases["capped"]
     sandbox.pgbouncer.reload()
 
@@ -35,6 +37,7 @@ def test_metrics_use_metadata(aggregator, dd_run_check, sandbox, traffic):
     instance = {**sandbox.instance(), "leak_idle_seconds": 1, "apps": apps, "extra_metrics": list(METRIC_GROUPS)}
     check = DjangoDbCheck("django_db", {}, [instance])
     dd_run_check(check)
+    time.sleep(2.1)  # past leak_idle_seconds (PgBouncer counts whole seconds): idle connections and clients leak
     dd_run_check(check)
     check.cancel()
     refused = DjangoDbCheck(

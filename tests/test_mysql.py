@@ -146,7 +146,9 @@ def test_connections_by_state_user_db_and_host(aggregator, dd_run_check, mariadb
     in_transaction = app_conns[0].cursor()
     in_transaction.execute("BEGIN")
     in_transaction.execute("UPDATE items SET name = name WHERE id = 1")
-    check = DjangoDbCheck("django_db", {}, [mysql_instance(mariadb, group_by=["db", "user", "client_addr"])])
+    time.sleep(1.1)  # ages count whole seconds, and a 0 is not sent: the transaction's, the idle ones' (leaks)
+    instance = mysql_instance(mariadb, group_by=["db", "user", "client_addr"], leak_idle_seconds=1)
+    check = DjangoDbCheck("django_db", {}, [instance])
     dd_run_check(check)
 
     server = f"mysql_server:127.0.0.1:{mariadb.port}"
@@ -164,7 +166,7 @@ def test_connections_by_state_user_db_and_host(aggregator, dd_run_check, mariadb
         one_value(aggregator, "db.client.connections.usage", "state:idle", f"pool.name:127.0.0.1:{mariadb.port}/appdb")
         == 2
     )
-    assert one_value(aggregator, "django_db.mysql.transaction.max_age", server, "db:appdb", "user:app") >= 0
+    assert one_value(aggregator, "django_db.mysql.transaction.max_age", server, "db:appdb", "user:app") >= 1
     aggregator.assert_service_check(CAN_CONNECT, AgentCheck.OK, tags=[server, "env_name:test"])
     aggregator.assert_metrics_using_metadata(get_metadata_metrics(), exclude=["db.client.connections.usage"])
     mysql_rows = {name for name in get_metadata_metrics() if name.startswith("django_db.mysql.")}

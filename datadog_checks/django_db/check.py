@@ -51,8 +51,9 @@ from .redact import instance_secrets, redact, secret_patterns
 from .sources.django_metrics import DjangoMetricsSource
 from .sources.logs import LogFollower
 from .sources.mysql import MysqlSource
-from .sources.pgbouncer import PgBouncerSource
+from .sources.pgbouncer import EVERY_RUN, PgBouncerSource
 from .sources.postgres import PostgresSource
+from .sparse import Sparse
 
 POSTGRES_CAN_CONNECT = "django_db.postgres.can_connect"
 PGBOUNCER_CAN_CONNECT = "django_db.pgbouncer.can_connect"
@@ -108,7 +109,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         if s.postgres:
             reads = (s.group_by, s.leak_idle_seconds, self.log, s.apps, s.report_leak_queries)
             self.postgres = PostgresSource(s.postgres, *reads, pooler=both, networks=s.pooler_networks)
-        self.pgbouncers = [PgBouncerSource(endpoint, servers=both) for endpoint in s.pgbouncers]
+        every_run = tuple(show for group, show in EVERY_RUN.items() if group in s.extra_metrics)
+        self.pgbouncers = [PgBouncerSource(endpoint, both, every_run) for endpoint in s.pgbouncers]
         self.pgbouncer = self.pgbouncers[0] if self.pgbouncers else None
         # Each PgBouncer's server connections as last read (by its tag): kept through runs that could not read
         # them, for KEPT_SECONDS, so that a hung PgBouncer's idle servers are not taken for an application's leak.
@@ -144,6 +146,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.say_at_start()
         self.django = DjangoMetricsSource(s.django_metrics, self.init_config, self.log) if s.django_metrics else None
         self.django_history = DjangoHistory()
+        self.sparse = Sparse()
         self._submitters: dict[Kind, Callable[..., None]] = {
             "gauge": self.gauge,
             "rate": self.rate,
@@ -183,6 +186,12 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     # -- the run ---------------------------------------------------------------------------
     def check(self, _: Any) -> None:
+        try:
+            self.collect()
+        finally:
+            self.submit_as_is(self.sparse.end_run())
+
+    def collect(self) -> None:
         seen: Seen = []
         findings: list[Finding] = []
         found_by: dict[str, list[Finding]] = {}
@@ -541,6 +550,10 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, metrics: Iterable[Metric]) -> None:
+        """The metrics worth sending (``Sparse``): a zero of what is zero on a healthy stack is not."""
+        self.submit_as_is(self.sparse.chosen(metrics))
+
+    def submit_as_is(self, metrics: Iterable[Metric]) -> None:
         submitters = self._submitters
         for kind, name, value, tags in metrics:
             submitters[kind](name, value, tags)  # a tuple: the base class makes its own list of them
