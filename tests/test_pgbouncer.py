@@ -71,8 +71,8 @@ def test_database_limit_is_sent_only_when_there_is_one(aggregator, dd_run_check,
     assert one_value(aggregator, "django_db.pgbouncer.databases.max_connections", "pgbouncer_db:sess") == 3
     # No max_db_connections anywhere means no limit: no series, rather than a 0 that reads as "none allowed".
     assert metric_values(aggregator, "django_db.pgbouncer.databases.max_connections", "pgbouncer_db:tiny") == []
-    assert one_value(aggregator, "django_db.pgbouncer.databases.current_connections", "pgbouncer_db:tiny") >= 0
-    # The settings of each database are opt-in.
+    # What each database holds (its pools' sv_* say it) and its settings are opt-in.
+    assert metric_values(aggregator, "django_db.pgbouncer.databases.current_connections") == []
     assert metric_values(aggregator, "django_db.pgbouncer.databases.pool_size") == []
 
 
@@ -84,6 +84,7 @@ def test_database_settings_with_their_group(aggregator, dd_run_check, pools):
     assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:tiny") == 1
     assert one_value(aggregator, "django_db.pgbouncer.databases.pool_size", "pgbouncer_db:sess") == 3
     assert one_value(aggregator, "django_db.pgbouncer.databases.paused", "pgbouncer_db:tiny") == 0
+    assert one_value(aggregator, "django_db.pgbouncer.databases.current_connections", "pgbouncer_db:tiny") >= 0
     assert metric_values(aggregator, "django_db.pgbouncer.lists.used_clients") == []
 
 
@@ -264,7 +265,7 @@ def test_records_read_from_the_cursor_match_the_rows_and_allow_nested_passes(san
     source = PgBouncerSource(settings.pgbouncer)
     try:
         snapshot = source.snapshot()
-        fetched = {name: source.conn.execute("SHOW " + name) for name in PER_RUN}
+        fetched = {name: source.conn.execute("SHOW " + name) for name in (*PER_RUN, "DATABASES")}
         whole = {
             name: Result([c.name for c in cursor.description], cursor.fetchall()) for name, cursor in fetched.items()
         }
@@ -295,7 +296,58 @@ def _volatile(record) -> dict:
             "query_time", "wait_time", "maxwait")}  # fmt: skip
 
 
-def test_a_run_after_the_first_asks_five_questions_on_the_same_connection(dd_run_check, sandbox):
+def test_a_run_after_the_first_asks_three_questions_on_the_same_connection(dd_run_check, sandbox):
     check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
     asked = statements_of_two_runs(dd_run_check, check, "pgbouncer")
-    assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW DATABASES", "SHOW LISTS", "SHOW CLIENTS"] * 2
+    assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS"] * 2
+
+
+def test_the_groups_that_need_them_read_databases_and_lists_every_run(dd_run_check, sandbox):
+    groups = ["pgbouncer_databases", "pgbouncer_lists"]
+    instance = {"pgbouncer": sandbox.pgbouncer.instance("datadog"), "extra_metrics": groups}
+    asked = statements_of_two_runs(dd_run_check, DjangoDbCheck("django_db", {}, [instance]), "pgbouncer")
+    assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS", "SHOW DATABASES", "SHOW LISTS"] * 2
+
+
+def test_settings_are_read_again_now_and_then_and_a_new_database_at_once(aggregator, dd_run_check, sandbox, clients):
+    """CONFIG, VERSION and DATABASES change on a RELOAD or a new database only: read again every
+    SETTINGS_SECONDS, and DATABASES at once when a pool names a database it did not list."""
+    from datadog_checks.django_db.sources import pgbouncer as source_module
+    from datadog_checks.django_db.sources.pgbouncer import Names
+
+    check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
+    dd_run_check(check)
+    # A database the `*` entry makes on a client's first connection (PostgreSQL refuses this one): its pool
+    # appears, and DATABASES is read.
+    fresh = f"fresh_{time.monotonic_ns() % 10**9}"
+    with pytest.raises(psycopg.OperationalError):
+        _through_pgbouncer(clients, sandbox, fresh, 1)
+    source = check.pgbouncer
+    conn = source.conn
+    asked: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def counted(cursor, query, *args, **kwargs):
+        if cursor.connection is conn:
+            asked.append(str(query))
+        return execute(cursor, query, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", counted)
+        dd_run_check(check)
+        assert "SHOW DATABASES" in asked and fresh in set(Names(source.databases, "name"))
+        asked.clear()
+        dd_run_check(check)
+        assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS"]
+        # A RELOAD that changes max_client_conn is seen once SETTINGS_SECONDS have gone.
+        sandbox.pgbouncer.settings["max_client_conn"] = 77
+        sandbox.pgbouncer.reload()
+        patch.setattr(source_module, "SETTINGS_SECONDS", 0.0)
+        asked.clear()
+        aggregator.reset()
+        dd_run_check(check)
+    check.cancel()
+    sandbox.pgbouncer.settings["max_client_conn"] = 100
+    sandbox.pgbouncer.reload()
+    assert asked[:2] == ["SHOW CONFIG", "SHOW VERSION"] and "SHOW DATABASES" in asked
+    assert one_value(aggregator, "django_db.pgbouncer.max_client_conn") == 77

@@ -168,13 +168,15 @@ def test_exactly_the_metrics_the_columns_allow(version):
 # Sent without `extra_metrics`: who holds the connections, who waits, how near each limit, the load.
 DEFAULT = {
     f"{P}pools.cl_active", f"{P}pools.cl_waiting", f"{P}pools.sv_active", f"{P}pools.sv_idle", f"{P}pools.maxwait",
-    f"{P}pools.server_utilization", f"{P}databases.current_connections", f"{P}databases.max_connections",
+    f"{P}pools.server_utilization", f"{P}databases.max_connections",
     f"{P}stats.transactions", f"{P}stats.wait_time", f"{P}max_client_conn", f"{P}clients", f"{P}client_utilization",
 }  # fmt: skip
 GROUPS = {
     "pgbouncer_cancel": CANCEL,
     "pgbouncer_server_states": {f"{P}pools.sv_used", f"{P}pools.sv_tested", f"{P}pools.sv_login"},
-    "pgbouncer_databases": {f"{P}databases.{n}" for n in ("pool_size", "reserve_pool_size", "paused", "disabled")},
+    "pgbouncer_databases": {
+        f"{P}databases.{n}" for n in ("current_connections", "pool_size", "reserve_pool_size", "paused", "disabled")
+    },
     "pgbouncer_stats": {
         f"{P}stats.{n}" for n in ("queries", "bytes_received", "bytes_sent", "xact_time", "query_time")
     },

@@ -270,6 +270,7 @@ class PgbClients:
     groups: tuple[PgbClientGroup, ...]
     now: str  # the newest request_time of all clients: the console's own SHOW CLIENTS, PgBouncer's clock now
     has_app: bool  # the version has the application_name column (1.18 on)
+    total: int = 0  # every client connection, the admin console's included
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 
-from datadog_checks.django_db.sources.pgbouncer import ON_CONNECT, PER_RUN, parse_version
+from datadog_checks.django_db.sources.pgbouncer import EVERY_RUN, ON_CONNECT, PER_RUN, parse_version
 from django_db_tools import debian
 from django_db_tools.sandbox import Sandbox
 
@@ -96,7 +96,7 @@ def read(box: Sandbox) -> dict:
             host="127.0.0.1", port=box.pgbouncer.port, user=Sandbox.MONITOR_USER, password=Sandbox.MONITOR_PASSWORD,
             dbname="pgbouncer", autocommit=True, cursor_factory=psycopg.ClientCursor, connect_timeout=5,
         ) as admin:  # fmt: skip
-            return {name: show(admin, name) for name in (*PER_RUN, *ON_CONNECT)}
+            return {name: show(admin, name) for name in (*PER_RUN, *EVERY_RUN.values(), *ON_CONNECT)}
     finally:
         for conn in clients:
             conn.close()

@@ -12,7 +12,7 @@ from ..settings import Settings
 from . import session_state
 from .groups import ranked, select
 from .model import Finding, Status, Subject, app_subjects, crossed, level, tag_value
-from .pgbouncer import client_utilization
+from .pgbouncer import client_utilization, used_clients
 from .pgbouncer_clients import holders, top_holders, waiting_apps
 from .postgres import client_backends, utilization
 from .queries import normalize_query
@@ -285,7 +285,7 @@ def pgbouncer_findings(snapshot: PgbSnapshot, settings: Settings) -> list[Findin
     if ratio is not None:
         status = level(ratio, t.pgbouncer_client_utilization)
         text = (
-            f"{snapshot.lists.get('used_clients')} of {snapshot.config.max_client_conn:g} "
+            f"{used_clients(snapshot)} of {snapshot.config.max_client_conn:g} "
             f"PgBouncer client connections in use ({ratio:.0%} of max_client_conn)"
         )
         subjects: tuple[Subject, ...] = ()

@@ -24,26 +24,34 @@ POOL_GROUPS = {
     "pgbouncer_server_states": ("sv_used", "sv_tested", "sv_login"),
 }
 
-# SHOW LISTS items (1.8 to 1.25); an item a later version adds is left out until it has a metadata row.
-# used_clients is sent by default as django_db.pgbouncer.clients; the items, with `pgbouncer_lists`.
+# SHOW LISTS items (1.8 to 1.25), sent with `pgbouncer_lists`; an item a later version adds is left out until
+# it has a metadata row. django_db.pgbouncer.clients is counted from SHOW CLIENTS.
 LIST_ITEMS = (
     "databases", "users", "pools", "free_clients", "used_clients", "login_clients",
     "free_servers", "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending",
 )  # fmt: skip
 
-# SHOW DATABASES: the server connections a database holds against its limit (max_connections is
-# sent only where a limit is set); the settings with `pgbouncer_databases`.
-DATABASE_GAUGES = ("current_connections", "max_connections")
-DATABASE_GROUP = ("pool_size", "reserve_pool_size", "paused", "disabled")
+# SHOW DATABASES: a database's limit of server connections, sent only where one is set; with
+# `pgbouncer_databases`, the connections it holds (its pools' sv_* summed say the same) and its settings.
+DATABASE_GAUGES = ("max_connections",)
+DATABASE_GROUP = ("current_connections", "pool_size", "reserve_pool_size", "paused", "disabled")
 
 # SHOW STATS: the load and the time clients waited; the rest with `pgbouncer_stats`.
 STATS_RATES = ("transactions", "wait_time")
 STATS_GROUP = ("queries", "bytes_received", "bytes_sent", "xact_time", "query_time")
 
 
+def used_clients(snapshot: PgbSnapshot) -> int | None:
+    """Client connections PgBouncer holds, its console's included: SHOW CLIENTS's rows (SHOW LISTS's used_clients
+    where CLIENTS was not read)."""
+    if snapshot.clients is not None:
+        return snapshot.clients.total
+    return snapshot.lists.get("used_clients")
+
+
 def client_utilization(snapshot: PgbSnapshot) -> float | None:
     limit = snapshot.config.max_client_conn
-    clients = snapshot.lists.get("used_clients")
+    clients = used_clients(snapshot)
     if not limit or clients is None:
         return None
     return clients / limit
@@ -116,8 +124,8 @@ def pgbouncer_metrics(snapshot: PgbSnapshot, settings: Settings) -> Iterator[Met
 
     if snapshot.config.max_client_conn is not None:
         yield Metric(gauge, PREFIX + "max_client_conn", snapshot.config.max_client_conn, base)
-    if "used_clients" in snapshot.lists:
-        yield Metric(gauge, PREFIX + "clients", snapshot.lists["used_clients"], base)
+    if (clients := used_clients(snapshot)) is not None:
+        yield Metric(gauge, PREFIX + "clients", clients, base)
     if (utilization := client_utilization(snapshot)) is not None:
         yield Metric(gauge, PREFIX + "client_utilization", utilization, base)
     if "pgbouncer_lists" in extra:

@@ -8,6 +8,7 @@ feeds the same field. The admin database's own rows are left out here, once.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from itertools import chain
@@ -22,8 +23,14 @@ from ..records import ADMIN_DB, PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSe
 from ..settings import Endpoint
 from .pgbouncer_clients import parse_clients
 
-PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "DATABASES", "LISTS", "CLIENTS")
+# Read every run: what changes from one run to the next.
+PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "CLIENTS")
 ON_CONNECT: tuple[LiteralString, ...] = ("CONFIG", "VERSION")
+# What changes on a RELOAD, a PAUSE or a new database only: read on connecting, then again every
+# SETTINGS_SECONDS, or at once when a pool names a database SHOW DATABASES did not list.
+SETTINGS_SECONDS = 300.0
+# The `extra_metrics` groups that read a statement every run.
+EVERY_RUN: dict[str, LiteralString] = {"pgbouncer_databases": "DATABASES", "pgbouncer_lists": "LISTS"}
 
 POOL_COLUMNS = (
     "cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req",
@@ -371,13 +378,18 @@ def snapshot_of(results: dict[str, Result], config: PgbConfig, version: str | No
 
 
 class PgBouncerSource(Reconnecting):
-    def __init__(self, endpoint: Endpoint, servers: bool = False):
-        """``servers``: read SHOW SERVERS too, to tell PgBouncer's connections among PostgreSQL's backends."""
+    def __init__(self, endpoint: Endpoint, servers: bool = False, every_run: Iterable[LiteralString] = ()):
+        """``servers``: read SHOW SERVERS too, to tell PgBouncer's connections among PostgreSQL's backends.
+        ``every_run``: SHOW DATABASES or LISTS every run, for the metrics of theirs an `extra_metrics` group asks
+        for; without, DATABASES is read now and then (``SETTINGS_SECONDS``) and LISTS never."""
         self.endpoint = endpoint
         self.read_servers = servers
+        self.every_run = tuple(every_run)
         self.config = PgbConfig()
         self.version: str | None = None
         self.notices: list[str] = []
+        self.databases = Result([], [])
+        self.settings_read_at = 0.0
 
     def snapshot(self) -> PgbSnapshot:
         """Read the console; a connection found broken is opened again at once, any other failure next run."""
@@ -394,14 +406,27 @@ class PgBouncerSource(Reconnecting):
             self.notices = []
             conn.add_notice_handler(lambda diag: self.notices.append(diag.message_primary or ""))
         with deadline(conn, self.endpoint.query_timeout):
-            if new:
+            due = new or time.monotonic() - self.settings_read_at >= SETTINGS_SECONDS
+            if due:
                 config, version = (self._show(conn, name, fetch=True) for name in ON_CONNECT)
                 texts = version_texts(version) or self.notices  # before 1.12 the version came as a NOTICE
                 self.config, self.version = parse_config(config), parse_version(texts)
             # One round trip each; the rows stay in libpq's memory, read as the evaluation goes.
-            results = {name: self._show(conn, name, fetch=name == "LISTS") for name in PER_RUN}
+            results = {name: self._show(conn, name) for name in PER_RUN}
+            results.update((name, self._show(conn, name, fetch=True)) for name in self.every_run)
+            if "DATABASES" not in results:
+                if due or self._unlisted(results["POOLS"]):
+                    self.databases = self._show(conn, "DATABASES", fetch=True)
+                results["DATABASES"] = self.databases
+            if due:
+                self.settings_read_at = time.monotonic()
             servers = self._servers(conn)
         return replace(snapshot_of(results, self.config, self.version, new), servers=servers)
+
+    def _unlisted(self, pools: Result) -> bool:
+        """Whether a pool names a database the last SHOW DATABASES did not list (one a `*` entry made since)."""
+        listed = set(Names(self.databases, "name"))
+        return any(name not in listed for name in Names(pools, "database"))
 
     def _servers(self, conn: psycopg.Connection[Any]) -> tuple[PgbServer, ...]:
         """SHOW SERVERS when PostgreSQL is monitored too: a few rows, one per server connection."""

@@ -73,6 +73,7 @@ def parse_clients(result: Result) -> PgbClients:
         counted = Counter(_keys_from_cells(pgresult, positions, link))
     else:
         counted = Counter(_keys_from_rows(result.rows, positions, link))
+    total = sum(counted.values())
     text = _decoder()
     groups = []
     now = ""
@@ -84,4 +85,4 @@ def parse_clients(result: Result) -> PgbClients:
         if name == ADMIN_DB:
             continue
         groups.append(PgbClientGroup(name, text(user), text(app), text(state), text(addr), when, linked, count))
-    return PgbClients(tuple(groups), now, has_app=positions[2] is not None)
+    return PgbClients(tuple(groups), now, has_app=positions[2] is not None, total=total)
