@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from heapq import merge
 from itertools import chain
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from ..records import PgbConfig, PgbDatabase, PgbNames, PgbPool, PgbSnapshot, PgbStats
@@ -62,11 +63,13 @@ def _more_than_in_order(names: Iterable[str], limit: int) -> bool | None:
 
 
 def _total(values: Sequence[float | None]) -> float | None:
-    return None if all(v is None for v in values) else sum(_n(v) for v in values)
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
 
 
 def _highest(values: Sequence[float | None]) -> float | None:
-    return None if all(v is None for v in values) else max(_n(v) for v in values)
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
 
 
 def _merge(rows: list[R], key: Callable[[R], tuple[str, ...]], merge: Callable[[list[R]], R]) -> tuple[R, ...]:
@@ -78,13 +81,11 @@ def _merge(rows: list[R], key: Callable[[R], tuple[str, ...]], merge: Callable[[
 
 
 def _merge_pools(pools: list[PgbPool]) -> PgbPool:
-    first = pools[0]
+    columns = dict(zip(PgbPool._fields, zip(*pools, strict=True), strict=True))
     counts = {
-        name: _total([getattr(p, name) for p in pools])
-        for name in PgbPool._fields
-        if name not in ("db", "user", "pool_mode", "maxwait")
+        name: _total(columns[name]) for name in PgbPool._fields if name not in ("db", "user", "pool_mode", "maxwait")
     }
-    return first._replace(**counts, maxwait=_highest([p.maxwait for p in pools]))  # type: ignore[arg-type]
+    return pools[0]._replace(**counts, maxwait=_highest(columns["maxwait"]))  # type: ignore[arg-type]
 
 
 def _merge_databases(databases: list[PgbDatabase], config: PgbConfig) -> PgbDatabase:
@@ -106,7 +107,8 @@ def _merge_databases(databases: list[PgbDatabase], config: PgbConfig) -> PgbData
 
 
 def _merge_stats(stats: list[PgbStats]) -> PgbStats:
-    totals = {name: _total([getattr(s, name) for s in stats]) for name in PgbStats._fields if name != "db"}
+    columns = dict(zip(PgbStats._fields, zip(*stats, strict=True), strict=True))
+    totals = {name: _total(columns[name]) for name in PgbStats._fields if name != "db"}
     return stats[0]._replace(**totals)  # type: ignore[arg-type]
 
 
@@ -147,20 +149,21 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
         many_dbs = _more_than(chain(given.pool_dbs, given.databases, given.stats_dbs), limit)
     if not many_dbs and not _more_than(given.pool_users, limit):
         return snapshot, {}
+    # Folding keeps every row: made into records once here, not again on each pass below.
+    pools, databases, stats_rows = list(snapshot.pools), list(snapshot.databases), list(snapshot.stats)
     held_db: dict[str, float] = defaultdict(float)
     held_user: dict[str, float] = defaultdict(float)
     served: dict[str, float] = defaultdict(float)
-    for pool in snapshot.pools:
-        held = sum(_n(getattr(pool, column)) for column in HELD)
+    held_of = itemgetter(*(PgbPool._fields.index(column) for column in HELD))
+    for pool in pools:
+        held = sum(value for value in held_of(pool) if value)
         held_db[pool.db] += held
         held_user[pool.user] += held
-    for database in snapshot.databases:
-        held_db[database.name] += _n(database.current_connections)
-    for stats in snapshot.stats:
+    for stats in stats_rows:
         served[stats.db] += _n(stats.transactions) + _n(stats.queries)
-    names = [p.db for p in snapshot.pools] + [d.name for d in snapshot.databases] + [s.db for s in snapshot.stats]
+    names = [p.db for p in pools] + [d.name for d in databases] + [s.db for s in stats_rows]
     dbs = _kept(names, held_db, served, limit=limit)
-    users = _kept((p.user for p in snapshot.pools), held_user, limit=limit)
+    users = _kept((p.user for p in pools), held_user, limit=limit)
     if dbs is None and users is None:
         return snapshot, {}
 
@@ -172,7 +175,10 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
 
     def rename_pools(group: list[PgbPool]) -> PgbPool:
         pool = group[0] if len(group) == 1 else _merge_pools(group)
-        return pool._replace(db=db(pool.db), user=user(pool.user))
+        name, user_name = db(pool.db), user(pool.user)
+        if name == pool.db and user_name == pool.user:
+            return pool
+        return pool._replace(db=name, user=user_name)
 
     def rename_databases(group: list[PgbDatabase]) -> PgbDatabase:
         if len(group) == 1 and group[0].name == db(group[0].name):
@@ -181,17 +187,18 @@ def fold_pgbouncer(snapshot: PgbSnapshot, limit: int) -> tuple[PgbSnapshot, dict
 
     def rename_stats(group: list[PgbStats]) -> PgbStats:
         stats = group[0] if len(group) == 1 else _merge_stats(group)
-        return stats._replace(db=db(stats.db))
+        name = db(stats.db)
+        return stats if name == stats.db else stats._replace(db=name)
 
     folded = {}
     if dbs is not None:
         folded["pgbouncer_db"] = sorted(set(names) - dbs)
     if users is not None:
-        folded["user"] = sorted({p.user for p in snapshot.pools} - users)
+        folded["user"] = sorted({p.user for p in pools} - users)
     return replace(
         snapshot,
-        pools=_merge(list(snapshot.pools), lambda p: (db(p.db), user(p.user), p.pool_mode), rename_pools),
-        databases=_merge(list(snapshot.databases), lambda d: (db(d.name),), rename_databases),
-        stats=_merge(list(snapshot.stats), lambda s: (db(s.db),), rename_stats),
+        pools=_merge(pools, lambda p: (db(p.db), user(p.user), p.pool_mode), rename_pools),
+        databases=_merge(databases, lambda d: (db(d.name),), rename_databases),
+        stats=_merge(stats_rows, lambda s: (db(s.db),), rename_stats),
         names=None,
     ), folded
