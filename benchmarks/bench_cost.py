@@ -213,9 +213,11 @@ def against_bare(
     return interleaved(steps, runs, warmup)
 
 
-def report_times(report: Report, label: str, times: dict[str, list[float]], target: float | None) -> None:
+def report_times(
+    report: Report, label: str, times: dict[str, list[float]], target: float | None, stub_target: bool = False
+) -> None:
     """Two lines of one level: the check beside the bare statements (against ``target``, where it has one),
-    and the check with the stub aggregator."""
+    and the check with the stub aggregator (against the same target where ``stub_target``)."""
     bare_median = median_ms(times["bare"])
     ratio = median_ms(times["check"]) / bare_median
     report.line(
@@ -224,9 +226,13 @@ def report_times(report: Report, label: str, times: dict[str, list[float]], targ
         f"<= {target:g}x" if target else None,
         ratio <= target if target else None,
     )
+    stub_ratio = median_ms(times["stub"]) / bare_median
+    judged = target if stub_target else None
     report.line(
         f"{label}: run time, stub aggregator",
-        f"{ms(times['stub'])} = {median_ms(times['stub']) / bare_median:.2f}x bare",
+        f"{ms(times['stub'])} = {stub_ratio:.2f}x bare",
+        f"<= {judged:g}x" if judged else None,
+        stub_ratio <= judged if judged else None,
     )
 
 
@@ -511,6 +517,9 @@ def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int
         silent, stub = made
         official_instance = {"host": instance["host"], "port": instance["port"], "username": instance["username"],
                              "password": instance["password"]}  # fmt: skip
+        # Memory beside the pools, none folded into `other`: the rows are read a few at a time.
+        spread = SilentCheck("django_db", {}, [{"pgbouncer": instance, "max_tag_values": most + 50}])
+        made.append(spread)
         official = OfficialPgbouncerRun("pgbouncer", {}, [official_instance])
         silent_official = SilentOfficialRun("pgbouncer", {}, [official_instance])
         made += [official, silent_official]
@@ -547,41 +556,43 @@ def pgbouncer_side(report: Report, levels: Sequence[int], runs: int, warmup: int
                 Step("official stub", lambda: official.check(None), before=aggregator.reset),
             ]
             times = interleaved(steps, runs, warmup)
-            for label, ours, theirs in (("no-op", "check", "official"), ("stub", "stub", "official stub")):
+            # The target holds on the Agent's submission path: with submissions going nowhere, Datadog's check
+            # is its four SHOW statements and little else (reported for reference).
+            for label, ours, theirs, judged in (("no-op", "check", "official", False),
+                                                ("stub", "stub", "official stub", last)):  # fmt: skip
                 ratio = median_ms(times[ours]) / median_ms(times[theirs])
                 report.line(
                     f"{level} pools: run time, {label} aggregator",
                     f"{ms(times[ours])} / official {ms(times[theirs])} = {ratio:.2f}x",
-                    f"<= {OFFICIAL_RATIO_LAST:g}x" if last else None,
-                    ratio <= OFFICIAL_RATIO_LAST if last else None,
+                    f"<= {OFFICIAL_RATIO_LAST:g}x" if judged else None,
+                    ratio <= OFFICIAL_RATIO_LAST if judged else None,
                 )
             report.line(
                 f"{level} pools: bare SHOW POOLS + SHOW STATS",
                 f"{ms(times['bare'])}; the check {median_ms(times['check']) / median_ms(times['bare']):.2f}x",
             )
-            memory[level] = (
-                peak_memory(lambda: silent.check(None)),
-                peak_memory(lambda: stub.check(None), before=aggregator.reset),
-            )
+            memory[level] = (peak_memory(lambda: spread.check(None)), peak_memory(lambda: silent.check(None)))
     finally:
         for check in made:
             check.cancel()
         close_all([bare])
         box.close()
 
-    report.section("Peak Python memory of one run (tracemalloc, after a warm-up run; pgbouncer section only)")
+    report.section(
+        "Peak Python memory of one run (tracemalloc, after a warm-up run; pgbouncer section only, no-op aggregator)"
+    )
     first = levels[0]
     for level in levels:
-        quiet, stubbed = memory[level]
+        streamed, folded = memory[level]
         compared = level != first
-        ratio = quiet / memory[first][0]
+        ratio = streamed / memory[first][0]
         report.line(
-            f"{level} pools: no-op aggregator",
-            f"{quiet / 1024:.0f} KiB" + (f" = {ratio:.1f}x the {first}-pool peak" if compared else ""),
+            f"{level} pools: none folded",
+            f"{streamed / 1024:.0f} KiB" + (f" = {ratio:.1f}x the {first}-pool peak" if compared else ""),
             f"<= {MEMORY_RATIO:g}x" if compared else None,
             ratio <= MEMORY_RATIO if compared else None,
         )
-        report.line(f"{level} pools: stub aggregator", f"{stubbed / 1024:.0f} KiB")
+        report.line(f"{level} pools: defaults (past 50, folded)", f"{folded / 1024:.0f} KiB")
 
 
 def open_pgbouncer_clients(
@@ -698,7 +709,7 @@ def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int)
 
             times = against_bare(silent, stub, count_sessions, runs, warmup)
             target = POSTGRES_RATIO_FIRST if i == 0 else POSTGRES_RATIO_LAST if i == len(levels) - 1 else None
-            report_times(report, f"{level} idle clients", times, target)
+            report_times(report, f"{level} idle clients", times, target, stub_target=True)
     finally:
         for check in made:
             check.cancel()
