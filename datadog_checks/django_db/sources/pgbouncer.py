@@ -27,7 +27,7 @@ from .pgbouncer_clients import parse_clients
 PER_RUN: tuple[LiteralString, ...] = ("POOLS", "STATS", "CLIENTS")
 ON_CONNECT: tuple[LiteralString, ...] = ("CONFIG", "VERSION")
 # What changes on a RELOAD, a PAUSE or a new database only: read on connecting, then again every
-# SETTINGS_SECONDS, or at once when a pool names a database SHOW DATABASES did not list.
+# SETTINGS_SECONDS, or at once when a pool names a database not known when DATABASES was last read.
 SETTINGS_SECONDS = 300.0
 # The `extra_metrics` groups that read a statement every run.
 EVERY_RUN: dict[str, LiteralString] = {"pgbouncer_databases": "DATABASES", "pgbouncer_lists": "LISTS"}
@@ -389,6 +389,7 @@ class PgBouncerSource(Reconnecting):
         self.version: str | None = None
         self.notices: list[str] = []
         self.databases = Result([], [])
+        self.known: set[str] = set()  # the databases and pools when DATABASES was last read
         self.settings_read_at = 0.0
 
     def snapshot(self) -> PgbSnapshot:
@@ -415,18 +416,16 @@ class PgBouncerSource(Reconnecting):
             results = {name: self._show(conn, name) for name in PER_RUN}
             results.update((name, self._show(conn, name, fetch=True)) for name in self.every_run)
             if "DATABASES" not in results:
-                if due or self._unlisted(results["POOLS"]):
+                pools = set(Names(results["POOLS"], "database"))
+                if due or not pools <= self.known:
                     self.databases = self._show(conn, "DATABASES", fetch=True)
+                    # A pool may outlive its database (removed by a RELOAD): known too, not read again for it.
+                    self.known = set(Names(self.databases, "name")) | pools
                 results["DATABASES"] = self.databases
             if due:
                 self.settings_read_at = time.monotonic()
             servers = self._servers(conn)
         return replace(snapshot_of(results, self.config, self.version, new), servers=servers)
-
-    def _unlisted(self, pools: Result) -> bool:
-        """Whether a pool names a database the last SHOW DATABASES did not list (one a `*` entry made since)."""
-        listed = set(Names(self.databases, "name"))
-        return any(name not in listed for name in Names(pools, "database"))
 
     def _servers(self, conn: psycopg.Connection[Any]) -> tuple[PgbServer, ...]:
         """SHOW SERVERS when PostgreSQL is monitored too: a few rows, one per server connection."""
