@@ -78,7 +78,7 @@ def test_postgres_findings_name_the_application():
     assert (in_tx.status, in_tx.figure, in_tx.threshold) == (Status.CRITICAL, 320, 300)
     assert in_tx.subjects == (Subject(("app:worker",), 2),)
     leaked = findings["leaked_connections"]
-    assert (leaked.status, leaked.figure, leaked.threshold) == (Status.WARNING, 6, 1)
+    assert (leaked.status, leaked.figure, leaked.threshold) == (Status.CRITICAL, 6, 5)  # critical from 5 by default
     assert leaked.subjects == (Subject(("app:web",), 6),)
     blind = findings["monitoring_role_blind"]
     assert (blind.status, blind.figure, blind.advice) == (Status.WARNING, 5, "GRANT pg_monitor TO datadog")
@@ -86,7 +86,7 @@ def test_postgres_findings_name_the_application():
     text = message(list(findings.values()))
     assert text.startswith("CRITICAL: 38 of 40 usable slots in use (95%; most: app=web 30)")
     assert "CRITICAL: 2 connections idle in transaction (app=worker 2), the oldest for 320 s (app=worker)" in text
-    assert "WARNING: 6 connections of app=web idle for over 600 s (leaked)" in text
+    assert "CRITICAL: 6 connections of app=web idle for over 600 s (leaked)" in text
     assert "WARNING: 5 backends are hidden from the monitoring role: GRANT pg_monitor TO datadog" in text
 
 

@@ -58,7 +58,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "pgbouncer_client_utilization": (0.8, 0.9),
     "idle_in_transaction_seconds": (30, 300),
     "idle_in_transaction_count": (None, 50),
-    "leaked_connections": (1, None),
+    "leaked_connections": (1, 5),
     "pgbouncer_maxwait_seconds": (1, 5),
     "churn_per_minute": (100, None),
 }

@@ -200,6 +200,7 @@ def postgres_findings(
     groups = select(snapshot.groups, settings)
     leaked: Counter[str] = Counter()
     in_tx: Counter[str] = Counter()
+    tx_age: dict[str, float] = {}
     oldest_tx, oldest_app = 0.0, ""
     hidden = 0
     for g in groups:
@@ -207,6 +208,7 @@ def postgres_findings(
             leaked[g.app] += g.leaked
         if g.state in IDLE_IN_TRANSACTION:
             in_tx[g.app] += g.count
+            tx_age[g.app] = max(tx_age.get(g.app, 0.0), g.max_age)
             if g.max_age > oldest_tx:
                 oldest_tx, oldest_app = g.max_age, g.app
         if g.state is None:
@@ -247,11 +249,16 @@ def postgres_findings(
                 f"{total_tx} connections idle in transaction ({_apps(in_tx)}), "
                 f"the oldest for {oldest_tx:.0f} s (app={oldest_app or 'none'})"
             )
-        # the figure is what earned the status: the count where it does, else the oldest's age
-        figure, threshold = (
-            (float(total_tx), crossed(t.idle_in_transaction_count, by_count))
+        # the figure is what earned the status: the count where it does, else the oldest's age; where the age
+        # did, the subjects are the applications whose transactions are that old, not every one in a transaction
+        figure, threshold, subjects = (
+            (float(total_tx), crossed(t.idle_in_transaction_count, by_count), app_subjects(in_tx))
             if by_count >= by_age
-            else (oldest_tx, crossed(t.idle_in_transaction_seconds, by_age))
+            else (
+                oldest_tx,
+                crossed(t.idle_in_transaction_seconds, by_age),
+                app_subjects({a: n for a, n in in_tx.items() if level(tx_age[a], t.idle_in_transaction_seconds)}),
+            )
         )
         findings.append(
             Finding(
@@ -260,7 +267,7 @@ def postgres_findings(
                 text,
                 "a transaction left open while the code waits on something else (a slow call inside atomic(), "
                 "a task that never commits); set idle_in_transaction_session_timeout",
-                app_subjects(in_tx),
+                subjects,
                 figure,
                 threshold,
             )
