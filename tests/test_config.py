@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,26 @@ def test_several_pgbouncers_each_with_its_own_tag():
     one = parse({"postgres": PG, "pgbouncer": {"port": 6432}})
     assert one.pgbouncers == (one.pgbouncer,) and one.pgbouncer is not None
     assert one.pgbouncer.tag == "pgbouncer_server:localhost:6432"
+
+
+def _option_names(value: dict) -> set[str]:
+    """The names of an option value's properties, at any depth (objects, lists of objects, anyOf)."""
+    names: set[str] = set()
+    for part in [value, *value.get("anyOf", ()), value.get("items") or {}]:
+        for prop in part.get("properties", ()):
+            names |= {prop["name"]} | _option_names(prop)
+        if part.get("items") and part is not value.get("items"):
+            names |= _option_names(part["items"])
+    return names
+
+
+def test_the_example_shows_every_option_of_the_spec():
+    spec = yaml.safe_load((ROOT / "assets" / "configuration" / "spec.yaml").read_text())
+    [instances] = [o for o in spec["files"][0]["options"] if o.get("template") == "instances"]
+    names = set()
+    for option in instances["options"]:
+        if "name" in option:
+            names |= {option["name"]} | _option_names(option["value"])
+    example = (ROOT / "conf.yaml.example").read_text()
+    assert {"sslrootcert", "sslcert", "sslkey", "warning", "critical"} <= names
+    assert sorted(n for n in names if not re.search(rf"\b{re.escape(n)}\b:", example)) == []
