@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import yaml
 from datadog_checks.base.stubs.common import MetricStub
 
 from datadog_checks.django_db.check import DjangoDbCheck
+from datadog_checks.django_db.config import parse
 from django_db_tools import cli
 from django_db_tools.sandbox import Sandbox, free_port
 
@@ -143,11 +145,26 @@ def test_json_output_has_the_agent_shapes(tmp_path, sandbox, pg_only, pgb_only):
 
 
 def readme_example() -> dict:
-    """The configuration the README shows under Configuration."""
+    """The configuration the README shows for Django -> PgBouncer -> PostgreSQL."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Configuration") :]
+    section = text[text.index("#### Django -> PgBouncer -> PostgreSQL") :]
     block = section[section.index("```yaml\n") + len("```yaml\n") : section.index("```\n", section.index("```yaml"))]
     return yaml.safe_load(block)
+
+
+def test_each_topology_the_readme_configures_is_a_valid_instance():
+    """Django -> PostgreSQL, -> PgBouncer -> PostgreSQL, several PgBouncers, MySQL: each block under
+    Configuration is a configuration the check takes, ENC[] secrets and all."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Configuration") : text.index("#### Options worth knowing")]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 4
+    sections = []
+    for block in blocks:
+        [instance] = yaml.safe_load(block)["instances"]
+        settings = parse(instance)
+        sections.append((settings.postgres is not None, len(settings.pgbouncers), settings.mysql is not None))
+    assert sections == [(True, 0, False), (True, 1, False), (True, 2, False), (False, 0, True)]
 
 
 def test_the_readme_example_runs_in_the_runner(tmp_path, sandbox):

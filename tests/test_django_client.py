@@ -152,7 +152,7 @@ def endpoint_pids(app) -> set[str]:
 
 
 def test_django_pool_gauges_timeouts_and_no_false_churn(aggregator, dd_run_check, pg_instance, sandbox, webapps):
-    """Django 5.1's pool, exposed per worker with the README's collector: django-prometheus counts
+    """Django 5.1's pool, exposed per worker with the collector docs/django-metrics.md shows: django-prometheus counts
     check-outs, so churn must come from the pool's own count of connections, as PostgreSQL sees it."""
     app = webapps(
         app_name="shop-pool", workers=2, threads=4, pool="django", pool_min_size=1, pool_max_size=2, pool_timeout=1,
@@ -204,7 +204,7 @@ def test_django_pool_gauges_timeouts_and_no_false_churn(aggregator, dd_run_check
     assert {m for m in get_metadata_metrics() if m.startswith("django_db.django.")} == submitted
 
 
-def test_the_readme_shows_the_pool_collector_the_tests_run():
+def test_the_docs_show_the_pool_collector_the_tests_run():
     root = Path(__file__).parent.parent
     code = (root / "django_db_tools/webapp/pool_metrics.py").read_text().split('"""', 2)[2].strip()
-    assert f"```python\n{code}\n```" in (root / "README.md").read_text()
+    assert f"```python\n{code}\n```" in (root / "docs" / "django-metrics.md").read_text()

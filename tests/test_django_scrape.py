@@ -86,7 +86,8 @@ def serve(status: int, body: bytes) -> tuple[http.server.ThreadingHTTPServer, st
 
 @pytest.fixture
 def exporter() -> Iterator[tuple[CollectorRegistry, str]]:
-    """A prometheus_client exporter with django-prometheus's counters (namespaced) and the README's pool gauges."""
+    """A prometheus_client exporter with django-prometheus's counters (namespaced) and the pool gauges
+    docs/django-metrics.md shows."""
     registry = CollectorRegistry()
     port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)

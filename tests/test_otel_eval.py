@@ -141,8 +141,8 @@ def test_mysql_sends_the_current_names_as_one_pool_of_the_server_with_its_limit_
     }
 
 
-def test_the_readme_gives_each_current_name_the_type_it_is_sent_as_and_a_unit():
+def test_the_docs_give_each_current_name_the_type_it_is_sent_as_and_a_unit():
     sent = {m.name: m.kind for m in pool_metrics([Pool("p", 1, 1, 3, 1, 1, 1)], ())}
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "opentelemetry.md").read_text()
     rows = dict(re.findall(r"^\| `(db\.client\.connection\.[\w.]+)` \| (\w+), \w+ \|", readme, re.MULTILINE))
     assert rows == sent and len(sent) == 5

@@ -1,4 +1,5 @@
-"""A Django 5.1 pool's get_stats() as Prometheus metrics, per alias: the README shows these lines as they are.
+"""A Django 5.1 pool's get_stats() as Prometheus metrics, per alias: docs/django-metrics.md shows these lines as
+they are.
 
 Imported once per process (wsgi.py does it when the app runs with django-prometheus and Django's pool).
 """
