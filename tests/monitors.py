@@ -55,8 +55,9 @@ def recorded(aggregator) -> Run:
     return run
 
 
-def _keys(text: str | None) -> list[str]:
-    return [k.strip().strip("\"'") for k in (text or "").split(",") if k.strip().strip("\"'")]
+def tag_keys(text: str | None) -> list[str]:
+    """The keys of a ``by {...}`` or ``.by(...)`` list, or the terms of a scope, in order, ``*`` left out."""
+    return [key for part in (text or "").split(",") if (key := part.strip().strip("\"'")) not in ("", "*")]
 
 
 def _term_holds(term: str, tags: set[str]) -> bool:
@@ -97,7 +98,7 @@ class Monitor:
         match = METRIC.match(self.query) or FORECAST.match(self.query)
         assert match, f"{self.name}: a query this evaluator cannot read: {self.query}"
         assert float(match["threshold"]) == self.critical, f"{self.name}: the query's threshold is not critical's"
-        by = _keys(match["by"])
+        by = tag_keys(match["by"])
         per_run: list[dict[tuple[str, ...], float]] = []
         for run in runs:
             groups: dict[tuple[str, ...], list[float]] = defaultdict(list)
@@ -120,7 +121,7 @@ class Monitor:
         return fired
 
     def _service_check(self, match: re.Match, runs: list[Run]) -> dict[tuple[str, ...], str]:
-        by = _keys(match["by"])
+        by = tag_keys(match["by"])
         statuses: dict[tuple[str, ...], list[int]] = defaultdict(list)
         for run in runs:
             for name, status, tags in run.service_checks:

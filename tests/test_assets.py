@@ -30,6 +30,7 @@ from django_db_tools.sandbox import Sandbox
 from django_db_tools.webapp.harness import Database, Webapp
 
 from .conftest import APP_PASSWORD, Clients, not_zero
+from .monitors import tag_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "assets" / "dashboards" / "django_db_overview.json"
@@ -75,7 +76,7 @@ def misfits(value, path: str = "$") -> list[str]:
 
 
 def _keys(text: str | None) -> set[str]:
-    return {part.strip().strip("\"'") for part in (text or "").split(",") if part.strip().strip("\"'") not in ("", "*")}
+    return set(tag_keys(text))
 
 
 def metric_uses(query: str, variables: dict[str, str]) -> dict[str, set[str]]:

@@ -238,11 +238,10 @@ def test_several_pgbouncers_each_with_its_own_tag():
 def _option_names(value: dict) -> set[str]:
     """The names of an option value's properties, at any depth (objects, lists of objects, anyOf)."""
     names: set[str] = set()
-    for part in [value, *value.get("anyOf", ()), value.get("items") or {}]:
-        for prop in part.get("properties", ()):
-            names |= {prop["name"]} | _option_names(prop)
-        if part.get("items") and part is not value.get("items"):
-            names |= _option_names(part["items"])
+    for prop in value.get("properties", ()):
+        names |= {prop["name"]} | _option_names(prop)
+    for part in [*value.get("anyOf", ()), *([value["items"]] if "items" in value else [])]:
+        names |= _option_names(part)
     return names
 
 
