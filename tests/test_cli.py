@@ -153,18 +153,20 @@ def readme_example() -> dict:
 
 
 def test_each_topology_the_readme_configures_is_a_valid_instance():
-    """Django -> PostgreSQL, -> PgBouncer -> PostgreSQL, several PgBouncers, MySQL: each block under
+    """Django -> PostgreSQL, -> PgBouncer -> PostgreSQL, several PgBouncers, MySQL, RDS: each block under
     Configuration is a configuration the check takes, ENC[] secrets and all."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("### Configuration") : text.index("#### Options worth knowing")]
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     sections = []
     for block in blocks:
         [instance] = yaml.safe_load(block)["instances"]
         settings = parse(instance)
         sections.append((settings.postgres is not None, len(settings.pgbouncers), settings.mysql is not None))
-    assert sections == [(True, 0, False), (True, 1, False), (True, 2, False), (False, 0, True)]
+    assert sections == [(True, 0, False), (True, 1, False), (True, 2, False), (False, 0, True), (True, 0, False)]
+    rds = parse(yaml.safe_load(blocks[4])["instances"][0]).postgres
+    assert rds is not None and rds.auth is not None and rds.auth.kind == "aws" and rds.ssl["sslmode"] == "require"
 
 
 def test_the_readme_example_runs_in_the_runner(tmp_path, sandbox):

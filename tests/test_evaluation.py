@@ -239,3 +239,32 @@ def test_backends_on_template_databases_take_a_slot_and_nothing_else():
     assert utilization(snap) == (10 + 5 + 1) / 97
     metrics, _ = postgres_metrics(snap, parse({"postgres": PG}), {})
     assert values(metrics, "django_db.postgres.connections_available") == {(): 97 - 16}
+
+
+def test_a_providers_sessions_churn_is_named_theirs_not_an_applications():
+    from datadog_checks.django_db.evaluate.churn import churn_finding
+    from datadog_checks.django_db.records import PROVIDER, PROVIDER_APP
+    from datadog_checks.django_db.settings import Level
+
+    history = SessionHistory()
+
+    def run(time, opened, *groups):
+        snap = snapshot(groups, databases=(DatabaseSessions("app", opened, 0, 0, 0),))
+        history.opened_by_db(snap)
+        return history.churn(replace(snap, server_time=time), {})
+
+    run(1000.0, 0, group(app=PROVIDER_APP, count=2, pooler=PROVIDER), group(count=2))
+    churn = run(1060.0, 300, group(app=PROVIDER_APP, count=2, pooler=PROVIDER, opened=300), group(count=2))
+    finding = churn_finding(churn, parse({"postgres": PG}), Level(100, None))
+    assert finding.status == Status.WARNING
+    assert "the provider's own sessions 300 (100%)" in finding.text and "app=provider" not in finding.text
+    assert finding.subjects == (Subject(("app:provider",), 300.0),)
+    assert "CONN_MAX_AGE" not in finding.advice  # no application's setting to change
+
+
+def test_reserves_of_rds_and_azure():
+    rds = replace(server(100, 3, 0), provider_reserved=(("rds.rds_superuser_reserved_connections", 2),))
+    assert (rds.reserved_slots, rds.usable_slots) == (5, 95)
+    azure = replace(server(100, 3, 0), azure=True)
+    assert (azure.reserved_slots, azure.usable_slots) == (15, 85)  # of which the server's 3
+    assert replace(azure, superuser_reserved=20).reserved_slots == 20

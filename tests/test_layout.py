@@ -14,7 +14,7 @@ PURE = (
     "datadog_checks.django_db.settings",
     *(f"{evaluate.__name__}.{module.name}" for module in pkgutil.iter_modules(evaluate.__path__)),
 )
-DRIVERS = ("psycopg", "psycopg_c", "psycopg_binary", "pymysql", "requests")
+DRIVERS = ("psycopg", "psycopg_c", "psycopg_binary", "pymysql", "requests", "boto3", "botocore", "azure")
 # Nor what builds the settings: the configuration models and the Agent's base package.
 BUILDERS = (
     "pydantic",

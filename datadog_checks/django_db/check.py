@@ -108,7 +108,10 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.postgres = None
         if s.postgres:
             reads = (s.group_by, s.leak_idle_seconds, self.log, s.apps, s.report_leak_queries)
-            self.postgres = PostgresSource(s.postgres, *reads, pooler=both, networks=s.pooler_networks)
+            providers = (s.provider_users, s.provider_databases)
+            self.postgres = PostgresSource(
+                s.postgres, *reads, pooler=both, networks=s.pooler_networks, providers=providers
+            )
         every_run = tuple(show for group, show in EVERY_RUN.items() if group in s.extra_metrics)
         self.pgbouncers = [PgBouncerSource(endpoint, both, every_run) for endpoint in s.pgbouncers]
         self.pgbouncer = self.pgbouncers[0] if self.pgbouncers else None
@@ -121,7 +124,8 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.unread: list[str] = []  # as the last PostgreSQL run found them: PgBouncers whose servers are unknown
         if self.postgres is not None and self.pgbouncers:
             self.postgres.servers = lambda where: pooler_keys(tuple(self.poolers.values()), where)
-        self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds) if s.mysql else None  # imports PyMySQL
+        # imports PyMySQL
+        self.mysql = MysqlSource(s.mysql, s.leak_idle_seconds, s.provider_users) if s.mysql else None
         # Each server source with what is kept of it between runs (in its evaluation's history). PgBouncer
         # first: its server connections tell its backends from the applications' at PostgreSQL.
         self.servers: list[tuple[Source, Callable[[Any], list[Finding]]]] = []

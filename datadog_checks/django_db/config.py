@@ -23,10 +23,21 @@ from .config_models.validators import (
     ENDPOINT_DEFAULTS,
     METRIC_GROUPS,
     OTEL_SEMCONV,
+    managed_kind,
 )
+from .managed import AZURE_SCOPE, ManagedAuth
 from .patterns import compile_name_pattern
 from .profiles import profiles_from
-from .settings import DjangoEndpoint, Endpoint, Level, NameFilter, Settings, Thresholds
+from .settings import (
+    PROVIDER_DATABASES,
+    PROVIDER_USERS,
+    DjangoEndpoint,
+    Endpoint,
+    Level,
+    NameFilter,
+    Settings,
+    Thresholds,
+)
 
 __all__ = [
     "DIMENSIONS",
@@ -71,6 +82,12 @@ def _endpoint(kind: str, section: Any) -> Endpoint | None:
         value = getattr(section, name, None)
         return default if value is None else value
 
+    auth = _managed(section) if kind != "pgbouncer" else None
+    ssl = {name: getattr(section, name) for name in SSL_KEYS if getattr(section, name, None) is not None}
+    if auth is not None and kind == "postgres":
+        ssl.setdefault("sslmode", "require")  # a token is a password: never sent in the clear by default
+    if kind == "mysql" and section.ssl_ca is not None:
+        ssl["ssl_ca"] = section.ssl_ca
     return Endpoint(
         kind=kind,
         host=get("host", defaults_["host"]),
@@ -80,9 +97,22 @@ def _endpoint(kind: str, section: Any) -> Endpoint | None:
         dbname=get("dbname", defaults_["dbname"]),
         connect_timeout=float(get("connect_timeout", DEFAULT_TIMEOUT)),
         query_timeout=float(get("query_timeout", DEFAULT_TIMEOUT)),
-        ssl={name: getattr(section, name) for name in SSL_KEYS if getattr(section, name, None) is not None},
+        ssl=ssl,
         name=get("name", ""),
+        auth=auth,
     )
+
+
+def _managed(section: Any) -> ManagedAuth | None:
+    """The section's managed authentication, where it logs in with tokens."""
+    kind = managed_kind(section)
+    if kind == "aws":
+        role_arn = section.aws.managed_authentication.role_arn if section.aws.managed_authentication else None
+        return ManagedAuth("aws", region=section.aws.region, role_arn=role_arn or "")
+    if kind == "azure":
+        managed = section.azure.managed_authentication
+        return ManagedAuth("azure", client_id=managed.client_id or "", scope=managed.identity_scope or AZURE_SCOPE)
+    return None
 
 
 def _pgbouncers(given: Any) -> tuple[Endpoint, ...]:
@@ -133,6 +163,7 @@ def settings_from(model: InstanceConfig) -> Settings:
     pgbouncers = _pgbouncers(model.pgbouncer)
     mysql = _endpoint("mysql", model.mysql)
     conn_max_age = model.conn_max_age  # null: persistent connections; left out: the generated default
+    providers = model.provider_sessions
     leak_idle_seconds = model.leak_idle_seconds
     if leak_idle_seconds is None:
         leak_idle_seconds = default_leak_idle_seconds(conn_max_age)
@@ -161,4 +192,6 @@ def settings_from(model: InstanceConfig) -> Settings:
         apps=profiles_from(model.apps, conn_max_age, leak_idle_seconds, default_leak_idle_seconds),
         django_metrics=tuple(_django_endpoint(e) for e in model.django_metrics or ()),
         otel_semconv=_given(model.otel_semconv, defaults.instance_otel_semconv),
+        provider_users=frozenset(PROVIDER_USERS).union(providers.users or () if providers else ()),
+        provider_databases=frozenset(PROVIDER_DATABASES).union(providers.databases or () if providers else ()),
     )

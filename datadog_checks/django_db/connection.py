@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from .managed import tokens_for
 from .records import Failure
 from .settings import APPLICATION_NAME as APPLICATION_NAME
 from .settings import Endpoint
@@ -193,6 +194,16 @@ class Source:
     endpoint: Endpoint
     lost: Failure | None = None  # what broke the kept connection during the last read
     restarted: str = ""  # how a read found the server restarted since the one before; the check takes it
+    _tokens: Callable[[], str] | None = None
+
+    def password(self) -> str:
+        """The password of a new connection: the configured one, or a token made for it (managed.py)."""
+        if self.endpoint.auth is None:
+            return self.endpoint.password
+        if self._tokens is None:
+            self._tokens = tokens_for(self.endpoint)
+            assert self._tokens is not None
+        return self._tokens()
 
     def snapshot(self) -> Any:
         """The server's state as a record (PgSnapshot, PgbSnapshot, MysqlSnapshot)."""
@@ -247,7 +258,7 @@ class Reconnecting(Source):
         return None
 
     def open(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        self.conn = conn = connect(self.endpoint, **kwargs)
+        self.conn = conn = connect(self.endpoint, password=self.password() or None, **kwargs)
         self._farewell = None
         conn.add_notice_handler(self._on_notice)
         return conn

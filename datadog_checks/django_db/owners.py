@@ -2,24 +2,27 @@
 
 The PostgreSQL source says whose each backend is (``ActivityGroup.pooler``): an application's own (``DIRECT``), an
 application's through a session-mode PgBouncer pool whose client holds it (``HELD``), a PgBouncer's the check reads
-(``POOLER_OWN``), or a pooler's at one of ``pooler_addresses`` (``EXTERNAL``). Leaks, budgets, churn, the
+(``POOLER_OWN``), a pooler's at one of ``pooler_addresses`` (``EXTERNAL``), or a managed service's own session
+(``PROVIDER``: rdsadmin, azuresu, cloudsqladmin, ...). Leaks, budgets, churn, the
 connection series and OpenTelemetry's figures ask here, so a rule cannot hold in one of them and not in another.
 """
 
 from __future__ import annotations
 
-from .records import DIRECT, EXTERNAL, HELD, POOLER_OWN
+from .records import DIRECT, EXTERNAL, HELD, POOLER_OWN, PROVIDER
 
 # Who opens a pooler's server connections, as churn names them: no application_name can hold a NUL.
 PGBOUNCER_OPENS = "\0pgbouncer"
 EXTERNAL_OPENS = "\0external"
-POOLERS_OPENING = frozenset({PGBOUNCER_OPENS, EXTERNAL_OPENS})
+PROVIDER_OPENS = "\0provider"
+POOLERS_OPENING = frozenset({PGBOUNCER_OPENS, EXTERNAL_OPENS, PROVIDER_OPENS})  # nobody's application
 
 _TAGS = {
     DIRECT: (),
     HELD: ("pooler:pgbouncer",),
     POOLER_OWN: ("pooler:pgbouncer",),
     EXTERNAL: ("pooler:external",),
+    PROVIDER: (),  # its app tag says it: app:provider
 }
 
 
@@ -29,8 +32,13 @@ def is_applications(owner: int) -> bool:
 
 
 def is_poolers(owner: int) -> bool:
-    """A pooler keeps it on purpose: never an application's leak, budget or churn."""
-    return owner in (POOLER_OWN, EXTERNAL)
+    """A pooler or the provider keeps it on purpose: never an application's leak, budget or churn."""
+    return owner in (POOLER_OWN, EXTERNAL, PROVIDER)
+
+
+def is_providers(owner: int) -> bool:
+    """A managed service's own session: its transactions and timeouts are the provider's, not the user's."""
+    return owner == PROVIDER
 
 
 def pooler_tags(owner: int) -> tuple[str, ...]:
@@ -43,7 +51,7 @@ def opener(owner: int, app: str) -> str:
     """Who opened the backend, for churn: the application, or the pooler (whatever name its last client gave)."""
     if owner == DIRECT:
         return app
-    return EXTERNAL_OPENS if owner == EXTERNAL else PGBOUNCER_OPENS
+    return {EXTERNAL: EXTERNAL_OPENS, PROVIDER: PROVIDER_OPENS}.get(owner, PGBOUNCER_OPENS)
 
 
 def counted_at_postgres(owner: int, clients_read: bool) -> bool:

@@ -55,14 +55,24 @@ class ServerSettings:
     # *_ms fields above then hold nothing but the session's value, which says nothing of other roles.
     masked: tuple[tuple[str, str], ...] = ()
     log_line_prefix: str = ""  # where the server's log lines carry the application's name (%a)
-
-    @property
-    def usable_slots(self) -> int:
-        return max(0, self.max_connections - self.superuser_reserved - self.reserved)
+    # RDS's own reserves: rds.rds_superuser_reserved_connections and rds.rds_reserved_connections
+    provider_reserved: tuple[tuple[str, int], ...] = ()
+    azure: bool = False  # an Azure Flexible Server (it announces azure.extensions)
 
     @property
     def reserved_slots(self) -> int:
-        return self.superuser_reserved + self.reserved
+        """Every slot ordinary roles cannot take: the server's reserves and the provider's. Azure keeps 15 of
+        max_connections for its replication and monitoring whatever the reserve settings say, so there the
+        larger of the two counts (its announced reserves are among those 15)."""
+        announced = self.superuser_reserved + self.reserved + sum(n for _, n in self.provider_reserved)
+        return max(announced, AZURE_RESERVED) if self.azure else announced
+
+    @property
+    def usable_slots(self) -> int:
+        return max(0, self.max_connections - self.reserved_slots)
+
+
+AZURE_RESERVED = 15  # Azure Database for PostgreSQL Flexible Server: "reserves 15 connections"
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class ActivityGroup:
     leaked: int = 0
     max_age: float = 0.0  # seconds in the state; for active, since query_start
     opened: int = 0  # backends started after the previous snapshot
-    pooler: int = 0  # DIRECT, HELD, POOLER_OWN or EXTERNAL: whose connections these backends are
+    pooler: int = 0  # DIRECT, HELD, POOLER_OWN, EXTERNAL or PROVIDER: whose connections these backends are
     # PgBouncer's server connections among them: (key, seconds idle, -1 when not idle), as PoolerKeys.pids names them
     servers: tuple[tuple[int, float], ...] = ()
 
@@ -86,8 +96,10 @@ class ActivityGroup:
 # connections carry the application_name of the last client PgBouncer lent them to; they are PgBouncer's own
 # (POOLER_OWN) unless a client of a session-mode pool holds them, which makes them that application's connection
 # as much as a direct one (HELD). EXTERNAL: connected from a pooler_addresses network, a pooler the check does
-# not read (sidecars, a managed pooler).
-DIRECT, HELD, POOLER_OWN, EXTERNAL = 0, 1, 2, 3
+# not read (sidecars, a managed pooler). PROVIDER: a managed service's own session (rdsadmin, azuresu, ...),
+# its role or database one of provider_sessions; its application_name is replaced by PROVIDER_APP.
+DIRECT, HELD, POOLER_OWN, EXTERNAL, PROVIDER = 0, 1, 2, 3, 4
+PROVIDER_APP = "provider"
 
 
 @dataclass(frozen=True)
@@ -384,6 +396,7 @@ class ProcessGroup:
     leaked: int = 0  # idle (not in a transaction) for longer than the leak threshold
     max_idle: float = 0.0  # seconds: the longest idle (Sleep) thread of the group
     max_transaction_age: float = 0.0  # seconds: the oldest open InnoDB transaction of the group
+    provider: bool = False  # a managed service's own user (provider_sessions): its client_host reads PROVIDER_APP
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ A secret is masked by its place, or as a whole token, never as a part of a word:
   ``password: x``, ``"password": "x"``;
 - the password of a URL's user information: ``postgresql://user:x@host/db``;
 - a configured secret, quoted or between characters that are not part of a word:
-  ``password "on" is not valid``.
+  ``password "on" is not valid``;
+- a managed login token (managed.py): an RDS IAM token's signature and credentials
+  (``X-Amz-Signature=...``), an Azure token (a JSON Web Token, ``eyJ...``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ MASK = "********"
 _KEY = r"[A-Za-z_]*(?:password|passwd|passphrase|pwd|secret|token|api_?key)"
 _VALUE = r"""'(?:[^'\\]|\\.|'')*'?|"(?:[^"\\]|\\.)*"?|[^\s,;&'")}\]]+"""
 _KEY_VALUE = re.compile(rf"""(?P<key>(?<![A-Za-z0-9])["']?{_KEY}["']?\s*[=:]\s*)(?P<value>{_VALUE})""", re.IGNORECASE)
+_AWS_TOKEN = re.compile(r"(?P<key>X-Amz-(?:Signature|Security-Token|Credential)=)(?P<value>[^&\s'\"]+)", re.IGNORECASE)
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
 _URL = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)(?P<value>[^\s@/?#]*)(?=@)")
 
 
@@ -37,6 +41,8 @@ def redact(text: str, secrets: Sequence[re.Pattern[str]] = ()) -> str:
     (made by ``secret_patterns``) where it stands as a whole token."""
     text = _URL.sub(lambda m: m["head"] + MASK, text)
     text = _KEY_VALUE.sub(_mask, text)
+    text = _AWS_TOKEN.sub(lambda m: m["key"] + MASK, text)
+    text = _JWT.sub(MASK, text)
     for pattern in secrets:
         text = pattern.sub(MASK, text)
     return text

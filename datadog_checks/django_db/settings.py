@@ -11,10 +11,20 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from .managed import ManagedAuth
 from .patterns import NamePattern
 from .redact import bare_url
 
 APPLICATION_NAME = "datadog-django-db"  # the check's own sessions' application_name
+
+# A managed service's own sessions: its roles (MySQL: users) and databases, which provider_sessions adds to.
+PROVIDER_USERS = (
+    "rdsadmin",  # RDS and Aurora
+    "azuresu", "azure_superuser",  # Azure
+    "cloudsqladmin", "cloudsqlagent", "cloudsqlreplica", "cloudsqllogical", "cloudsqlconnpooladmin",
+    "cloudsqlobservability", "cloudsqlimportexport",  # Cloud SQL, by the features turned on
+)  # fmt: skip
+PROVIDER_DATABASES = ("rdsadmin", "azure_maintenance", "cloudsqladmin", "alloydbadmin", "alloydbmetadata")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class Endpoint:
     query_timeout: float
     ssl: Mapping[str, str]
     name: str = ""  # what its server tag says instead of <host>:<port> (several PgBouncers on one address)
+    auth: ManagedAuth | None = None  # a token in place of the password (AWS IAM, Azure managed identity)
 
     # Made once: the values are read on every run (cached_property writes past the frozen fields).
     @cached_property
@@ -133,6 +144,8 @@ class Settings:
     pgbouncers: tuple[Endpoint, ...] = ()  # every PgBouncer section
     pooler_networks: tuple[str, ...] = ()  # pooler_addresses, as networks (10.0.0.7/32)
     finding_hold_seconds: float = 300.0  # how long a finding from errors stays after its last line
+    provider_users: frozenset[str] = frozenset(PROVIDER_USERS)  # a managed service's own roles or users
+    provider_databases: frozenset[str] = frozenset(PROVIDER_DATABASES)  # and its databases
 
     @property
     def otel_legacy(self) -> bool:

@@ -84,16 +84,55 @@ class MetricPatterns(BaseModel):
     include: Optional[tuple[str, ...]] = None
 
 
+class ManagedAuthentication(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    enabled: Optional[bool] = None
+    role_arn: Optional[str] = None
+
+
+class Aws(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    managed_authentication: Optional[ManagedAuthentication] = None
+    region: Optional[str] = None
+
+
+class ManagedAuthentication1(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    client_id: Optional[str] = None
+    enabled: Optional[bool] = None
+    identity_scope: Optional[str] = None
+
+
+class Azure(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    managed_authentication: Optional[ManagedAuthentication1] = None
+
+
 class Mysql(BaseModel):
     model_config = ConfigDict(
         arbitrary_types_allowed=True,
         frozen=True,
     )
+    aws: Optional[Aws] = None
+    azure: Optional[Azure] = None
     connect_timeout: Optional[float] = None
     host: Optional[str] = None
     password: Optional[str] = None
     port: Optional[int] = None
     query_timeout: Optional[float] = None
+    ssl_ca: Optional[str] = None
     username: Optional[str] = None
 
 
@@ -127,11 +166,49 @@ class PgbouncerItem(BaseModel):
     username: Optional[str] = None
 
 
+class ManagedAuthentication2(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    enabled: Optional[bool] = None
+    role_arn: Optional[str] = None
+
+
+class Aws1(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    managed_authentication: Optional[ManagedAuthentication2] = None
+    region: Optional[str] = None
+
+
+class ManagedAuthentication3(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    client_id: Optional[str] = None
+    enabled: Optional[bool] = None
+    identity_scope: Optional[str] = None
+
+
+class Azure1(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    managed_authentication: Optional[ManagedAuthentication3] = None
+
+
 class Postgres(BaseModel):
     model_config = ConfigDict(
         arbitrary_types_allowed=True,
         frozen=True,
     )
+    aws: Optional[Aws1] = None
+    azure: Optional[Azure1] = None
     connect_timeout: Optional[float] = None
     dbname: Optional[str] = None
     host: Optional[str] = None
@@ -143,6 +220,15 @@ class Postgres(BaseModel):
     sslmode: Optional[str] = None
     sslrootcert: Optional[str] = None
     username: Optional[str] = None
+
+
+class ProviderSessions(BaseModel):
+    model_config = ConfigDict(
+        arbitrary_types_allowed=True,
+        frozen=True,
+    )
+    databases: Optional[tuple[str, ...]] = None
+    users: Optional[tuple[str, ...]] = None
 
 
 class ChurnPerMinute(BaseModel):
@@ -251,6 +337,7 @@ class InstanceConfig(BaseModel):
     pgbouncer: Optional[Union[Pgbouncer, tuple[PgbouncerItem, ...]]] = None
     pooler_addresses: Optional[tuple[str, ...]] = None
     postgres: Optional[Postgres] = None
+    provider_sessions: Optional[ProviderSessions] = None
     report_leak_queries: Optional[bool] = None
     service: Optional[str] = None
     tags: Optional[tuple[str, ...]] = None

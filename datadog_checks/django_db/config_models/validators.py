@@ -142,6 +142,13 @@ class _Checker:
             if not isinstance(name, str):
                 self.fail(key or "instance", "option names must be strings", name)
             if name not in fields:
+                if key.startswith("pgbouncer") and name in ("aws", "azure"):
+                    self.fail(
+                        f"{path}",
+                        "PgBouncer cannot take a managed token: its console user logs in with a password "
+                        "(auth_file or auth_query)",
+                        echo=False,
+                    )
                 if strict:
                     known = ", ".join(sorted(n for n in fields if n != "dbname" or key != "pgbouncer"))
                     raise ConfigurationError(f"`{key}`: unknown option {self.show(name)}; known: {known}")
@@ -278,6 +285,8 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
         sslmode = section.get("sslmode")
         if sslmode is not None and sslmode not in SSLMODES:
             checker.fail(f"{key}.sslmode", f"must be one of {', '.join(SSLMODES)}", sslmode)
+        if not key.startswith("pgbouncer"):
+            _check_managed(checker, key, section)
     _check_pgbouncers(checker, values.get("pgbouncer"))
     for index, address in enumerate(values.get("pooler_addresses") or ()):
         try:
@@ -319,6 +328,56 @@ def _check_rules(checker: _Checker, values: dict[str, Any]) -> None:
         critical = levels.get("critical", critical)
         if warning is not None and critical is not None and warning > critical:
             checker.fail(f"thresholds.{name}", f"warning {warning:g} is above critical {critical:g}", echo=False)
+
+
+def _get(section: Any, name: str) -> Any:
+    """An option of a raw section (a mapping) or of its model."""
+    return section.get(name) if isinstance(section, Mapping) else getattr(section, name, None)
+
+
+def managed_kind(section: Any) -> str | None:
+    """Which managed authentication a postgres or mysql section logs in with: aws, azure or None. AWS's is on
+    where asked for, or where ``aws.region`` is set and no password is (as Datadog's own checks have it)."""
+    aws, azure = _get(section, "aws"), _get(section, "azure")
+    aws_on = _get(_get(aws, "managed_authentication") or {}, "enabled") if aws is not None else False
+    if aws_on is None:
+        aws_on = _get(aws, "region") is not None and not _get(section, "password")
+    azure_on = _get(_get(azure, "managed_authentication") or {}, "enabled") if azure is not None else False
+    if aws_on:
+        return "aws"
+    return "azure" if azure_on else None
+
+
+# What each kind of managed authentication imports, and the package that brings it.
+MANAGED_IMPORTS = {"aws": ("boto3", "boto3"), "azure": ("azure.identity", "azure-identity")}
+
+
+def _check_managed(checker: _Checker, key: str, section: dict[str, Any]) -> None:
+    """Managed authentication: one kind, no password beside it, a region for AWS, its package importable."""
+    kind = managed_kind(section)
+    azure = (section.get("azure") or {}).get("managed_authentication") or {}
+    if kind == "aws" and azure.get("enabled"):
+        checker.fail(key, "`aws` and `azure` managed authentication are both enabled; enable one", echo=False)
+    if kind is None:
+        return
+    if section.get("password"):
+        checker.fail(
+            f"{key}.password",
+            f"and `{key}.{kind}.managed_authentication` exclude each other: a token is the password of each "
+            f"login; remove the password, or set `{key}.{kind}.managed_authentication.enabled: false`",
+            echo=False,
+        )
+    if kind == "aws" and not (section.get("aws") or {}).get("region"):
+        checker.fail(f"{key}.aws.region", "is required for IAM authentication: the database's region (us-east-1)")
+    module, package = MANAGED_IMPORTS[kind]
+    try:
+        __import__(module)
+    except ImportError as e:
+        checker.fail(
+            f"{key}.{kind}.managed_authentication",
+            f"needs {package}, which the Agent embeds; it cannot be imported here ({e})",
+            echo=False,
+        )
 
 
 def _endpoint_sections(values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

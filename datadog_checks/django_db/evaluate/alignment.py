@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ..owners import is_providers
 from ..quiet import is_monitoring
 from ..records import PgbSnapshot, PgSnapshot, ServerSettings, milliseconds
 from ..settings import Settings
@@ -120,13 +121,13 @@ def effective(server: ServerSettings, db: str, role: str, name: str, server_valu
 
 
 def timeouts(settings: Settings, pg: PgSnapshot, pgb: PgbSnapshot | None) -> list[Finding]:
-    # Monitoring sessions (this check's other instances, Datadog's postgres check) and the check's own role are no
-    # application's: their timeouts are not judged.
+    # Monitoring sessions (this check's other instances, Datadog's postgres check), the check's own role and a
+    # managed service's own sessions are no application's: their timeouts are not judged.
     own = settings.postgres.username if settings.postgres else None
     pairs = {
         (g.db, g.user)
         for g in select(pg.groups, settings)
-        if g.db and g.user and g.user != own and not is_monitoring(g.app)
+        if g.db and g.user and g.user != own and not is_monitoring(g.app) and not is_providers(g.pooler)
     }
     if not pairs and pgb is not None:
         pairs = {(pool.db, pool.user) for pool in pgb.pools}

@@ -26,8 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..owners import EXTERNAL_OPENS, PGBOUNCER_OPENS, POOLERS_OPENING
-from ..records import PgbConfig
+from ..owners import EXTERNAL_OPENS, PGBOUNCER_OPENS, POOLERS_OPENING, PROVIDER_OPENS
+from ..records import PROVIDER_APP, PgbConfig
 from ..settings import Level, Settings, profile_for
 from .groups import ranked
 from .model import Finding, Status, Subject, crossed, level, tag_value
@@ -184,6 +184,8 @@ class ChurnWindow:
 def who(app: str) -> str:
     if app == EXTERNAL_OPENS:
         return "the poolers at pooler_addresses"
+    if app == PROVIDER_OPENS:
+        return "the provider's own sessions"
     return "PgBouncer" if app == POOLER else f"app={app or 'none'}"
 
 
@@ -224,6 +226,8 @@ def churn_finding(
     advice = [pooler_advice(churn, pooler)] if POOLER in shown else []
     if EXTERNAL_OPENS in shown:
         advice.append("the poolers at pooler_addresses open them: see their own server lifetime and idle timeouts")
+    if PROVIDER_OPENS in shown:
+        advice.append("the managed service's own sessions open them (app:provider): nothing of the applications")
     advice += app_advice([app for app in shown if app not in POOLERS_OPENING], churn.lifetimes, settings)
     subjects = tuple(Subject((subject_tag(app),), rate) for app, rate, _ in named)
     return finding._replace(text=text, advice="; ".join(advice), subjects=subjects)
@@ -233,6 +237,8 @@ def subject_tag(app: str) -> str:
     """The tag of who opens connections: an application, or PgBouncer itself."""
     if app == EXTERNAL_OPENS:
         return "pooler:external"
+    if app == PROVIDER_OPENS:
+        return f"app:{PROVIDER_APP}"
     return "pooler:pgbouncer" if app == POOLER else f"app:{tag_value(app)}"
 
 

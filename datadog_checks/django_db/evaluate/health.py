@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 
-from ..owners import counted_at_postgres
+from ..owners import counted_at_postgres, is_providers
 from ..quiet import quiet_findings
 from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from ..settings import Settings
@@ -206,7 +206,7 @@ def postgres_findings(
     for g in groups:
         if g.leaked and counted_at_postgres(g.pooler, held_counted_at_pgbouncer):
             leaked[g.app] += g.leaked
-        if g.state in IDLE_IN_TRANSACTION:
+        if g.state in IDLE_IN_TRANSACTION and not is_providers(g.pooler):
             in_tx[g.app] += g.count
             tx_age[g.app] = max(tx_age.get(g.app, 0.0), g.max_age)
             if g.max_age > oldest_tx:

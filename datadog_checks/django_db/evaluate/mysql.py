@@ -144,6 +144,8 @@ def mysql_findings(snapshot: MysqlSnapshot, settings: Settings, churn: Churn | N
     oldest: ProcessGroup | None = None
     for g in groups:
         leaked[g.user] += g.leaked
+        if g.provider:  # the managed service's own: its transactions are not the user's to close
+            continue
         if g.state == "idle_in_transaction":
             in_tx[g.user] += g.count
         if g.max_transaction_age > 0 and (oldest is None or g.max_transaction_age > oldest.max_transaction_age):
@@ -233,7 +235,8 @@ def mysql_alignment(settings: Settings, snapshot: MysqlSnapshot) -> list[Finding
     """CONN_MAX_AGE longer than the wait_timeout after which the server closes an idle connection: once for
     the instance's conn_max_age, then for each application profile that gives its own, named after it."""
     assert settings.mysql is not None
-    users = sorted({g.user for g in snapshot.groups if g.user and g.user != settings.mysql.username})
+    monitor = settings.mysql.username
+    users = sorted({g.user for g in snapshot.groups if g.user and g.user != monitor and not g.provider})
     who = f" for user {', '.join(users[:3])}" + (f" and {len(users) - 3} more" if len(users) > 3 else "")
     failures = wait_timeout_rule(settings.conn_max_age, snapshot.variables, who if users else "")
     for profile in settings.apps:

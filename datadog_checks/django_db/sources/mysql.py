@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from ..connection import APPLICATION_NAME, ClientTimeout, Source
 from ..quiet import LastUse, youngest
-from ..records import Failure, MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup, Quiet
+from ..records import PROVIDER_APP, Failure, MysqlSnapshot, MysqlStatus, MysqlVariables, ProcessGroup, Quiet
 from ..settings import Endpoint
 
 VARIABLES_SQL = (
@@ -105,12 +105,14 @@ def state_of(command: str, in_transaction: bool) -> str:
 
 
 class MysqlSource(Source):
-    def __init__(self, endpoint: Endpoint, leak_idle_seconds: float):
+    def __init__(self, endpoint: Endpoint, leak_idle_seconds: float, providers: frozenset[str] = frozenset()):
+        """``providers``: a managed service's own users (provider_sessions), never an application's."""
         import pymysql  # only here: a PostgreSQL-only Agent never needs the driver
 
         self.pymysql = pymysql
         self.endpoint = endpoint
         self.leak_idle_seconds = leak_idle_seconds
+        self.providers = providers
         self.conn: Any = None
         self.sees_all_threads = True
         self.last_use = LastUse()  # when each user last used a connection, as the runs saw it
@@ -154,7 +156,8 @@ class MysqlSource(Source):
                 host=endpoint.host,
                 port=endpoint.port,
                 user=endpoint.username,
-                password=endpoint.password,
+                password=self.password(),
+                ssl=self._tls(),
                 connect_timeout=endpoint.connect_timeout,
                 read_timeout=endpoint.query_timeout,
                 write_timeout=endpoint.query_timeout,
@@ -168,6 +171,14 @@ class MysqlSource(Source):
         except self.pymysql.err.Error as e:
             self.close()
             raise self._timeout(e, "connect_timeout") from None
+
+    def _tls(self) -> dict[str, Any] | None:
+        """PyMySQL's TLS options: verified against ssl_ca where given; with a token always on, as RDS and Azure
+        require for the cleartext password it is sent as (unverified without ssl_ca)."""
+        ca = self.endpoint.ssl.get("ssl_ca")
+        if ca:
+            return {"ca": ca}
+        return {"check_hostname": False} if self.endpoint.auth is not None else None
 
     def _broken(self, error: Exception) -> bool:
         if isinstance(error, self.pymysql.err.InterfaceError):
@@ -195,17 +206,19 @@ class MysqlSource(Source):
                 PROCESSLIST_SQL.format(processlist=table, client_host=CLIENT_HOST), {"leak": self.leak_idle_seconds}
             )
             rows = [ProcessRow(*row) for row in cursor.fetchall()]
+            providers, own = self.providers, self.endpoint.username
             groups = tuple(
                 ProcessGroup(
                     state=state_of(str(r.command or ""), bool(r.in_transaction)),
                     user=str(r.user),
                     db=str(r.db),
-                    client_host=str(r.client_host),
+                    client_host=PROVIDER_APP if str(r.user) in providers else str(r.client_host),
                     count=int(r.n),
-                    # the monitoring user's own threads (the check's other instances) are no leak
-                    leaked=int(r.leaked or 0) if str(r.user) != self.endpoint.username else 0,
+                    # the monitoring user's own threads (the check's other instances) and the provider's are no leak
+                    leaked=int(r.leaked or 0) if str(r.user) != own and str(r.user) not in providers else 0,
                     max_idle=float(r.max_idle or 0),
                     max_transaction_age=max(0.0, float(r.max_transaction_age or 0)),
+                    provider=str(r.user) in providers,
                 )
                 for r in rows
             )
@@ -245,7 +258,9 @@ class MysqlSource(Source):
         with the users left without a leak."""
         # any state but idle (a query, a transaction) is the user at work
         ages = youngest(
-            (g.user, float(r.min_idle or 0) if g.state == "idle" else 0.0) for g, r in zip(groups, rows, strict=True)
+            (g.user, float(r.min_idle or 0) if g.state == "idle" else 0.0)
+            for g, r in zip(groups, rows, strict=True)
+            if not g.provider
         )
         limit = self.leak_idle_seconds
         quiet = self.last_use.quiet(ages, lambda _: limit, time.monotonic())

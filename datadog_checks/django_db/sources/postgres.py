@@ -15,6 +15,8 @@ from ..connection import Reconnecting, deadline
 from ..owners import is_poolers
 from ..quiet import LastUse, is_monitoring, may_be_quiet, youngest
 from ..records import (
+    PROVIDER,
+    PROVIDER_APP,
     ActivityGroup,
     DatabaseSessions,
     LeakSuspect,
@@ -116,11 +118,19 @@ SELECT NULL, oid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, date_par
 FROM pg_database WHERE NOT datistemplate
 """
 
+# The providers' settings come by current_setting: RDS's extension defines them, and a server without it keeps a
+# postgresql.conf entry as a placeholder, which pg_settings does not list. Azure's server announces azure.extensions.
+PROVIDER_SETTINGS = ("rds.rds_superuser_reserved_connections", "rds.rds_reserved_connections")
+AZURE_SETTING = "azure.extensions"
 SETTINGS_SQL = """
 SELECT name, setting, source, boot_val FROM pg_settings
 WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections',
                'server_version_num', 'server_version', 'statement_timeout', 'idle_in_transaction_session_timeout',
                'log_line_prefix')
+UNION ALL
+SELECT name, current_setting(name, true), 'provider', NULL
+FROM unnest(ARRAY['rds.rds_superuser_reserved_connections', 'rds.rds_reserved_connections', 'azure.extensions']) name
+WHERE current_setting(name, true) IS NOT NULL
 """
 
 # Settings judged for the application's roles, whose server-wide value the session's may hide.
@@ -206,11 +216,13 @@ class PostgresSource(Reconnecting):
         want_suspects: bool = False,
         pooler: bool = False,
         networks: tuple[str, ...] = (),
+        providers: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset()),
     ):
         """``apps``: the profiles whose leak thresholds their applications use (the first match wins);
         others use ``leak_idle_seconds``. ``want_suspects``: read the leaked connections' last queries too.
         ``pooler``: PgBouncer fronts this server and its server connections are told apart (``servers``).
-        ``networks``: pooler_addresses, where backends connected from are a pooler's the check does not read."""
+        ``networks``: pooler_addresses, where backends connected from are a pooler's the check does not read.
+        ``providers``: the roles and databases of a managed service's own sessions (provider_sessions)."""
         self.endpoint = endpoint
         self.want_suspects = want_suspects
         self.since: float | None = None  # the server's time at the previous snapshot
@@ -249,6 +261,8 @@ class PostgresSource(Reconnecting):
         self.sees_all = True  # the role sees every backend in full (pg_read_all_stats or superuser)
         self.visible_roles: frozenset[int] = frozenset()  # else, the roles whose backends it sees in full
         self.templates: frozenset[int] = frozenset()  # oids of the template databases
+        self.providers = providers
+        self.provider_oids: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())  # roles, databases
         self.direct = True  # the connection reaches PostgreSQL itself, no pooler in between
         self.leak_index: dict[str, int] = {}  # application_name: the index of its threshold in `leaked`
         self.last_use = LastUse()  # when each application last used a connection, as the runs saw it
@@ -294,7 +308,14 @@ class PostgresSource(Reconnecting):
                 self.db_names = db_names = {oid: name for kind, oid, name, _ in names if kind == "db"}
                 self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
                 self.templates = frozenset(oid for kind, oid, _, template in names if template)
+                self.provider_oids = (
+                    frozenset(oid for oid, name in user_names.items() if name in self.providers[0]),
+                    frozenset(oid for oid, name in db_names.items() if name in self.providers[1]),
+                )
             rows = [r for r in every if r[N] is not None]
+            roles, dbs = self.provider_oids
+            if roles or dbs:  # a managed service's own sessions: never an application's
+                rows = [_as_provider(r) if r[USESYSID] in roles or r[DATID] in dbs else r for r in rows]
             # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead;
             # nor a monitoring session's.
             leaked = [
@@ -304,15 +325,20 @@ class PostgresSource(Reconnecting):
             quiet, kept = self._quiet(conn, rows, leaked, params, every[0][NOW] if every else 0.0)
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
-                found = (LeakSuspect(*row) for row in conn.execute(self.suspects_sql, params).fetchall())
+                found = (
+                    LeakSuspect(*row)
+                    for row in conn.execute(self.suspects_sql, params).fetchall()
+                    if row[3] not in self.providers[0] and row[2] not in self.providers[1]
+                )
                 suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app) + quiet.get(s.app, 0))
             server_time = every[0][NOW] if every else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
         at = self.sessions_at
+        provider_dbs = self.provider_oids[1]
         databases = (
             tuple(
                 DatabaseSessions(db_names.get(r[DATID], ""), *(value or 0 for value in r[at : at + 4]))
                 for r in every
-                if r[N] is None
+                if r[N] is None and r[DATID] not in provider_dbs
             )
             if with_sessions
             else None
@@ -451,6 +477,8 @@ class PostgresSource(Reconnecting):
             # After reading the server's own values: bound this session's statements.
             conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout * 1000))))
         settings = ServerSettings(
+            provider_reserved=tuple((name, _count(values[name])) for name in PROVIDER_SETTINGS if name in values),
+            azure=AZURE_SETTING in values,
             version_num=int(values["server_version_num"]),
             version=values["server_version"],
             max_connections=int(values["max_connections"]),
@@ -487,6 +515,19 @@ def array(values: tuple[int, ...] | tuple[str, ...]) -> str:
     validated at start: nothing to quote): one parameter of one type whatever they are, so the statement is
     prepared once."""
     return "{" + ",".join(map(str, values)) + "}"
+
+
+def _as_provider(row: Any) -> Any:
+    """A row of the activity statement as a managed service's own: its application PROVIDER_APP, its owner PROVIDER."""
+    return (*row[:APP], PROVIDER_APP, *row[APP + 1 : POOLER], PROVIDER, *row[POOLER + 1 :])
+
+
+def _count(value: str) -> int:
+    """A number of slots as a setting holds it; a placeholder that is not one counts none."""
+    try:
+        return max(0, int(value.strip()))
+    except ValueError:
+        return 0
 
 
 def _scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
