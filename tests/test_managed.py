@@ -335,3 +335,30 @@ def test_a_password_beside_a_region_keeps_the_password():
 def test_pgbouncer_takes_no_managed_token():
     with pytest.raises(ConfigurationError, match=r"^`pgbouncer.aws`: PgBouncer cannot take a managed token"):
         DjangoDbCheck("django_db", {}, [{"pgbouncer": {"host": "db.example", "aws": {"region": REGION}}}])
+
+
+def test_an_unreachable_sts_is_critical_within_the_timeouts(
+    aggregator, dd_run_check, tls_postgres, iam_role, monkeypatch
+):
+    """A role to assume through an STS that does not answer: CRITICAL within connect_timeout, no exception."""
+    from django_db_tools.sandbox import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    aws = {"region": REGION, "managed_authentication": {"enabled": True, "role_arn": "arn:aws:iam::1:role/dd"}}
+    section = {"host": "127.0.0.1", "port": tls_postgres.postgres.port, "username": iam_role, "aws": aws}
+    check = DjangoDbCheck("django_db", {}, [{"postgres": {**section, "connect_timeout": 2}}])
+    try:
+        started = time.monotonic()
+        dd_run_check(check)
+        elapsed = time.monotonic() - started
+    finally:
+        check.cancel()
+    status, message = can_connect(aggregator)
+    assert status == AgentCheck.CRITICAL
+    assert (
+        "login_token_unavailable: the aws login token could not be made: Could not connect to the endpoint" in message
+    )
+    assert elapsed < 10

@@ -40,6 +40,18 @@ CASES = [
         "reserved_slots",
     ),
     ("a 53300 without known words", "53300", "too_many_clients"),
+    # RDS's wording, with its own reserves
+    (
+        "FATAL:  remaining connection slots are reserved for non-replication superuser, rds_reserved, and "
+        "rds_superuser connections",
+        "53300",
+        "reserved_slots",
+    ),
+    (
+        "the aws login token could not be made: Unable to locate credentials",
+        None,
+        "login_token_unavailable",
+    ),
     (
         'connection to server at "10.0.0.5", port 6432 failed: ERROR:  no more connections allowed (max_client_conn)',
         "08P01",

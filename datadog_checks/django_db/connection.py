@@ -181,6 +181,10 @@ def connect(endpoint: Endpoint, **kwargs: Any) -> psycopg.Connection:
     return psycopg.connect(autocommit=True, **params)
 
 
+class TokenUnavailable(Exception):
+    """Managed authentication could not make the token of a login (managed.py)."""
+
+
 class Source:
     """What every server source is: one connection to its server, opened when needed, closed on any
     failure; ``snapshot()`` reads the server once; ``lost`` says what broke the connection kept from
@@ -203,7 +207,10 @@ class Source:
         if self._tokens is None:
             self._tokens = tokens_for(self.endpoint)
             assert self._tokens is not None
-        return self._tokens()
+        try:
+            return self._tokens()
+        except Exception as e:  # botocore's, azure-identity's: said as what failed, with their words
+            raise TokenUnavailable(f"the {self.endpoint.auth.kind} login token could not be made: {e}") from None
 
     def snapshot(self) -> Any:
         """The server's state as a record (PgSnapshot, PgbSnapshot, MysqlSnapshot)."""

@@ -73,6 +73,14 @@ TABLE: tuple[Signature, ...] = (
         (2003, 2002),
     ),
     Signature(
+        "login_token_unavailable", Status.CRITICAL, (),
+        _re(r"the (?:aws|azure) login token could not be made"),
+        "The Agent's host could not make the token the check logs in with (aws or azure managed_authentication). "
+        "AWS: the host's credentials (instance profile, IRSA, environment) must reach STS and allow rds-db:connect "
+        "(and sts:AssumeRole on role_arn); Azure: the managed identity must be assigned to the host, client_id "
+        "naming it.",
+    ),
+    Signature(
         "reserved_slots", Status.CRITICAL, ("53300",),
         _re(r"remaining connection slots are reserved"),
         "Only reserved slots are left on PostgreSQL: ordinary roles are refused. "
