@@ -221,7 +221,7 @@ def test_the_live_view_counts_in_words_and_wraps_whole_findings():
 @pytest.mark.parametrize(
     ("signum", "args", "when"),
     [
-        (signal.SIGINT, ("--phase-seconds", "30", "--interval", "1"), r"\] leak \(2/4\)"),
+        (signal.SIGINT, ("--phase-seconds", "8", "--interval", "1"), r"\] leak \(2/4\)"),
         (signal.SIGTERM, ("--phase-seconds", "3", "--interval", "1"), r"\] saturation \(4/4\)"),
     ],
     ids=["sigint-during-leak", "sigterm-during-saturation"],
