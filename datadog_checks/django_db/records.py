@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 # -- Errors ----------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ class ServerSettings:
     provider_reserved: tuple[tuple[str, int], ...] = ()
     azure: bool = False  # an Azure Flexible Server (it announces azure.extensions)
 
-    @property
+    # Made once (read several times a run): cached_property writes past the frozen fields.
+    @cached_property
     def reserved_slots(self) -> int:
         """Every slot ordinary roles cannot take: the server's reserves and the provider's. Azure keeps 15 of
         max_connections for its replication and monitoring whatever the reserve settings say, so there the
@@ -67,7 +69,7 @@ class ServerSettings:
         announced = self.superuser_reserved + self.reserved + sum(n for _, n in self.provider_reserved)
         return max(announced, AZURE_RESERVED) if self.azure else announced
 
-    @property
+    @cached_property
     def usable_slots(self) -> int:
         return max(0, self.max_connections - self.reserved_slots)
 
