@@ -23,7 +23,7 @@ from .config_models.validators import (
     ENDPOINT_DEFAULTS,
     METRIC_GROUPS,
     OTEL_SEMCONV,
-    managed_kind,
+    managed_kinds,
 )
 from .managed import AZURE_SCOPE, ManagedAuth
 from .patterns import compile_name_pattern
@@ -105,7 +105,7 @@ def _endpoint(kind: str, section: Any) -> Endpoint | None:
 
 def _managed(section: Any) -> ManagedAuth | None:
     """The section's managed authentication, where it logs in with tokens."""
-    kind = managed_kind(section)
+    kind = next(iter(managed_kinds(section)), None)  # one at most: the validators refuse both
     if kind == "aws":
         role_arn = section.aws.managed_authentication.role_arn if section.aws.managed_authentication else None
         return ManagedAuth("aws", region=section.aws.region, role_arn=role_arn or "")

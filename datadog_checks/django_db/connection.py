@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from .managed import tokens_for
+from .managed import Tokens
 from .records import Failure
 from .settings import APPLICATION_NAME as APPLICATION_NAME
 from .settings import Endpoint
@@ -198,19 +198,19 @@ class Source:
     endpoint: Endpoint
     lost: Failure | None = None  # what broke the kept connection during the last read
     restarted: str = ""  # how a read found the server restarted since the one before; the check takes it
-    _tokens: Callable[[], str] | None = None
+    _tokens: Tokens | None = None
 
     def password(self) -> str:
         """The password of a new connection: the configured one, or a token made for it (managed.py)."""
-        if self.endpoint.auth is None:
-            return self.endpoint.password
+        endpoint, auth = self.endpoint, self.endpoint.auth
+        if auth is None:
+            return endpoint.password
         if self._tokens is None:
-            self._tokens = tokens_for(self.endpoint)
-            assert self._tokens is not None
+            self._tokens = Tokens(auth, endpoint.host, endpoint.port, endpoint.username, endpoint.connect_timeout)
         try:
-            return self._tokens()
+            return self._tokens.password()
         except Exception as e:  # botocore's, azure-identity's: said as what failed, with their words
-            raise TokenUnavailable(f"the {self.endpoint.auth.kind} login token could not be made: {e}") from None
+            raise TokenUnavailable(f"the {auth.kind} login token could not be made: {e}") from None
 
     def snapshot(self) -> Any:
         """The server's state as a record (PgSnapshot, PgbSnapshot, MysqlSnapshot)."""

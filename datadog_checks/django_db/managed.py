@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,11 +122,3 @@ class Tokens:
             found = self._credential.get_token(self.auth.scope)
             self._token = (str(found.token), float(found.expires_on))
         return self._token[0]
-
-
-def tokens_for(endpoint: Any) -> Callable[[], str] | None:
-    """What makes the password of a new connection of a section (an ``Endpoint``), where it logs in with tokens."""
-    auth = endpoint.auth
-    if auth is None:
-        return None
-    return Tokens(auth, endpoint.host, endpoint.port, endpoint.username, endpoint.connect_timeout).password

@@ -335,17 +335,15 @@ def _get(section: Any, name: str) -> Any:
     return section.get(name) if isinstance(section, Mapping) else getattr(section, name, None)
 
 
-def managed_kind(section: Any) -> str | None:
-    """Which managed authentication a postgres or mysql section logs in with: aws, azure or None. AWS's is on
+def managed_kinds(section: Any) -> tuple[str, ...]:
+    """The managed authentications a postgres or mysql section enables: aws, azure, both or none. AWS's is on
     where asked for, or where ``aws.region`` is set and no password is (as Datadog's own checks have it)."""
     aws, azure = _get(section, "aws"), _get(section, "azure")
     aws_on = _get(_get(aws, "managed_authentication") or {}, "enabled") if aws is not None else False
     if aws_on is None:
         aws_on = _get(aws, "region") is not None and not _get(section, "password")
     azure_on = _get(_get(azure, "managed_authentication") or {}, "enabled") if azure is not None else False
-    if aws_on:
-        return "aws"
-    return "azure" if azure_on else None
+    return tuple(kind for kind, on in (("aws", aws_on), ("azure", azure_on)) if on)
 
 
 # What each kind of managed authentication imports, and the package that brings it.
@@ -354,12 +352,12 @@ MANAGED_IMPORTS = {"aws": ("boto3", "boto3"), "azure": ("azure.identity", "azure
 
 def _check_managed(checker: _Checker, key: str, section: dict[str, Any]) -> None:
     """Managed authentication: one kind, no password beside it, a region for AWS, its package importable."""
-    kind = managed_kind(section)
-    azure = (section.get("azure") or {}).get("managed_authentication") or {}
-    if kind == "aws" and azure.get("enabled"):
+    kinds = managed_kinds(section)
+    if len(kinds) > 1:
         checker.fail(key, "`aws` and `azure` managed authentication are both enabled; enable one", echo=False)
-    if kind is None:
+    if not kinds:
         return
+    [kind] = kinds
     if section.get("password"):
         checker.fail(
             f"{key}.password",

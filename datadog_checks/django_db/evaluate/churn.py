@@ -181,12 +181,25 @@ class ChurnWindow:
         return tuple(item for item in ranked if item[1] >= 0.5), lifetimes
 
 
+# Who opens connections other than an application: how churn names them, their subject tag, and (but PgBouncer,
+# whose advice depends on its settings) what to do.
+OPENERS = {
+    POOLER: ("PgBouncer", "pooler:pgbouncer", ""),
+    EXTERNAL_OPENS: (
+        "the poolers at pooler_addresses",
+        "pooler:external",
+        "the poolers at pooler_addresses open them: see their own server lifetime and idle timeouts",
+    ),
+    PROVIDER_OPENS: (
+        "the provider's own sessions",
+        f"app:{PROVIDER_APP}",
+        "the managed service's own sessions open them (app:provider): nothing of the applications",
+    ),
+}
+
+
 def who(app: str) -> str:
-    if app == EXTERNAL_OPENS:
-        return "the poolers at pooler_addresses"
-    if app == PROVIDER_OPENS:
-        return "the provider's own sessions"
-    return "PgBouncer" if app == POOLER else f"app={app or 'none'}"
+    return OPENERS[app][0] if app in OPENERS else f"app={app or 'none'}"
 
 
 def churn_finding(
@@ -224,22 +237,15 @@ def churn_finding(
         text += f", by {SOURCE_NAMES[sources.pop()]}"
     shown = [app for app, _, _ in named[:3]]
     advice = [pooler_advice(churn, pooler)] if POOLER in shown else []
-    if EXTERNAL_OPENS in shown:
-        advice.append("the poolers at pooler_addresses open them: see their own server lifetime and idle timeouts")
-    if PROVIDER_OPENS in shown:
-        advice.append("the managed service's own sessions open them (app:provider): nothing of the applications")
+    advice += [OPENERS[app][2] for app in (EXTERNAL_OPENS, PROVIDER_OPENS) if app in shown]
     advice += app_advice([app for app in shown if app not in POOLERS_OPENING], churn.lifetimes, settings)
     subjects = tuple(Subject((subject_tag(app),), rate) for app, rate, _ in named)
     return finding._replace(text=text, advice="; ".join(advice), subjects=subjects)
 
 
 def subject_tag(app: str) -> str:
-    """The tag of who opens connections: an application, or PgBouncer itself."""
-    if app == EXTERNAL_OPENS:
-        return "pooler:external"
-    if app == PROVIDER_OPENS:
-        return f"app:{PROVIDER_APP}"
-    return "pooler:pgbouncer" if app == POOLER else f"app:{tag_value(app)}"
+    """The tag of who opens connections: an application, PgBouncer itself, a pooler or the provider."""
+    return OPENERS[app][1] if app in OPENERS else f"app:{tag_value(app)}"
 
 
 # A setting that closes PgBouncer's servers explains the churn when the servers it holds, closed that often,
