@@ -77,14 +77,13 @@ class ServerSettings:
 AZURE_RESERVED = 15  # Azure Database for PostgreSQL Flexible Server: "reserves 15 connections"
 
 
-@dataclass(frozen=True)
-class ActivityGroup:
+class ActivityGroup(NamedTuple):
     state: str | None  # as pg_stat_activity names it; None when the role may not see it
     db: str
     user: str
     app: str
     client_addr: str
-    count: int
+    count: int  # type: ignore[assignment]  # the field, not tuple.count: the groups are never counted in
     waiting_on_lock: int = 0
     leaked: int = 0
     max_age: float = 0.0  # seconds in the state; for active, since query_start
@@ -125,8 +124,7 @@ class PoolerKeys:
     pids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class DatabaseSessions:
+class DatabaseSessions(NamedTuple):
     db: str
     opened: int
     abandoned: int
@@ -386,15 +384,14 @@ class MysqlStatus:
     connections: int  # connection attempts, successful or not
 
 
-@dataclass(frozen=True)
-class ProcessGroup:
+class ProcessGroup(NamedTuple):
     """Client threads of the process list with the same state, user, database and client host."""
 
     state: str  # idle, idle_in_transaction, active, or the thread's command in lower case
     user: str
     db: str
     client_host: str  # HOST without the port; "localhost" for a socket
-    count: int
+    count: int  # type: ignore[assignment]  # the field, not tuple.count
     leaked: int = 0  # idle (not in a transaction) for longer than the leak threshold
     max_idle: float = 0.0  # seconds: the longest idle (Sleep) thread of the group
     max_transaction_age: float = 0.0  # seconds: the oldest open InnoDB transaction of the group

@@ -42,7 +42,7 @@ def excuse_pools(snapshot: PgSnapshot, settings: Settings) -> PgSnapshot:
     for group in snapshot.groups:
         profile = profile_for(settings.apps, group.app)
         if group.leaked and profile is not None and profile.pooled and within_budget(profile, totals[profile.name]):
-            group = replace(group, leaked=0)
+            group = group._replace(leaked=0)
         groups.append(group)
     suspects = tuple(
         s

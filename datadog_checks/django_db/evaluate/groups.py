@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from ..settings import Settings
@@ -14,7 +13,8 @@ OTHER = "other"
 
 
 class Group(Protocol):
-    """A group of connections as a source counts them: its dimensions are string fields."""
+    """A group of connections as a source counts them, a NamedTuple (``fold`` calls its ``_replace``): its dimensions
+    are string fields."""
 
     @property
     def db(self) -> str: ...
@@ -53,7 +53,7 @@ def fold(groups: list[G], dimensions: Iterable[str], limit: int) -> tuple[list[G
         kept = set(ranked[:limit])
         folded[dimension] = sorted(ranked[limit:])
         changed: dict[str, Any] = {dimension: OTHER}
-        groups = [g if getattr(g, dimension) in kept else replace(g, **changed) for g in groups]  # type: ignore[type-var]
+        groups = [g if getattr(g, dimension) in kept else g._replace(**changed) for g in groups]  # type: ignore[attr-defined]
     return groups, folded
 
 

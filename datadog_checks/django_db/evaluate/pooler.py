@@ -112,7 +112,7 @@ class ServerEvents:
 def without_leaks(pg: PgSnapshot) -> PgSnapshot:
     """The snapshot with no backend counted as leaked: while a PgBouncer's server connections cannot be told from
     the applications' (it could not be read), none is judged."""
-    groups = tuple(replace(g, leaked=0) if g.leaked else g for g in pg.groups)
+    groups = tuple(g._replace(leaked=0) if g.leaked else g for g in pg.groups)
     return replace(pg, groups=groups, leak_suspects=())
 
 

@@ -114,6 +114,10 @@ def _series(
     )
 
 
+# The states whose oldest age is a figure: the position of its series in what _series gives.
+AGED: dict[str | None, int] = {"idle": 5, "idle in transaction": 6, "active": 7}
+
+
 @lru_cache(maxsize=1024)
 def _db_tags(base: tuple[str, ...], db: str) -> tuple[str, ...]:
     return (*base, f"db:{tag_value(db)}")
@@ -149,29 +153,32 @@ def postgres_metrics(
     group_by, server_tag = settings.group_by, settings.postgres.server_tag
     pools: dict[str, tuple[float, float]] = {}  # (used, idle) by database, for the current OpenTelemetry names
 
+    # The figures zero on a healthy stack (a leak, a lock wait, an age) are added only where not zero: sparse.py
+    # sends the 0 that ends a series by itself, and a run with none of them makes none.
     sums: dict[tuple[str, tuple[str, ...]], float] = {}
     ages: dict[tuple[str, tuple[str, ...]], float] = {}
     for g in groups:
-        connections, leaked, waiting, in_use, otel_use, idle, in_tx, active = _series(
-            base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr, g.pooler
-        )
+        series = _series(base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr, g.pooler)
+        connections = series[0]
         sums[connections] = sums.get(connections, 0.0) + g.count
-        if leaks_judged:
-            sums[leaked] = sums.get(leaked, 0.0) + g.leaked
-        sums[waiting] = sums.get(waiting, 0.0) + g.waiting_on_lock
+        if g.leaked and leaks_judged:
+            sums[series[1]] = sums.get(series[1], 0.0) + g.leaked
+        if g.waiting_on_lock:
+            sums[series[2]] = sums.get(series[2], 0.0) + g.waiting_on_lock
         if usage:
-            sums[in_use] = sums.get(in_use, 0.0) + g.count
+            sums[series[3]] = sums.get(series[3], 0.0) + g.count
         if otel:
-            sums[otel_use] = sums.get(otel_use, 0.0) + g.count
+            sums[series[4]] = sums.get(series[4], 0.0) + g.count
         if current and is_direct(g.pooler):
             in_pool, idle_in_pool = pools.get(tag_value(g.db), (0.0, 0.0))
             if g.state == "idle":
                 pools[tag_value(g.db)] = (in_pool, idle_in_pool + g.count)
             else:
                 pools[tag_value(g.db)] = (in_pool + g.count, idle_in_pool)
-        state, age = g.state, g.max_age
-        for key, wanted in ((idle, "idle"), (in_tx, "idle in transaction"), (active, "active")):
-            ages[key] = max(ages.get(key, 0.0), age if state == wanted else 0.0)
+        aged = AGED.get(g.state)
+        if aged is not None and g.max_age > 0:
+            key = series[aged]
+            ages[key] = max(ages.get(key, 0.0), g.max_age)
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in sums.items()]
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in ages.items()]
     if current:

@@ -10,7 +10,6 @@ broken on its first statement, opened again and the snapshot retried once.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any, NamedTuple
 
 from ..connection import APPLICATION_NAME, ClientTimeout, Source
@@ -278,7 +277,7 @@ class MysqlSource(Source):
                     key = (str(user), str(db), str(host))
                     found[key] = found.get(key, 0) + 1
         changed = tuple(
-            replace(g, leaked=found.get((g.user, g.db, g.client_host), 0)) if g.leaked and g.user in quiet else g
+            g._replace(leaked=found.get((g.user, g.db, g.client_host), 0)) if g.leaked and g.user in quiet else g
             for g in groups
         )
         leaking = {g.user for g in changed if g.leaked}
