@@ -82,6 +82,10 @@ class LogRun(NamedTuple):
     server_events: ServerEvents  # the logins and closes of servers PgBouncer logged
 
 
+# A run without log files: read only, never changed.
+NO_LOGS = LogRun([], Counter(), {}, Counter(), ServerEvents())
+
+
 class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base class is not typed
     __NAMESPACE__ = ""
 
@@ -219,7 +223,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         pg: PgSnapshot | None = snapshots.get("postgres")
         pgb = self.all_clients()
         my: MysqlSnapshot | None = snapshots.get("mysql")
-        logged = LogRun([], Counter(), {}, Counter(), ServerEvents())
+        logged = NO_LOGS
         # While a PgBouncer's server connections cannot be told from the applications', no budget counts there.
         judged = pg if pg is not None and not self.unread else None
         if self.settings.apps and (judged is not None or pgb is not None):

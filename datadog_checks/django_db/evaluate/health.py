@@ -11,21 +11,25 @@ from ..records import LeakSuspect, PgbSnapshot, PgSnapshot
 from ..settings import Settings
 from . import session_state
 from .groups import ranked, select
+from .groups import ratio as share
 from .model import Finding, Status, Subject, app_subjects, crossed, level, tag_value
 from .pgbouncer import client_utilization, used_clients
 from .pgbouncer_clients import holders, top_holders, waiting_apps
-from .postgres import client_backends, utilization
+from .postgres import client_backends
 from .queries import normalize_query
 from .signatures import BY_NAME, Signature
 
 IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 
 
-def _apps(counts: Counter[str], limit: int = 3) -> str:
+def _apps(counts: Mapping[str, int], limit: int = 3) -> str:
+    if limit == 1 and counts:  # the largest, the first by name between equals: no need to sort them all
+        app, n = min(counts.items(), key=lambda item: (-item[1], item[0]))
+        return f"app={app or 'none'} {n}"
     return ", ".join(f"app={app or 'none'} {n}" for app, n in ranked(counts)[:limit])
 
 
-def _of_apps(counts: Counter[str]) -> str:
+def _of_apps(counts: Mapping[str, int]) -> str:
     """`of app=web ` when one application causes it all, else nothing (the caller lists the applications)."""
     if len(counts) == 1:
         return f"of app={next(iter(counts)) or 'none'} "
@@ -179,10 +183,10 @@ def postgres_findings(
     t = settings.thresholds
     findings = []
     used, usable = client_backends(snapshot), snapshot.settings.usable_slots
-    ratio = utilization(snapshot)
-    by_app: Counter[str] = Counter()
+    ratio = share(used, usable)
+    by_app: dict[str, int] = {}
     for g in snapshot.groups:
-        by_app[g.app] += g.count
+        by_app[g.app] = by_app.get(g.app, 0) + g.count
     status = level(ratio, t.utilization)
     findings.append(
         Finding(
@@ -198,21 +202,21 @@ def postgres_findings(
     )
 
     groups = select(snapshot.groups, settings)
-    leaked: Counter[str] = Counter()
-    in_tx: Counter[str] = Counter()
+    leaked: dict[str, int] = {}
+    in_tx: dict[str, int] = {}
     tx_age: dict[str, float] = {}
     oldest_tx, oldest_app = 0.0, ""
     hidden = 0
-    for g in groups:
-        if g.leaked and counted_at_postgres(g.pooler, held_counted_at_pgbouncer):
-            leaked[g.app] += g.leaked
-        if g.state in IDLE_IN_TRANSACTION and not is_providers(g.pooler):
-            in_tx[g.app] += g.count
-            tx_age[g.app] = max(tx_age.get(g.app, 0.0), g.max_age)
-            if g.max_age > oldest_tx:
-                oldest_tx, oldest_app = g.max_age, g.app
-        if g.state is None:
-            hidden += g.count
+    for state, _, _, app, _, count, _, leaks, max_age, _, pooler, _ in groups:
+        if leaks and counted_at_postgres(pooler, held_counted_at_pgbouncer):
+            leaked[app] = leaked.get(app, 0) + leaks
+        if state in IDLE_IN_TRANSACTION and not is_providers(pooler):
+            in_tx[app] = in_tx.get(app, 0) + count
+            tx_age[app] = max(tx_age.get(app, 0.0), max_age)
+            if max_age > oldest_tx:
+                oldest_tx, oldest_app = max_age, app
+        if state is None:
+            hidden += count
 
     total_leaked = sum(leaked.values())
     if total_leaked:

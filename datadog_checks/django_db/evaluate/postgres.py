@@ -73,13 +73,14 @@ class SessionHistory:
         each application opened by source (``log``, ``django``, ``pgbouncer_log``; backends seen started since
         the previous run are added as ``sampled``). PgBouncer's server connections count as PgBouncer's
         (``owners.opener``), whatever name its last client gave them; ``reasons``: why PgBouncer closed its servers."""
-        connections: Counter[str] = Counter()
-        sampled: Counter[str] = Counter()
+        connections: dict[str, int] = {}
+        sampled: dict[str, int] = {}
         for group in snapshot.groups:
             who = opener(group.pooler, group.app)
-            connections[who] += group.count
-            sampled[who] += group.opened
-        sources = {**opened_by_app, "sampled": +sampled}
+            connections[who] = connections.get(who, 0) + group.count
+            if group.opened:
+                sampled[who] = sampled.get(who, 0) + group.opened
+        sources = {**opened_by_app, "sampled": sampled}
         sample = Sample(
             snapshot.server_time, self.opened_total, sum(connections.values()), connections, sources, reasons or {}
         )
@@ -157,28 +158,28 @@ def postgres_metrics(
     # sends the 0 that ends a series by itself, and a run with none of them makes none.
     sums: dict[tuple[str, tuple[str, ...]], float] = {}
     ages: dict[tuple[str, tuple[str, ...]], float] = {}
-    for g in groups:
-        series = _series(base, group_by, server_tag, g.state, g.db, g.user, g.app, g.client_addr, g.pooler)
+    for state, db, user, app, client_addr, count, waiting, leaked, max_age, _, pooler, _ in groups:
+        series = _series(base, group_by, server_tag, state, db, user, app, client_addr, pooler)
         connections = series[0]
-        sums[connections] = sums.get(connections, 0.0) + g.count
-        if g.leaked and leaks_judged:
-            sums[series[1]] = sums.get(series[1], 0.0) + g.leaked
-        if g.waiting_on_lock:
-            sums[series[2]] = sums.get(series[2], 0.0) + g.waiting_on_lock
+        sums[connections] = sums.get(connections, 0.0) + count
+        if leaked and leaks_judged:
+            sums[series[1]] = sums.get(series[1], 0.0) + leaked
+        if waiting:
+            sums[series[2]] = sums.get(series[2], 0.0) + waiting
         if usage:
-            sums[series[3]] = sums.get(series[3], 0.0) + g.count
+            sums[series[3]] = sums.get(series[3], 0.0) + count
         if otel:
-            sums[series[4]] = sums.get(series[4], 0.0) + g.count
-        if current and is_direct(g.pooler):
-            in_pool, idle_in_pool = pools.get(tag_value(g.db), (0.0, 0.0))
-            if g.state == "idle":
-                pools[tag_value(g.db)] = (in_pool, idle_in_pool + g.count)
+            sums[series[4]] = sums.get(series[4], 0.0) + count
+        if current and is_direct(pooler):
+            in_pool, idle_in_pool = pools.get(tag_value(db), (0.0, 0.0))
+            if state == "idle":
+                pools[tag_value(db)] = (in_pool, idle_in_pool + count)
             else:
-                pools[tag_value(g.db)] = (in_pool + g.count, idle_in_pool)
-        aged = AGED.get(g.state)
-        if aged is not None and g.max_age > 0:
+                pools[tag_value(db)] = (in_pool + count, idle_in_pool)
+        aged = AGED.get(state)
+        if aged is not None and max_age > 0:
             key = series[aged]
-            ages[key] = max(ages.get(key, 0.0), g.max_age)
+            ages[key] = max(ages.get(key, 0.0), max_age)
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in sums.items()]
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in ages.items()]
     if current:

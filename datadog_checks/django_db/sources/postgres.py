@@ -13,7 +13,7 @@ from psycopg import sql
 from ..addresses import addresses_of
 from ..connection import Reconnecting, deadline
 from ..owners import is_poolers
-from ..quiet import LastUse, is_monitoring, may_be_quiet, youngest
+from ..quiet import LastUse, is_monitoring, may_be_quiet
 from ..records import (
     PROVIDER,
     PROVIDER_APP,
@@ -70,6 +70,7 @@ GROUP BY 1, 2, 3, 4, 5, 6, '0'::xid
 # then (PostgreSQL 14 and later) a database's sessions.
 (STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, MIN_AGE, NOW, SERVER_KEYS, SERVER_IDLE,
  LEAKED) = range(15)  # fmt: skip
+LEAKED_BEFORE = MIN_AGE  # the columns of a group read as they are, from the first
 
 # Whose backends they are (records.DIRECT, HELD, POOLER_OWN, EXTERNAL; owners.py says what each counts in).
 # With a pgbouncer section, from PgBouncer's server connections (SHOW SERVERS) by their identity: a backend's key
@@ -292,37 +293,35 @@ class PostgresSource(Reconnecting):
         params = self.params
         # A time no backend started after: none counts as opened at first.
         params["since"] = NEVER if since is None else datetime.fromtimestamp(since, UTC)
-        keys = servers(self.address) if servers is not None else PoolerKeys()
-        params["held"], params["own"], params["pids"] = array(keys.held), array(keys.own), array(keys.pids)
+        if servers is not None:
+            keys = servers(self.address)
+            params["held"], params["own"], params["pids"] = array(keys.held), array(keys.own), array(keys.pids)
         with_sessions = settings.version_num >= 140000
-        db_names, user_names = self.db_names, self.user_names
         with deadline(conn, timeout):
             statement = self.activity_sessions_sql if with_sessions else self.activity_sql
             every = self.cursor.execute(statement, params, prepare=True if self.direct else None).fetchall()
-            if new or any(
-                (r[DATID] and r[DATID] not in db_names)
-                or (r[N] is not None and r[USESYSID] and r[USESYSID] not in user_names)
-                for r in every
-            ):
-                names = conn.execute(NAMES_SQL).fetchall()
-                self.db_names = db_names = {oid: name for kind, oid, name, _ in names if kind == "db"}
-                self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
-                self.templates = frozenset(oid for kind, oid, _, template in names if template)
-                self.provider_oids = (
-                    frozenset(oid for oid, name in user_names.items() if name in self.providers[0]),
-                    frozenset(oid for oid, name in db_names.items() if name in self.providers[1]),
-                )
             rows = [r for r in every if r[N] is not None]
+            if new or self._unnamed(every, rows):
+                self._read_names(conn)
             roles, dbs = self.provider_oids
             if roles or dbs:  # a managed service's own sessions: never an application's
                 rows = [_as_provider(r) if r[USESYSID] in roles or r[DATID] in dbs else r for r in rows]
             # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead;
             # nor a monitoring session's.
-            leaked = [
-                0 if is_poolers(r[POOLER]) or is_monitoring(a := r[APP] or "") else r[LEAKED + self.leak_threshold(a)]
-                for r in rows
-            ]
-            quiet, kept = self._quiet(conn, rows, leaked, params, every[0][NOW] if every else 0.0)
+            # And each application's youngest idle time (0 while one of its connections is in use): quiet.py.
+            index = self.leak_threshold
+            leaked = []
+            ages: dict[str, float] = {}
+            for r in rows:
+                if is_poolers(r[POOLER]):
+                    leaked.append(0)
+                    continue
+                app = r[APP] or ""
+                age = (r[MIN_AGE] or 0.0) if r[STATE] == "idle" else 0.0
+                ages[app] = min(ages.get(app, age), max(0.0, age))
+                leaked.append(0 if is_monitoring(app) else r[LEAKED + index(app)])
+            now = every[0][NOW] if every else None
+            quiet, kept = self._quiet(conn, rows, leaked, params, now or 0.0, ages)
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
                 found = (
@@ -331,61 +330,67 @@ class PostgresSource(Reconnecting):
                     if row[3] not in self.providers[0] and row[2] not in self.providers[1]
                 )
                 suspects = tuple(s for s in found if s.idle_seconds > self.leak_seconds(s.app) + quiet.get(s.app, 0))
-            server_time = every[0][NOW] if every else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
-        at = self.sessions_at
-        provider_dbs = self.provider_oids[1]
-        databases = (
-            tuple(
-                DatabaseSessions(db_names.get(r[DATID], ""), *(value or 0 for value in r[at : at + 4]))
-                for r in every
-                if r[N] is None and r[DATID] not in provider_dbs
-            )
-            if with_sessions
-            else None
-        )
+            server_time = now if now is not None else _scalar(conn, "SELECT extract(epoch FROM now())::float8")
+        databases = self._databases(every) if with_sessions else None
+        db_names, user_names = self.db_names, self.user_names
         templates, sees_all, visible = self.templates, self.sees_all, self.visible_roles
         groups = []
         on_templates = 0
-        for i, (
-            state,
-            datid,
-            usesysid,
-            app,
-            client_addr,
-            pooler,
-            n,
-            waiting,
-            max_age,
-            opened,
-            _,
-            _,
-            server_keys,
-            server_idle,
-            *_,
-        ) in enumerate(rows):
+        for r, leak in zip(rows, leaked, strict=True):
+            state, datid, usesysid, app, client_addr, pooler, n, waiting, max_age, opened = r[:LEAKED_BEFORE]
             if datid in templates:
                 on_templates += n
                 continue
             # A NULL state is `starting` where the role sees the backend in full, else hidden.
             if state is None and (sees_all or usesysid in visible):
                 state = STARTING
+            server_keys = r[SERVER_KEYS]
+            pooled = tuple(zip(server_keys, r[SERVER_IDLE], strict=True)) if server_keys else ()
             db, user = db_names.get(datid, ""), user_names.get(usesysid, "")
-            age = max(0.0, max_age or 0.0)
-            pooled = tuple(zip(server_keys, server_idle, strict=True)) if server_keys else ()
-            group = (state, db, user, app or "", client_addr or "", n, waiting, leaked[i], age, opened, pooler, pooled)
-            groups.append(ActivityGroup(*group))
+            age = max_age if max_age is not None and max_age > 0 else 0.0
+            group = (state, db, user, app or "", client_addr or "", n, waiting, leak, age, opened, pooler, pooled)
+            groups.append(ActivityGroup._make(group))
         return PgSnapshot(settings, tuple(groups), databases, server_time, new, suspects, on_templates, kept)
 
+    def _unnamed(self, every: list[Any], rows: list[Any]) -> bool:
+        """Whether a database or a role of the statement's rows has no name in the caches yet."""
+        db_names, user_names = self.db_names, self.user_names
+        return any(r[DATID] and r[DATID] not in db_names for r in every) or any(
+            r[USESYSID] and r[USESYSID] not in user_names for r in rows
+        )
+
+    def _read_names(self, conn: psycopg.Connection) -> None:
+        """The names of the databases and roles, by oid; the template databases; the providers' oids."""
+        names = conn.execute(NAMES_SQL).fetchall()
+        self.db_names = db_names = {oid: name for kind, oid, name, _ in names if kind == "db"}
+        self.user_names = user_names = {oid: name for kind, oid, name, _ in names if kind == "user"}
+        self.templates = frozenset(oid for kind, oid, _, template in names if template)
+        self.provider_oids = (
+            frozenset(oid for oid, name in user_names.items() if name in self.providers[0]),
+            frozenset(oid for oid, name in db_names.items() if name in self.providers[1]),
+        )
+
+    def _databases(self, every: list[Any]) -> tuple[DatabaseSessions, ...]:
+        """The sessions of each database but the providers', from the statement's rows below the groups."""
+        at, names, provider_dbs = self.sessions_at, self.db_names, self.provider_oids[1]
+        return tuple(
+            DatabaseSessions(names.get(r[DATID], ""), *(value or 0 for value in r[at : at + 4]))
+            for r in every
+            if r[N] is None and r[DATID] not in provider_dbs
+        )
+
     def _quiet(
-        self, conn: psycopg.Connection, rows: list[Any], leaked: list[int], params: dict[str, Any], now: float
+        self,
+        conn: psycopg.Connection,
+        rows: list[Any],
+        leaked: list[int],
+        params: dict[str, Any],
+        now: float,
+        ages: dict[str, float],
     ) -> tuple[dict[str, float], tuple[Quiet, ...]]:
         """The leaks of quiet applications taken back (``leaked`` changed in place) where they went idle only as
-        their application went quiet (quiet.py); the quiet times, and the applications left without a leak."""
-        ages = youngest(
-            (r[APP] or "", (r[MIN_AGE] or 0.0) if r[STATE] == "idle" else 0.0)
-            for r in rows
-            if not is_poolers(r[POOLER])
-        )
+        their application went quiet (quiet.py); the quiet times, and the applications left without a leak.
+        ``ages``: each application's youngest idle time."""
         quiet = self.last_use.quiet(ages, self.threshold_of, now)
         if not quiet or not any(leaked):
             return quiet, ()
