@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
+from functools import cached_property, lru_cache, partial
 from typing import Any, NamedTuple
 
 from datadog_checks.base import AgentCheck, ConfigurationError
@@ -84,6 +84,12 @@ class LogRun(NamedTuple):
 
 # A run without log files: read only, never changed.
 NO_LOGS = LogRun([], Counter(), {}, Counter(), ServerEvents())
+
+
+@lru_cache(maxsize=64)
+def endpoint_tags(tag: str, tags: tuple[str, ...]) -> tuple[str, ...]:
+    """A server's service-check tags: its own, then the instance's."""
+    return (tag, *tags)
 
 
 class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base class is not typed
@@ -182,10 +188,11 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
                 ", ".join(budgets),
             )
 
-    @property
-    def health_tags(self) -> list[str]:
+    @cached_property
+    def health_tags(self) -> tuple[str, ...]:
+        """The tags of the check's own service checks: every server's, then the instance's."""
         endpoints = (self.settings.postgres, *self.settings.pgbouncers, self.settings.mysql)
-        return [*(e.tag for e in endpoints if e), *self.settings.tags]
+        return (*(e.tag for e in endpoints if e), *self.settings.tags)
 
     def of_pgbouncer(self, endpoint: config.Endpoint) -> config.Settings:
         """The settings as one PgBouncer's evaluation reads them: ``pgbouncer`` is that one."""
@@ -248,11 +255,13 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         if pgb is not None and self.pgbouncer is not None and not pgb.new_connection:
             if any(name == session_state.PREPARED for name, _, _ in seen + held):  # its advice turns on a reload
                 pgb = replace(pgb, config=self.pgbouncer.config_now())
-        from_errors = signature_findings(seen + held, pg, pgb, {**logged.apps, **held_apps}, self.settings)
-        from_errors = said_ago(from_errors, ages)
-        window = max(self.settings.finding_hold_seconds, RESTART_WINDOW)
-        self.restarts = {label: at for label, at in self.restarts.items() if now - at < window}
-        findings += after_restart(from_errors, {label: now - at for label, at in self.restarts.items()})
+        if self.restarts:
+            window = max(self.settings.finding_hold_seconds, RESTART_WINDOW)
+            self.restarts = {label: at for label, at in self.restarts.items() if now - at < window}
+        if seen or held:
+            from_errors = signature_findings(seen + held, pg, pgb, {**logged.apps, **held_apps}, self.settings)
+            from_errors = said_ago(from_errors, ages)
+            findings += after_restart(from_errors, {label: now - at for label, at in self.restarts.items()})
         for signature, source_kind, server in seen:
             self.count_error(signature, source_kind, server)
         self.say_notes(findings)
@@ -315,7 +324,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         error in ``seen``. A connection lost between runs is counted once, whatever the outcome."""
         endpoint = source.endpoint
         label, can_connect = SERVERS[endpoint.kind]
-        tags = [endpoint.tag, *self.settings.tags]
+        tags = endpoint_tags(endpoint.tag, self.settings.tags)
         try:
             snapshot = source.snapshot()
         except Exception as e:
@@ -538,7 +547,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.count("django_db.errors", 1, tags=tags)
 
     def report_error(
-        self, error: Exception, label: str, endpoint: config.Endpoint, check: str, tags: list[str]
+        self, error: Exception, label: str, endpoint: config.Endpoint, check: str, tags: Sequence[str]
     ) -> tuple[str, str, str]:
         """CRITICAL for the endpoint's can_connect, with the signature and its advice; returns what was seen."""
         signature = classify_failure(describe(error), mysql_errno(error))
@@ -549,7 +558,7 @@ class DjangoDbCheck(AgentCheck):  # type: ignore[no-untyped-call]  # the base cl
         self.service_check(check, Status.CRITICAL, tags=tags, message=text)
         return signature.name, endpoint.kind, endpoint.tag
 
-    def report(self, check: str, status: Status, tags: list[str], text: str) -> None:
+    def report(self, check: str, status: Status, tags: Sequence[str], text: str) -> None:
         """A service check; an OK one carries no message, as the Agent expects."""
         if status == Status.OK:
             self.service_check(check, status, tags=tags)

@@ -115,6 +115,8 @@ class NameFilter:
         return not (self.include or self.exclude)
 
     def allows(self, name: str) -> bool:
+        if not (self.include or self.exclude):
+            return True
         if self.include and not any(p.search(name) for p in self.include):
             return False
         return not any(p.search(name) for p in self.exclude)

@@ -48,24 +48,27 @@ class Sparse:
         self.counted: dict[Context, float] = {}  # this run's
 
     def chosen(self, metrics: Iterable[Metric]) -> Iterator[Metric]:
+        now_not_zero, not_zero, ended, counters, counted = (
+            self.now_not_zero, self.not_zero, self.ended, self.counters, self.counted
+        )  # fmt: skip
         for metric in metrics:
-            kind, name, value = metric.kind, metric.name, metric.value
+            kind, name, value, tags = metric
             if kind == "gauge":
                 if name in WHILE_NOT_ZERO:
-                    context = (name, metric.tags)
+                    context = (name, tags)
                     if value:
-                        self.now_not_zero.add(context)
-                    elif context in self.not_zero and context not in self.ended:
-                        self.ended.add(context)
+                        now_not_zero.add(context)
+                    elif context in not_zero and context not in ended:
+                        ended.add(context)
                     else:
                         continue
             elif kind == "count":
                 if not value:
                     continue
             elif kind == "monotonic_count":
-                context = (name, metric.tags)
-                self.counted[context] = value
-                if self.counters.get(context) == value:
+                context = (name, tags)
+                counted[context] = value
+                if counters.get(context) == value:
                     continue
             yield metric
 

@@ -36,6 +36,8 @@ class Held:
     ) -> tuple[Seen, dict[str, Counter[str]], dict[str, float]]:
         """The errors of signatures this run did not see whose last line is under ``seconds`` old, the
         applications their lines named, and how long ago by signature; this run's are kept."""
+        if not seen and not self.last:
+            return [], {}, {}
         this_run: dict[str, Seen] = {}
         for entry in seen:  # the logs' lines: a server the check reads says again each run what it says
             if entry[1] == "log":

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..owners import is_direct, opener, pooler_tags
-from ..records import DIRECT, PgSnapshot
+from ..records import DIRECT, DatabaseSessions, PgSnapshot
 from ..settings import Settings
 from .churn import Churn, ChurnWindow, Sample
 from .groups import fold, ratio, select
@@ -188,10 +188,20 @@ def postgres_metrics(
     allows = settings.databases.allows
     for db, opened in opened_by_db.items():
         if allows(db):
-            metrics.append(Metric("monotonic_count", SESSIONS_OPENED, opened, _db_tags(base, db)))
+            metrics.append(_opened(base, db, opened))
     for d in snapshot.databases or ():
         if allows(d.db):
-            db_tags = _db_tags(base, d.db)
-            for name, field_name in SESSION_ENDS:
-                metrics.append(Metric("monotonic_count", name, getattr(d, field_name), db_tags))
+            metrics += _session_ends(base, d)
     return metrics, folded
+
+
+# The counters of a database's sessions, made once per value: they move only as sessions open and end.
+@lru_cache(maxsize=1024)
+def _opened(base: tuple[str, ...], db: str, opened: int) -> Metric:
+    return Metric("monotonic_count", SESSIONS_OPENED, opened, _db_tags(base, db))
+
+
+@lru_cache(maxsize=1024)
+def _session_ends(base: tuple[str, ...], sessions: DatabaseSessions) -> tuple[Metric, ...]:
+    tags = _db_tags(base, sessions.db)
+    return tuple(Metric("monotonic_count", name, getattr(sessions, field), tags) for name, field in SESSION_ENDS)
