@@ -354,9 +354,9 @@ class PostgresSource(Reconnecting):
 
     def _unnamed(self, every: list[Any], rows: list[Any]) -> bool:
         """Whether a database or a role of the statement's rows has no name in the caches yet."""
-        db_names, user_names = self.db_names, self.user_names
-        return any(r[DATID] and r[DATID] not in db_names for r in every) or any(
-            r[USESYSID] and r[USESYSID] not in user_names for r in rows
+        return not (
+            {r[DATID] for r in every if r[DATID]} <= self.db_names.keys()
+            and {r[USESYSID] for r in rows if r[USESYSID]} <= self.user_names.keys()
         )
 
     def _read_names(self, conn: psycopg.Connection) -> None:
@@ -374,7 +374,7 @@ class PostgresSource(Reconnecting):
         """The sessions of each database but the providers', from the statement's rows below the groups."""
         at, names, provider_dbs = self.sessions_at, self.db_names, self.provider_oids[1]
         return tuple(
-            DatabaseSessions(names.get(r[DATID], ""), *(value or 0 for value in r[at : at + 4]))
+            DatabaseSessions(names.get(r[DATID], ""), r[at] or 0, r[at + 1] or 0, r[at + 2] or 0, r[at + 3] or 0)
             for r in every
             if r[N] is None and r[DATID] not in provider_dbs
         )
