@@ -70,7 +70,7 @@ GROUP BY 1, 2, 3, 4, 5, 6, '0'::xid
 # then (PostgreSQL 14 and later) a database's sessions.
 (STATE, DATID, USESYSID, APP, CLIENT, POOLER, N, WAITING, MAX_AGE, OPENED, MIN_AGE, NOW, SERVER_KEYS, SERVER_IDLE,
  LEAKED) = range(15)  # fmt: skip
-LEAKED_BEFORE = MIN_AGE  # the columns of a group read as they are, from the first
+AS_READ = MIN_AGE  # a group's leading columns, STATE to OPENED, taken as they are
 
 # Whose backends they are (records.DIRECT, HELD, POOLER_OWN, EXTERNAL; owners.py says what each counts in).
 # With a pgbouncer section, from PgBouncer's server connections (SHOW SERVERS) by their identity: a backend's key
@@ -293,7 +293,7 @@ class PostgresSource(Reconnecting):
         params = self.params
         # A time no backend started after: none counts as opened at first.
         params["since"] = NEVER if since is None else datetime.fromtimestamp(since, UTC)
-        if servers is not None:
+        if servers is not None:  # else none, for the source's life: the empty arrays it started with stay
             keys = servers(self.address)
             params["held"], params["own"], params["pids"] = array(keys.held), array(keys.own), array(keys.pids)
         with_sessions = settings.version_num >= 140000
@@ -337,7 +337,7 @@ class PostgresSource(Reconnecting):
         groups = []
         on_templates = 0
         for r, leak in zip(rows, leaked, strict=True):
-            state, datid, usesysid, app, client_addr, pooler, n, waiting, max_age, opened = r[:LEAKED_BEFORE]
+            state, datid, usesysid, app, client_addr, pooler, n, waiting, max_age, opened = r[:AS_READ]
             if datid in templates:
                 on_templates += n
                 continue
