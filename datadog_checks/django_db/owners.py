@@ -17,6 +17,8 @@ EXTERNAL_OPENS = "\0external"
 PROVIDER_OPENS = "\0provider"
 POOLERS_OPENING = frozenset({PGBOUNCER_OPENS, EXTERNAL_OPENS, PROVIDER_OPENS})  # nobody's application
 
+_OPENS = {EXTERNAL: EXTERNAL_OPENS, PROVIDER: PROVIDER_OPENS}  # the rest are PgBouncer's (DIRECT: the app's)
+
 _TAGS = {
     DIRECT: (),
     HELD: ("pooler:pgbouncer",),
@@ -51,7 +53,7 @@ def opener(owner: int, app: str) -> str:
     """Who opened the backend, for churn: the application, or the pooler (whatever name its last client gave)."""
     if owner == DIRECT:
         return app
-    return {EXTERNAL: EXTERNAL_OPENS, PROVIDER: PROVIDER_OPENS}.get(owner, PGBOUNCER_OPENS)
+    return _OPENS.get(owner, PGBOUNCER_OPENS)
 
 
 def counted_at_postgres(owner: int, clients_read: bool) -> bool:

@@ -115,7 +115,7 @@ class NameFilter:
         return not (self.include or self.exclude)
 
     def allows(self, name: str) -> bool:
-        if not (self.include or self.exclude):
+        if self.everything:
             return True
         if self.include and not any(p.search(name) for p in self.include):
             return False

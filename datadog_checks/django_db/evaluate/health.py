@@ -23,9 +23,6 @@ IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
 
 
 def _apps(counts: Mapping[str, int], limit: int = 3) -> str:
-    if limit == 1 and counts:  # the largest, the first by name between equals: no need to sort them all
-        app, n = min(counts.items(), key=lambda item: (-item[1], item[0]))
-        return f"app={app or 'none'} {n}"
     return ", ".join(f"app={app or 'none'} {n}" for app, n in ranked(counts)[:limit])
 
 

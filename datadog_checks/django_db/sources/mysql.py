@@ -179,6 +179,23 @@ class MysqlSource(Source):
             return {"ca": ca}
         return {"check_hostname": False} if self.endpoint.auth is not None else None
 
+    def _group(self, r: ProcessRow) -> ProcessGroup:
+        """A process-list group; the monitoring user's own threads (the check's other instances) and a managed
+        service's are no leak, and the service's client host reads PROVIDER_APP."""
+        user = str(r.user)
+        provider = user in self.providers
+        return ProcessGroup(
+            state=state_of(str(r.command or ""), bool(r.in_transaction)),
+            user=user,
+            db=str(r.db),
+            client_host=PROVIDER_APP if provider else str(r.client_host),
+            count=int(r.n),
+            leaked=int(r.leaked or 0) if user != self.endpoint.username and not provider else 0,
+            max_idle=float(r.max_idle or 0),
+            max_transaction_age=max(0.0, float(r.max_transaction_age or 0)),
+            provider=provider,
+        )
+
     def _broken(self, error: Exception) -> bool:
         if isinstance(error, self.pymysql.err.InterfaceError):
             return True  # PyMySQL found its socket closed
@@ -205,22 +222,7 @@ class MysqlSource(Source):
                 PROCESSLIST_SQL.format(processlist=table, client_host=CLIENT_HOST), {"leak": self.leak_idle_seconds}
             )
             rows = [ProcessRow(*row) for row in cursor.fetchall()]
-            providers, own = self.providers, self.endpoint.username
-            groups = tuple(
-                ProcessGroup(
-                    state=state_of(str(r.command or ""), bool(r.in_transaction)),
-                    user=str(r.user),
-                    db=str(r.db),
-                    client_host=PROVIDER_APP if str(r.user) in providers else str(r.client_host),
-                    count=int(r.n),
-                    # the monitoring user's own threads (the check's other instances) and the provider's are no leak
-                    leaked=int(r.leaked or 0) if str(r.user) != own and str(r.user) not in providers else 0,
-                    max_idle=float(r.max_idle or 0),
-                    max_transaction_age=max(0.0, float(r.max_transaction_age or 0)),
-                    provider=str(r.user) in providers,
-                )
-                for r in rows
-            )
+            groups = tuple(self._group(r) for r in rows)
             groups, kept = self._quiet(cursor, table, rows, groups)
         uptime, now = float(status.get("Uptime", 0)), time.monotonic()
         # Whole seconds on the server's side: over 2 s short of what it would be had the server run on.

@@ -13,7 +13,7 @@ from psycopg import sql
 from ..addresses import addresses_of
 from ..connection import Reconnecting, deadline
 from ..owners import is_poolers
-from ..quiet import LastUse, is_monitoring, may_be_quiet
+from ..quiet import LastUse, is_monitoring, may_be_quiet, youngest
 from ..records import (
     PROVIDER,
     PROVIDER_APP,
@@ -130,9 +130,9 @@ WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_co
                'log_line_prefix')
 UNION ALL
 SELECT name, current_setting(name, true), 'provider', NULL
-FROM unnest(ARRAY['rds.rds_superuser_reserved_connections', 'rds.rds_reserved_connections', 'azure.extensions']) name
+FROM unnest(ARRAY[{provider_settings}]) name
 WHERE current_setting(name, true) IS NOT NULL
-"""
+""".format(provider_settings=", ".join(f"'{name}'" for name in (*PROVIDER_SETTINGS, AZURE_SETTING)))
 
 # Settings judged for the application's roles, whose server-wide value the session's may hide.
 TIMEOUTS = ("statement_timeout", "idle_in_transaction_session_timeout")
@@ -308,20 +308,12 @@ class PostgresSource(Reconnecting):
                 rows = [_as_provider(r) if r[USESYSID] in roles or r[DATID] in dbs else r for r in rows]
             # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead;
             # nor a monitoring session's.
-            # And each application's youngest idle time (0 while one of its connections is in use): quiet.py.
             index = self.leak_threshold
-            leaked = []
-            ages: dict[str, float] = {}
-            for r in rows:
-                if is_poolers(r[POOLER]):
-                    leaked.append(0)
-                    continue
-                app = r[APP] or ""
-                age = (r[MIN_AGE] or 0.0) if r[STATE] == "idle" else 0.0
-                ages[app] = min(ages.get(app, age), max(0.0, age))
-                leaked.append(0 if is_monitoring(app) else r[LEAKED + index(app)])
+            leaked = [
+                0 if is_poolers(r[POOLER]) or is_monitoring(a := r[APP] or "") else r[LEAKED + index(a)] for r in rows
+            ]
             now = every[0][NOW] if every else None
-            quiet, kept = self._quiet(conn, rows, leaked, params, now or 0.0, ages)
+            quiet, kept = self._quiet(conn, rows, leaked, params, now or 0.0)
             suspects: tuple[LeakSuspect, ...] = ()
             if want_suspects and any(leaked):
                 found = (
@@ -380,17 +372,15 @@ class PostgresSource(Reconnecting):
         )
 
     def _quiet(
-        self,
-        conn: psycopg.Connection,
-        rows: list[Any],
-        leaked: list[int],
-        params: dict[str, Any],
-        now: float,
-        ages: dict[str, float],
+        self, conn: psycopg.Connection, rows: list[Any], leaked: list[int], params: dict[str, Any], now: float
     ) -> tuple[dict[str, float], tuple[Quiet, ...]]:
         """The leaks of quiet applications taken back (``leaked`` changed in place) where they went idle only as
-        their application went quiet (quiet.py); the quiet times, and the applications left without a leak.
-        ``ages``: each application's youngest idle time."""
+        their application went quiet (quiet.py); the quiet times, and the applications left without a leak."""
+        ages = youngest(
+            (r[APP] or "", (r[MIN_AGE] or 0.0) if r[STATE] == "idle" else 0.0)
+            for r in rows
+            if not is_poolers(r[POOLER])
+        )
         quiet = self.last_use.quiet(ages, self.threshold_of, now)
         if not quiet or not any(leaked):
             return quiet, ()
