@@ -41,10 +41,13 @@ CLIENT_ADDR = "host(client_addr)"
 # Grouped on datid and usesysid, not on names: reading only the function's own columns lets
 # the planner drop the view's joins to pg_database and pg_authid, which would cost as much
 # again as the scan itself. Names come from a cache (see PostgresSource.db_names and user_names).
-# `leaked` counts idle backends past each leak threshold in use (one per CONN_MAX_AGE of the
-# application profiles), a column each, the group's own picked afterwards by its application name.
+# `leaked` counts backends whose state changed before each leak threshold in use (one per CONN_MAX_AGE of
+# the application profiles), a column each, the group's own picked afterwards by its application name: an
+# idle group's are its leaks. The state is a grouping key: tested once per group afterwards, not per row.
 # Per row only comparisons: the leak cutoffs are computed once (sub-selects), the previous run's time
 # is a parameter, ages once per group (the oldest timestamp, subtracted from now()).
+# Only what varies is grouped on: a column that is a constant in this configuration (the client address
+# not asked for, the pooler column without a pooler to tell) would be hashed for every row.
 # The constant xid among the grouping keys changes no group; xid has no sort order, so the planner
 # hashes rather than sorting every backend's row on text keys, which it would otherwise pick from
 # its estimate of one row past the WHERE clause (at 2,000 backends, the sort was about half of what the
@@ -63,7 +66,7 @@ SELECT state, datid, usesysid, application_name, {extra} AS client_addr, {pooler
        {leaked}{sessions}
 FROM pg_stat_activity
 WHERE {client_backends}
-GROUP BY 1, 2, 3, 4, 5, 6, '0'::xid
+GROUP BY 1, 2, 3, 4{varying}, '0'::xid
 """
 
 # Columns of the statement's rows, by position; the leak counts from LEAKED on, one per threshold,
@@ -173,10 +176,7 @@ SELECT pg_has_role('pg_read_all_stats', 'USAGE'),
 # (before its first ReadyForQuery): PostgreSQL 18 names that state itself.
 STARTING = "starting"
 
-LEAKED_SQL = (
-    "count(*) FILTER (WHERE state = 'idle' AND state_change < (SELECT now() - make_interval(secs => %(leak{i})s)))"
-    " AS leaked{i}"
-)
+LEAKED_SQL = "count(*) FILTER (WHERE state_change < (SELECT now() - make_interval(secs => %(leak{i})s))) AS leaked{i}"
 
 # The idle connections of quiet applications (see quiet.py) past their shortest threshold, each with its idle
 # time: read only when one of them has a connection idle longer than its threshold plus its quiet time, rare.
@@ -236,8 +236,9 @@ class PostgresSource(Reconnecting):
         extra = CLIENT_ADDR if "client_addr" in group_by else "''"
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
         whose = pooler_sql(pooler, bool(networks))
+        varying = "".join(f", {at}" for at, column in ((5, extra), (6, whose)) if column not in ("''", "0"))
         activity = {
-            "extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked, "pooler": whose,
+            "extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked, "pooler": whose, "varying": varying,
             "server_keys": SERVER_KEYS_SQL if pooler else "NULL::int8[]",
             "server_idle": SERVER_IDLE_SQL if pooler else "NULL::float8[]",
         }  # fmt: skip
@@ -306,11 +307,14 @@ class PostgresSource(Reconnecting):
             roles, dbs = self.provider_oids
             if roles or dbs:  # a managed service's own sessions: never an application's
                 rows = [_as_provider(r) if r[USESYSID] in roles or r[DATID] in dbs else r for r in rows]
-            # A pooler's server connections are no application's leak: PgBouncer's overdue ones stand instead;
-            # nor a monitoring session's.
+            # Only an idle group has leaks. A pooler's server connections are no application's leak: PgBouncer's
+            # overdue ones stand instead; nor a monitoring session's.
             index = self.leak_threshold
             leaked = [
-                0 if is_poolers(r[POOLER]) or is_monitoring(a := r[APP] or "") else r[LEAKED + index(a)] for r in rows
+                r[LEAKED + index(a)]
+                if r[STATE] == "idle" and not is_poolers(r[POOLER]) and not is_monitoring(a := r[APP] or "")
+                else 0
+                for r in rows
             ]
             now = every[0][NOW] if every else None
             quiet, kept = self._quiet(conn, rows, leaked, params, now or 0.0)
@@ -412,7 +416,8 @@ class PostgresSource(Reconnecting):
         kept = tuple(
             Quiet(app, seconds, held[app])
             for app, seconds in sorted(quiet.items())
-            if app not in left and any(r[LEAKED + self.leak_threshold(app)] for r in rows if (r[APP] or "") == app)
+            if app not in left
+            and any(r[LEAKED + self.leak_threshold(app)] for r in rows if (r[APP] or "") == app and r[STATE] == "idle")
         )
         return quiet, kept
 
