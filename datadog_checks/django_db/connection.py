@@ -60,7 +60,8 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._heap: list[tuple[float, int]] = []
         self._armed: dict[int, int] = {}  # token: the socket's file descriptor
         self._ids = itertools.count()
@@ -69,7 +70,7 @@ class _Watchdog:
 
     def arm(self, fileno: int, seconds: float) -> int:
         due = time.monotonic() + _clamp(seconds)
-        with self._cond:
+        with self._lock:  # the condition's own lock, taken without its Python-level wrapper
             token = next(self._ids)
             self._armed[token] = fileno
             heapq.heappush(self._heap, (due, token))
