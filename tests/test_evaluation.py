@@ -108,6 +108,22 @@ def test_leaks_and_ages_per_application():
     }
 
 
+def test_a_monitoring_session_is_counted_but_has_no_age_figure():
+    """Datadog's postgres check and this check's other instances idle between runs and run their own queries:
+    their connections count, their ages (the monitor's interval) are no series."""
+    groups = [
+        group(app="datadog-agent", count=1, max_age=15),
+        group(state="active", app="datadog-django-db", count=1, max_age=0.2),
+        group(app="web", count=2, max_age=30),
+    ]
+    metrics, _ = postgres_metrics(snapshot(groups), parse({"postgres": PG}), {})
+    connections = values(metrics, "django_db.postgres.connections")
+    assert connections[("state:idle", "db:app", "user:u", "app:datadog-agent")] == 1
+    assert connections[("state:active", "db:app", "user:u", "app:datadog-django-db")] == 1
+    assert values(metrics, "django_db.postgres.idle.max_age") == {("db:app", "app:web"): 30}
+    assert values(metrics, "django_db.postgres.active.max_duration") == {}
+
+
 def test_empty_names_become_none_and_otel_can_be_turned_off():
     groups = [group(app="", count=2)]
     metrics, _ = postgres_metrics(snapshot(groups), parse({"postgres": PG}), {})

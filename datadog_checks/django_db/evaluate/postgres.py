@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..owners import is_direct, opener, pooler_tags
+from ..quiet import is_monitoring
 from ..records import DIRECT, DatabaseSessions, PgSnapshot
 from ..settings import Settings
 from .churn import Churn, ChurnWindow, Sample
@@ -155,7 +156,9 @@ def postgres_metrics(
     pools: dict[str, tuple[float, float]] = {}  # (used, idle) by database, for the current OpenTelemetry names
 
     # The figures zero on a healthy stack (a leak, a lock wait, an age) are added only where not zero: sparse.py
-    # sends the 0 that ends a series by itself, and a run with none of them makes none.
+    # sends the 0 that ends a series by itself, and a run with none of them makes none. A monitoring session (this
+    # check's other instances, Datadog's postgres check) is counted among the connections but has no age figure:
+    # it idles between its runs, its query is the monitor's own.
     sums: dict[tuple[str, tuple[str, ...]], float] = {}
     ages: dict[tuple[str, tuple[str, ...]], float] = {}
     for state, db, user, app, client_addr, count, waiting, leaked, max_age, _, pooler, _ in groups:
@@ -177,7 +180,7 @@ def postgres_metrics(
             else:
                 pools[tag_value(db)] = (in_pool + count, idle_in_pool)
         aged = AGED.get(state)
-        if aged is not None and max_age > 0:
+        if aged is not None and max_age > 0 and not is_monitoring(app):  # a monitor's: its run interval, no news
             key = series[aged]
             ages[key] = max(ages.get(key, 0.0), max_age)
     metrics += [Metric("gauge", name, value, tags) for (name, tags), value in sums.items()]
