@@ -26,7 +26,7 @@
   series, which must not grow with the clients.
 
 Usage: python benchmarks/bench_cost.py [--runs N] [--warmup N] [--clients 100,1000,2000] [--pools 10,200]
-       [--pgbouncer-clients 100,5000] [--series]
+       [--pgbouncer-clients 100,5000] [--sets N] [--series]
 """
 
 from __future__ import annotations
@@ -762,10 +762,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--pgbouncer-clients", type=levels_of, default=[100, 5000], help="idle clients of PgBouncer (default 100,5000)"
     )
+    parser.add_argument(
+        "--sets", type=int, default=CONNECTION_SETS, help="sets of new connections per PostgreSQL level (default 5)"
+    )
     parser.add_argument("--series", action="store_true", help="list the reference stack's series by metric name")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.warmup < 0:
-        parser.error("--runs must be 1 or more, --warmup 0 or more")
+    if args.runs < 1 or args.warmup < 0 or args.sets < 1:
+        parser.error("--runs and --sets must be 1 or more, --warmup 0 or more")
     raise_open_files(max(args.clients) + max(args.pools) + 2 * max(args.pgbouncer_clients) + 500)
 
     started = time.monotonic()
@@ -777,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference_stack(report, args.series)
     pgbouncer_side(report, args.pools, args.runs, args.warmup)
     pgbouncer_clients_side(report, args.pgbouncer_clients, args.runs, args.warmup)
-    postgres_side(report, args.clients, args.runs, args.warmup)
+    postgres_side(report, args.clients, args.runs, args.warmup, args.sets)
     print(f"\n{report.passed} of {report.passed + report.failed} figures meet their target")
     print(f"total {time.monotonic() - started:.0f} s")
     return 0

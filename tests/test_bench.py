@@ -37,7 +37,8 @@ def bench() -> ModuleType:
 
 
 def test_bench_prints_every_figure_beside_its_target(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
-    bench.main(["--runs", "3", "--warmup", "1", "--clients", "3,6,9", "--pools", "2,4", "--pgbouncer-clients", "4,8"])
+    levels = ["--clients", "3,6,9", "--pools", "2,4", "--pgbouncer-clients", "4,8", "--sets", "2"]
+    bench.main(["--runs", "3", "--warmup", "1", *levels])
     out = capsys.readouterr().out
     expected = [
         figure("series per run (metric name + tags)", r"\d+ \(PostgreSQL \d+, PgBouncer \d+, findings .*\)", "<= 80"),
