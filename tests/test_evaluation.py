@@ -12,7 +12,6 @@ from datadog_checks.django_db.evaluate.postgres import (
     postgres_metrics,
     select,
     state_tag,
-    utilization,
 )
 from datadog_checks.django_db.records import ActivityGroup, DatabaseSessions, PgSnapshot, ServerSettings
 
@@ -51,6 +50,13 @@ def test_usable_slots_leave_out_reserved_ones():
     # The check's own connection takes a slot: 96 others plus it fill 97.
     assert utilization(snapshot([group(count=96)])) == 1.0
     assert utilization(snapshot([group(count=49)], server(100, 3, 47))) == 1.0
+
+
+def utilization(snap):
+    """The connection_utilization figure the run sends."""
+    metrics, _ = postgres_metrics(snap, parse({"postgres": PG}), {})
+    [value] = values(metrics, "django_db.postgres.connection_utilization").values()
+    return value
 
 
 def test_fold_keeps_the_largest_values():

@@ -42,10 +42,6 @@ def client_backends(snapshot: PgSnapshot) -> int:
     return sum(g.count for g in snapshot.groups) + snapshot.template_backends + 1
 
 
-def utilization(snapshot: PgSnapshot) -> float:
-    return ratio(client_backends(snapshot), snapshot.settings.usable_slots)
-
-
 @dataclass
 class SessionHistory:
     """Opened sessions over runs: the cumulative count below PostgreSQL 14, and churn over a window of runs."""
@@ -144,7 +140,7 @@ def postgres_metrics(
         Metric("gauge", PREFIX + "max_connections", server.max_connections, base),
         Metric("gauge", PREFIX + "reserved_connections", server.reserved_slots, base),
         Metric("gauge", PREFIX + "connections_available", max(0, usable - used), base),
-        Metric("gauge", PREFIX + "connection_utilization", used / usable if usable else 1.0, base),
+        Metric("gauge", PREFIX + "connection_utilization", ratio(used, usable), base),
     ]
 
     groups, folded = fold(
@@ -163,16 +159,16 @@ def postgres_metrics(
     ages: dict[tuple[str, tuple[str, ...]], float] = {}
     for state, db, user, app, client_addr, count, waiting, leaked, max_age, _, pooler, _ in groups:
         series = _series(base, group_by, server_tag, state, db, user, app, client_addr, pooler)
-        connections = series[0]
+        connections, leaks, locks, in_use, otel_use, _, _, _ = series
         sums[connections] = sums.get(connections, 0.0) + count
         if leaked and leaks_judged:
-            sums[series[1]] = sums.get(series[1], 0.0) + leaked
+            sums[leaks] = sums.get(leaks, 0.0) + leaked
         if waiting:
-            sums[series[2]] = sums.get(series[2], 0.0) + waiting
+            sums[locks] = sums.get(locks, 0.0) + waiting
         if usage:
-            sums[series[3]] = sums.get(series[3], 0.0) + count
+            sums[in_use] = sums.get(in_use, 0.0) + count
         if otel:
-            sums[series[4]] = sums.get(series[4], 0.0) + count
+            sums[otel_use] = sums.get(otel_use, 0.0) + count
         if current and is_direct(pooler):
             in_pool, idle_in_pool = pools.get(tag_value(db), (0.0, 0.0))
             if state == "idle":
