@@ -315,14 +315,10 @@ def test_settings_are_read_again_now_and_then_and_a_new_database_at_once(aggrega
     SETTINGS_SECONDS, and DATABASES at once when a pool names a database it did not list. PgBouncer does not
     always list an auto-database (never once its pool is unused) but lists its pool: not read again for."""
     from datadog_checks.django_db.sources import pgbouncer as source_module
+    from datadog_checks.django_db.sources.pgbouncer import Names
 
     check = DjangoDbCheck("django_db", {}, [{"pgbouncer": sandbox.pgbouncer.instance("datadog")}])
     dd_run_check(check)
-    # A database the `*` entry makes on a client's first connection (PostgreSQL refuses this one): its pool
-    # appears, and DATABASES is read.
-    fresh = f"fresh_{time.monotonic_ns() % 10**9}"
-    with pytest.raises(psycopg.OperationalError):
-        _through_pgbouncer(clients, sandbox, fresh, 1)
     source = check.pgbouncer
     conn = source.conn
     asked: list[str] = []
@@ -334,35 +330,45 @@ def test_settings_are_read_again_now_and_then_and_a_new_database_at_once(aggrega
         return execute(cursor, query, *args, **kwargs)
 
     def listed(what: str, column: str) -> set[str]:
-        return {row[column] for row in conn.cursor(row_factory=dict_row).execute("SHOW " + what)} - {"pgbouncer"}
+        return {row[column] for row in conn.cursor(row_factory=dict_row).execute("SHOW " + what)}
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(psycopg.Cursor, "execute", counted)
-        dd_run_check(check)
-        assert "SHOW DATABASES" in asked
-        asked.clear()
-        dd_run_check(check)
-        assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS"]
-        # Its pool unused, the auto-database leaves SHOW DATABASES within a second; the pool stays in SHOW POOLS.
+    def until(done) -> None:
         give_up = time.monotonic() + 10
-        while fresh in listed("DATABASES", "name") and time.monotonic() < give_up:
+        while not done() and time.monotonic() < give_up:
             time.sleep(0.1)
-        assert fresh not in listed("DATABASES", "name") and fresh in listed("POOLS", "database")
-        patch.setattr(source_module, "SETTINGS_SECONDS", 0.0)
-        dd_run_check(check)  # DATABASES read again, without it
-        patch.setattr(source_module, "SETTINGS_SECONDS", 300.0)
-        asked.clear()
-        dd_run_check(check)
-        assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS"]
-        # A RELOAD that changes max_client_conn is seen once SETTINGS_SECONDS have gone.
-        sandbox.pgbouncer.settings["max_client_conn"] = 77
-        sandbox.pgbouncer.reload()
-        patch.setattr(source_module, "SETTINGS_SECONDS", 0.0)
-        asked.clear()
-        aggregator.reset()
-        dd_run_check(check)
-    check.cancel()
-    sandbox.pgbouncer.settings["max_client_conn"] = 100
+
+    # A database a RELOAD adds: its pool appears with its first client, and DATABASES is read.
+    added = f"added_{time.monotonic_ns() % 10**9}"
+    sandbox.pgbouncer.databases[added] = f"host=127.0.0.1 port={sandbox.postgres.port} dbname=appdb"
     sandbox.pgbouncer.reload()
+    try:
+        until(lambda: added in listed("DATABASES", "name"))
+        _through_pgbouncer(clients, sandbox, added, 1)  # the fixture closes it
+        # One the `*` entry makes on a client's first connection (PostgreSQL refuses this one): PgBouncer stops listing
+        # it within a second, its pool unused, and keeps its pool.
+        fresh = f"fresh_{time.monotonic_ns() % 10**9}"
+        with pytest.raises(psycopg.OperationalError):
+            _through_pgbouncer(clients, sandbox, fresh, 1)
+        until(lambda: fresh not in listed("DATABASES", "name"))
+        assert fresh not in listed("DATABASES", "name") and fresh in listed("POOLS", "database")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(psycopg.Cursor, "execute", counted)
+            dd_run_check(check)
+            assert "SHOW DATABASES" in asked and added in set(Names(source.databases, "name"))
+            asked.clear()
+            dd_run_check(check)
+            assert asked == ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS"]
+            # A RELOAD that changes max_client_conn is seen once SETTINGS_SECONDS have gone.
+            sandbox.pgbouncer.settings["max_client_conn"] = 77
+            sandbox.pgbouncer.reload()
+            patch.setattr(source_module, "SETTINGS_SECONDS", 0.0)
+            asked.clear()
+            aggregator.reset()
+            dd_run_check(check)
+    finally:
+        check.cancel()
+        del sandbox.pgbouncer.databases[added]
+        sandbox.pgbouncer.settings["max_client_conn"] = 100
+        sandbox.pgbouncer.reload()
     assert asked[:2] == ["SHOW CONFIG", "SHOW VERSION"] and "SHOW DATABASES" in asked
     assert one_value(aggregator, "django_db.pgbouncer.max_client_conn") == 77
