@@ -233,10 +233,11 @@ class PostgresSource(Reconnecting):
         self.apps = apps
         self.thresholds = sorted({leak_idle_seconds, *(app.leak_idle_seconds for app in apps)})
         self.log = log
-        extra = CLIENT_ADDR if "client_addr" in group_by else "''"
+        by_client = "client_addr" in group_by
+        extra = CLIENT_ADDR if by_client else "''"
         leaked = ", ".join(LEAKED_SQL.format(i=i) for i in range(len(self.thresholds)))
         whose = pooler_sql(pooler, bool(networks))
-        varying = "".join(f", {at}" for at, column in ((5, extra), (6, whose)) if column not in ("''", "0"))
+        varying = (", 5" if by_client else "") + (", 6" if pooler or networks else "")  # else constants
         activity = {
             "extra": extra, "client_backends": CLIENT_BACKENDS, "leaked": leaked, "pooler": whose, "varying": varying,
             "server_keys": SERVER_KEYS_SQL if pooler else "NULL::int8[]",
