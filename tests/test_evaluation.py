@@ -44,19 +44,19 @@ def test_state_names_become_tags():
     assert state_tag("some new state") == "some_new_state"
 
 
+def utilization(snap):
+    """The connection_utilization figure the run sends."""
+    metrics, _ = postgres_metrics(snap, parse({"postgres": PG}), {})
+    [value] = values(metrics, "django_db.postgres.connection_utilization").values()
+    return value
+
+
 def test_usable_slots_leave_out_reserved_ones():
     assert server(100, 3, 0).usable_slots == 97
     assert server(100, 3, 5, version=160000).usable_slots == 92  # reserved_connections, PostgreSQL 16
     # The check's own connection takes a slot: 96 others plus it fill 97.
     assert utilization(snapshot([group(count=96)])) == 1.0
     assert utilization(snapshot([group(count=49)], server(100, 3, 47))) == 1.0
-
-
-def utilization(snap):
-    """The connection_utilization figure the run sends."""
-    metrics, _ = postgres_metrics(snap, parse({"postgres": PG}), {})
-    [value] = values(metrics, "django_db.postgres.connection_utilization").values()
-    return value
 
 
 def test_fold_keeps_the_largest_values():
