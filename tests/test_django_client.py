@@ -4,6 +4,7 @@ endpoints' own and with what PostgreSQL counted."""
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import psycopg
 from datadog_checks.base import AgentCheck
 from datadog_checks.dev.utils import get_metadata_metrics
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from datadog_checks.django_db import DjangoDbCheck
@@ -146,6 +148,61 @@ def test_failed_connections_through_pgbouncer_one_multiprocess_page(aggregator, 
     message = health_message(aggregator)
     assert "app=shop-bad failed to open 12 connections in the last minute (of 12 attempts)" in message
     aggregator.assert_service_check("django_db.pgbouncer.can_connect", AgentCheck.OK)
+
+
+def test_a_multiprocess_page_is_read_again_past_a_starting_worker_and_a_file_left_empty_is_critical(
+    aggregator, dd_run_check, pg_instance, webapps
+):
+    """prometheus_client's multiprocess page answers HTTP 500 while a starting worker's file exists and is not yet
+    sized (prometheus/client_python#1199): each gunicorn worker started on max_requests, after a kill or a deploy
+    opens that instant. Read again a moment later, the page is whole and nothing failed. A file left empty for good
+    (its worker killed in that instant) fails every read: CRITICAL, counted once, with what to do."""
+    app = webapps(app_name="shop-mp", workers=2, threads=2, prometheus=True, prometheus_multiprocess=True)
+    [url] = app.metrics_urls
+    folder = app.folder / "prometheus"
+    deadline = time.monotonic() + 20
+    while len(endpoint_pids(app)) < 2 and time.monotonic() < deadline:  # both workers started: their files sized
+        app.drive("/health/", count=4, concurrency=2)
+    assert len(endpoint_pids(app)) == 2
+    check = DjangoDbCheck("django_db", {}, [{**pg_instance, "django_metrics": [{"url": url, "app": "shop-mp"}]}])
+    failed_reads = app.django_log().count("struct.error")
+
+    # A worker starting: its file created, empty; sized as the worker goes on, once the page has failed on it.
+    starting = folder / "counter_4194301.db"
+    starting.touch()
+    sized = threading.Event()
+
+    def worker_goes_on() -> None:
+        while not sized.is_set() and time.monotonic() < deadline + 30:
+            if app.django_log().count("struct.error") > failed_reads:
+                MmapedDict(str(starting)).close()  # what the worker's own MmapedDict does next
+                sized.set()
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=worker_goes_on, daemon=True)
+    thread.start()
+    dd_run_check(check)
+    thread.join(10)
+    assert sized.is_set(), "the page never failed on the empty file"
+    aggregator.assert_service_check(CAN_SCRAPE, AgentCheck.OK, count=1)
+    assert not metric_values(aggregator, "django_db.errors", "source:django")
+
+    # A file left empty for good: the page fails on every read, and so does the read made again.
+    starting.unlink()
+    (folder / "counter_4194302.db").touch()
+    aggregator.reset()
+    dd_run_check(check)
+    [sc] = aggregator.service_checks(CAN_SCRAPE)
+    assert sc.status == AgentCheck.CRITICAL
+    assert "HTTP 500 Internal Server Error, and again 0.2 s later" in sc.message, sc.message
+    assert "a file of 0 bytes in PROMETHEUS_MULTIPROC_DIR" in sc.message and "check the URL's path" not in sc.message
+    assert metric_values(aggregator, "django_db.errors", "source:django", "signature:http_status") == [1]
+
+    (folder / "counter_4194302.db").unlink()
+    aggregator.reset()
+    dd_run_check(check)
+    check.cancel()
+    aggregator.assert_service_check(CAN_SCRAPE, AgentCheck.OK, count=1)
 
 
 def endpoint_pids(app) -> set[str]:

@@ -273,6 +273,14 @@ def django_findings(
     return findings
 
 
+# A page that failed twice with a server error (sources/django_metrics.py reads it again once).
+SERVER_ERROR_ADVICE = (
+    "the application failed to serve the page: its own log says why. In prometheus_client's multiprocess mode, "
+    "a file of 0 bytes in PROMETHEUS_MULTIPROC_DIR (left by a worker killed as it started) fails every read "
+    "until it is removed"
+)
+
+
 def failure_text(failure: DjangoScrapeFailure) -> str:
     """The message of the endpoint's own service check: what failed and what to do."""
     advice = {
@@ -283,4 +291,6 @@ def failure_text(failure: DjangoScrapeFailure) -> str:
         "http_status": "check the URL's path, and headers or auth_type if the endpoint is protected",
         "bad_exposition": "the URL does not serve Prometheus text: point it at django-prometheus's /metrics",
     }.get(failure.problem, "read the Agent's log for the error")
+    if failure.problem == "http_status" and failure.detail.startswith("HTTP 5"):
+        advice = SERVER_ERROR_ADVICE
     return f"Django metrics {failure.url} (app={failure.app}): {failure.detail}. {advice[0].upper()}{advice[1:]}."

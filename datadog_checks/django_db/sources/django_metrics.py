@@ -26,6 +26,12 @@ from ..settings import DjangoEndpoint
 MAX_BYTES = 8 * 1024 * 1024  # django-prometheus pages weigh tens of kilobytes
 MAX_PARALLEL = 8
 CHUNK = 64 * 1024
+# A page that answers a server error (5xx) is read once more after this long, within the same timeout.
+# prometheus_client's multiprocess page answers HTTP 500 while a worker that is starting has created its
+# file and not yet sized it (prometheus/client_python#1199): gunicorn starts workers on max_requests, after a
+# killed worker and on every deploy, and a read in that instant is no failure of the application's. A file
+# left empty for good (its worker killed in that instant) fails the read again: CRITICAL, as it should.
+RETRY_AFTER = 0.2
 
 # Sample names, matched with or without the PROMETHEUS_METRIC_NAMESPACE prefix.
 ALIAS_COUNTERS = {
@@ -47,11 +53,12 @@ POOL_SAMPLES = {
 
 
 class Problem(Exception):
-    """A read that failed, with the name it is counted under."""
+    """A read that failed, with the name it is counted under; ``again``: worth reading once more."""
 
-    def __init__(self, name: str, detail: str):
+    def __init__(self, name: str, detail: str, again: bool = False):
         super().__init__(detail)
         self.name = name
+        self.again = again
 
 
 def _named(name: str, wanted: Iterable[str]) -> str | None:
@@ -103,8 +110,24 @@ def parse(text: str, url: str, app: str, read_at: float) -> DjangoScrape:
 
 
 def read_text(http: RequestsWrapper, url: str, timeout: float) -> str:
-    """The page's text, read within ``timeout`` from the first byte sent to the last received."""
+    """The page's text, read within ``timeout`` from the first byte sent to the last received. A server error
+    is read again once, ``RETRY_AFTER`` later, where the timeout leaves the time."""
     deadline = time.monotonic() + timeout
+    try:
+        return _read(http, url, timeout, deadline)
+    except Problem as e:
+        if not e.again or time.monotonic() + RETRY_AFTER >= deadline:
+            raise
+        first = str(e)
+    time.sleep(RETRY_AFTER)
+    try:
+        return _read(http, url, timeout, deadline)
+    except Problem as e:
+        later = f"{RETRY_AFTER:g} s later"
+        raise Problem(e.name, f"{first}, and again {later}" if str(e) == first else f"{first}; {later}: {e}") from None
+
+
+def _read(http: RequestsWrapper, url: str, timeout: float, deadline: float) -> str:
     try:
         response = http.get(url, stream=True)  # type: ignore[no-untyped-call]  # the base is not typed
     except requests.exceptions.SSLError as e:
@@ -115,7 +138,8 @@ def read_text(http: RequestsWrapper, url: str, timeout: float) -> str:
         raise Problem("connection_refused", f"connection refused or unreachable ({_reason(e)})") from None
     try:
         if response.status_code >= 400:
-            raise Problem("http_status", f"HTTP {response.status_code} {response.reason or ''}".rstrip())
+            status = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+            raise Problem("http_status", status, again=response.status_code >= 500)
         chunks, size = [], 0
         for chunk in _chunks(response):
             size += len(chunk)
