@@ -16,6 +16,9 @@
   `SELECT count(*) FROM pg_stat_activity` on an open connection. On two cores, where the scheduler puts the
   backends moves a round trip's time by up to a third: each level is measured on 5 sets of new connections
   (the checks' and the bare statement's), and its ratio is the median of theirs, shown with their range.
+  At the fewest clients, after them (reported only): the run with nothing decided (``RunFloor``), the check's
+  own statement and its last run's submissions to the stub aggregator, on a connection of its own, in turn
+  with the bare statement.
 - Each time is measured twice: the check with its submissions going nowhere (its own cost), and with the
   datadog stub aggregator (the Agent's submission path in the base class); all of them interleaved in one
   process after warm-up rounds, so that the machine's noise falls on all alike. Medians and p90; ratios of
@@ -205,15 +208,61 @@ def interleaved(steps: Sequence[Step], runs: int, warmup: int) -> dict[str, list
 
 
 def against_bare(
-    silent: DjangoDbCheck, stub: DjangoDbCheck, bare: Callable[[], object], runs: int, warmup: int
+    silent: DjangoDbCheck,
+    stub: DjangoDbCheck,
+    bare: Callable[[], object],
+    runs: int,
+    warmup: int,
+    floor: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
-    """Rounds of the silent check, the bare query and the check with the stub aggregator, interleaved."""
+    """Rounds of the silent check, the bare query and the check with the stub aggregator, interleaved. Where
+    ``floor`` (``RunFloor``) is given, then rounds of it and the bare query (``floor`` and ``floor_bare``): apart,
+    so that the checks' figures are measured as without it."""
     steps = [
         Step("check", lambda: silent.check(None)),
         Step("bare", bare),
         Step("stub", lambda: stub.check(None), before=aggregator.reset),
     ]
-    return interleaved(steps, runs, warmup)
+    times = interleaved(steps, runs, warmup)
+    if floor is not None:
+        apart = interleaved([Step("bare", bare), Step("floor", floor, before=aggregator.reset)], runs, warmup)
+        times.update(floor=apart["floor"], floor_bare=apart["bare"])
+    return times
+
+
+class RunFloor:
+    """A run of the PostgreSQL side with nothing decided: the check's own statement, with its last parameters, on
+    a connection of its own, and what the check's last run submitted, submitted again through the base class to
+    the stub aggregator. What a run would cost if the check's evaluation took no time at all."""
+
+    def __init__(self, check: DjangoDbCheck, conn: psycopg.Connection[Any]):
+        source = check.postgres
+        if source is None or source.settings is None:
+            raise BenchmarkBroken("RunFloor reads the statement of a check whose PostgreSQL side has run")
+        self.statement = source.activity_sessions_sql if source.settings.version_num >= 140000 else source.activity_sql
+        self.params = dict(source.params)
+        self.cursor = conn.cursor(binary=True)
+        self.submitter = AgentCheck("django_db", {}, [{}])
+        submitter = self.submitter
+        kinds = {
+            aggregator.GAUGE: submitter.gauge,
+            aggregator.RATE: submitter.rate,
+            aggregator.COUNT: submitter.count,
+            aggregator.MONOTONIC_COUNT: submitter.monotonic_count,
+        }
+        sent = [m for name in aggregator.metric_names for m in aggregator.metrics(name)]
+        self.metrics = [(kinds[m.type], m.name, m.value, tuple(m.tags)) for m in sent]
+        checks = [c for name in aggregator.service_check_names for c in aggregator.service_checks(name)]
+        self.service_checks = [(c.name, c.status, tuple(c.tags), c.message or None) for c in checks]
+        if not self.metrics or not self.service_checks:
+            raise BenchmarkBroken("RunFloor replays the check's last run with the stub aggregator: it sent nothing")
+
+    def __call__(self) -> None:
+        self.cursor.execute(self.statement, self.params, prepare=True).fetchall()
+        for submit, name, value, tags in self.metrics:
+            submit(name, value, tags)
+        for name, status, tags, message in self.service_checks:
+            self.submitter.service_check(name, status, tags, message=message)
 
 
 def report_times(report: Report, label: str, times: dict[str, list[float]], target: float | None) -> None:
@@ -690,7 +739,7 @@ def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int,
     box = Sandbox(max_connections=max(levels) + 50).start(with_pgbouncer=False)
     clients: list[psycopg.Connection[Any]] = []
     made: list[DjangoDbCheck] = []
-    bare = None
+    bare = floor_conn = None
     try:
         made += checks(box.instance(False))
         silent, stub = made
@@ -701,42 +750,49 @@ def postgres_side(report: Report, levels: Sequence[int], runs: int, warmup: int,
                 # New backends: where the scheduler puts them moves a round trip's time by up to a third.
                 for check in made:
                     check.cancel()  # its next run connects again
-                close_all([bare])
-                bare = connect(
-                    box.postgres.port, "postgres", Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD, "bench-bare"
+                close_all([bare, floor_conn])
+                bare, floor_conn = (
+                    connect(box.postgres.port, "postgres", Sandbox.MONITOR_USER, Sandbox.MONITOR_PASSWORD, name)
+                    for name in ("bench-bare", "bench-floor")
                 )
                 stub_run(stub)
                 if counted_connections() < level:
                     raise BenchmarkBroken(f"the check counted {counted_connections():.0f} connections, {level} open")
+                floor = RunFloor(stub, floor_conn) if i == 0 else None  # at the fewest clients, where it tells
 
                 def count_sessions(conn: psycopg.Connection[Any] = bare) -> None:
                     conn.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
 
-                measured.append(against_bare(silent, stub, count_sessions, runs, warmup))
+                measured.append(against_bare(silent, stub, count_sessions, runs, warmup, floor))
             target = POSTGRES_RATIO_FIRST if i == 0 else POSTGRES_RATIO_LAST if i == len(levels) - 1 else None
             report_sets(report, f"{level} idle clients", measured, target)
     finally:
         for check in made:
             check.cancel()
-        close_all([bare, *clients])
+        close_all([bare, floor_conn, *clients])
         box.close()
 
 
 def report_sets(report: Report, label: str, measured: list[dict[str, list[float]]], target: float | None) -> None:
     """Two lines of one level measured on several sets of connections, both against ``target``: the median of
-    the sets' ratios (each a ratio of medians), and their range."""
-    every = {name: [t for times in measured for t in times[name]] for name in ("check", "bare", "stub")}
-    for name, aggregator_label, shown in (
-        ("check", "no-op", "/ bare " + ms(every["bare"]) + " "),
-        ("stub", "stub", ""),
+    the sets' ratios (each a ratio of medians), and their range. Where ``RunFloor`` was measured, a third line,
+    reported only."""
+    names = ("check", "bare", "stub", *(("floor", "floor_bare") if "floor" in measured[0] else ()))
+    every = {name: [t for times in measured for t in times[name]] for name in names}
+    for name, floor, title, shown, judged in (
+        ("check", "bare", "run time, no-op aggregator", "/ bare " + ms(every["bare"]) + " ", True),
+        ("stub", "bare", "run time, stub aggregator", "", True),
+        ("floor", "floor_bare", "its statement and submissions alone, stub aggregator", "", False),
     ):
-        ratios = sorted(median_ms(times[name]) / median_ms(times["bare"]) for times in measured)
+        if name not in every:
+            continue
+        ratios = sorted(median_ms(times[name]) / median_ms(times[floor]) for times in measured)
         ratio = statistics.median(ratios)
         report.line(
-            f"{label}: run time, {aggregator_label} aggregator",
+            f"{label}: {title}",
             f"{ms(every[name])} {shown}= {ratio:.2f}x ({ratios[0]:.2f}x to {ratios[-1]:.2f}x)",
-            f"<= {target:g}x" if target else None,
-            ratio <= target if target else None,
+            f"<= {target:g}x" if target and judged else None,
+            ratio <= target if target and judged else None,
         )
 
 

@@ -65,6 +65,9 @@ def test_bench_prints_every_figure_beside_its_target(bench: ModuleType, capsys: 
             figure(f"{clients} idle clients: run time, no-op aggregator", rf"{MS} / bare {MS} = {RATIOS}", target),
             figure(f"{clients} idle clients: run time, stub aggregator", rf"{MS} = {RATIOS}", target),
         ]
+    expected.append(
+        figure("3 idle clients: its statement and submissions alone, stub aggregator", rf"{MS} = {RATIOS}", None)
+    )
     for clients, target in ((4, None), (8, "<= 2x")):
         expected += [
             figure(f"{clients} clients: run time, no-op aggregator", rf"{MS} / bare {MS} = {NUMBER}x", target),
