@@ -779,14 +779,14 @@ def report_sets(report: Report, label: str, measured: list[dict[str, list[float]
     reported only."""
     names = ("check", "bare", "stub", *(("floor", "floor_bare") if "floor" in measured[0] else ()))
     every = {name: [t for times in measured for t in times[name]] for name in names}
-    for name, floor, title, shown, judged in (
+    for name, against, title, shown, judged in (
         ("check", "bare", "run time, no-op aggregator", "/ bare " + ms(every["bare"]) + " ", True),
         ("stub", "bare", "run time, stub aggregator", "", True),
         ("floor", "floor_bare", "its statement and submissions alone, stub aggregator", "", False),
     ):
         if name not in every:
             continue
-        ratios = sorted(median_ms(times[name]) / median_ms(times[floor]) for times in measured)
+        ratios = sorted(median_ms(times[name]) / median_ms(times[against]) for times in measured)
         ratio = statistics.median(ratios)
         report.line(
             f"{label}: {title}",

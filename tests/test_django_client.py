@@ -173,7 +173,8 @@ def test_a_multiprocess_page_is_read_again_past_a_starting_worker_and_a_file_lef
     sized = threading.Event()
 
     def worker_goes_on() -> None:
-        while not sized.is_set() and time.monotonic() < deadline + 30:
+        give_up = time.monotonic() + 30
+        while not sized.is_set() and time.monotonic() < give_up:
             if app.django_log().count("struct.error") > failed_reads:
                 MmapedDict(str(starting)).close()  # what the worker's own MmapedDict does next
                 sized.set()
